@@ -151,9 +151,9 @@ class App:
     async def _start_http(self, store: Store) -> web.AppRunner:
         host, port = self.settings.http_host_port
         runner = web.AppRunner(build_app(self.settings, store, self.readiness),
-                               access_log=None, handle_signals=False)
+                               access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
-        site = web.TCPSite(runner, host, port, shutdown_timeout=1.0)
+        site = web.TCPSite(runner, host, port)
         await site.start()
         server = site._server
         if server is not None and getattr(server, "sockets", None):

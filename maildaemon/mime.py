@@ -47,12 +47,15 @@ _FOLD_AT = 78
 _MAX_LINE = 998
 # Longest raw word in a Subject: "Subject: " + word fits in 78 characters.
 _MAX_SUBJECT_WORD = _FOLD_AT - len("Subject: ") - 3
+# Longest plain word in a display name made partly of encoded-words.
+_MAX_ATOM = 60
 # Longest quoted display name before it is sent as encoded-words.
 _MAX_QUOTED_NAME = 64
 # UTF-8 bytes per encoded-word: 36 bytes -> 48 base64 characters -> a 60-character word.
 _EW_BYTES = 36
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_ATOM = re.compile(rf"{_ATEXT}+")
 _ATOM_PHRASE = re.compile(rf"{_ATEXT}+(?: {_ATEXT}+)*")
 _DOT_ATOM = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
 _DOMAIN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*")
@@ -211,6 +214,7 @@ def _is_plain(value: str) -> bool:
 
 
 def _subject_tokens(subject: str) -> list[str]:
+    _refuse_line_breaks(subject, "the subject")
     if not subject:
         return []
     if _is_plain(subject) and subject == subject.strip():
@@ -236,16 +240,37 @@ def _wire_address(address: str) -> str:
 
 
 def _mailbox_tokens(mailbox: Mailbox) -> list[str]:
-    address = _wire_address(mailbox.address)
+    address = f"<{_wire_address(mailbox.address)}>"
     name = mailbox.name
     if not name:
-        return [address]
+        return [address[1:-1]]
+    _refuse_line_breaks(name, "display name")
     if _is_plain(name) and len(name) <= _MAX_QUOTED_NAME:
         if _ATOM_PHRASE.fullmatch(name):
-            return [*name.split(" "), f"<{address}>"]
+            return [*name.split(" "), address]
         quoted = name.replace("\\", "\\\\").replace('"', '\\"')
-        return [f'"{quoted}"', f"<{address}>"]
-    return [*_encoded_words(name), f"<{address}>"]
+        return [f'"{quoted}"', address]
+    # Like the stdlib: plain words stay readable, each run of other words becomes
+    # encoded-words (the spaces inside a run are encoded with it).
+    tokens: list[str] = []
+    run: list[str] = []
+    for word in name.split(" "):
+        if _ATOM.fullmatch(word) and len(word) <= _MAX_ATOM and "=?" not in word and "?=" not in word:
+            if run:
+                tokens += _encoded_words(" ".join(run))
+                run = []
+            tokens.append(word)
+        else:
+            run.append(word)
+    if run:
+        tokens += _encoded_words(" ".join(run))
+    tokens.append(address)
+    return tokens
+
+
+def _refuse_line_breaks(value: str, what: str) -> None:
+    if "\r" in value or "\n" in value or "\0" in value:
+        raise ValueError(f"{what} contains CR, LF or NUL: {value!r}")
 
 
 def _address_list(mailboxes: Sequence[Mailbox]) -> list[str]:
@@ -262,8 +287,7 @@ def _custom_header(name: str, value: str) -> str:
         raise ValueError(f"not a header name: {name!r}")
     if name.lower() in RESERVED_HEADERS:
         raise ValueError(f"header {name!r} is set by the builder, not by the caller")
-    if "\r" in value or "\n" in value or "\0" in value:
-        raise ValueError(f"header {name!r} contains CR, LF or NUL")
+    _refuse_line_breaks(value, f"header {name!r}")
     value = value.strip()
     if not value:
         return f"{name}:\r\n"
@@ -324,11 +348,13 @@ def _attachment_part(attachment: AttachmentPart) -> _Part:
         raise ValueError(f"not a MIME type: {attachment.content_type!r}")
     if content_type.startswith(("multipart/", "message/")):
         raise ValueError(f"cannot attach {content_type} as base64 (RFC 2046); send it as a file")
-    if not attachment.filename:
+    filename = attachment.filename.strip()
+    if not filename:
         raise ValueError("an attachment needs a file name")
+    _refuse_line_breaks(filename, "attachment file name")
     headers = (
-        _fold("Content-Type", [f"{content_type};", *_parameter("name", attachment.filename)])
-        + _fold("Content-Disposition", ["attachment;", *_parameter("filename", attachment.filename)])
+        _fold("Content-Type", [f"{content_type};", *_parameter("name", filename)])
+        + _fold("Content-Disposition", ["attachment;", *_parameter("filename", filename)])
         + "Content-Transfer-Encoding: base64\r\n"
     )
     return headers, _base64(attachment.content)

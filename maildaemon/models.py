@@ -59,6 +59,7 @@ class ClaimedDelivery:
     traceparent: str | None
     possible_duplicate: bool
     rcpts_accepted: int
+    ladder_rung: int  # attempts since the retry ladder last started over
     command: dict[str, Any] | None  # present until the message is rendered
     rendered: bytes | None  # the pinned message bytes, once rendered
 

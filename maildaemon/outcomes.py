@@ -69,7 +69,7 @@ def _retry_or_give_up(claim: ClaimedDelivery, policy: RetryPolicy, status: Attem
                       recipients: dict[str, RecipientOutcome], pending: tuple[str, ...] | None,
                       possible_duplicate: bool = False) -> AttemptResult:
     """A transient failure: schedule the next rung of the ladder, or give up."""
-    nxt = policy.next_attempt(claim.attempt_no, finished)
+    nxt = policy.next_attempt(claim.ladder_rung, finished)
     fields: dict[str, Any] = {
         "reply_code": reply.code if reply else None,
         "reply_text": reply.text if reply else reason,
@@ -82,7 +82,7 @@ def _retry_or_give_up(claim: ClaimedDelivery, policy: RetryPolicy, status: Attem
                      status_reason=f"expires before the next attempt; last: {reason}")
     if nxt is None:
         return _make(claim, started, finished, status, "dead_letter", **fields,
-                     status_reason=f"retry ladder exhausted after {claim.attempt_no} "
+                     status_reason=f"retry ladder exhausted after {claim.ladder_rung} "
                                    f"attempts; last: {reason}")
     return _make(claim, started, finished, status, "queued", **fields, next_attempt_at=nxt,
                  status_reason=f"retry scheduled: {reason}")

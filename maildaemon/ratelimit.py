@@ -45,7 +45,7 @@ class RateLimiter:
 
     @property
     def enabled(self) -> bool:
-        return self._global is not None or self._domain_rate > 0 or bool(self._blocked_until)
+        return self._global is not None or self._domain_rate > 0
 
     async def acquire(self, recipients: Iterable[str]) -> None:
         if not self.enabled:
@@ -63,7 +63,9 @@ class RateLimiter:
             await asyncio.sleep(wait)
 
     def observe(self, report: SendReport) -> None:
-        """Back a domain off when its server asks us to slow down."""
+        """Back a domain off when its server asks us to slow down (only with limits on)."""
+        if not self.enabled:
+            return
         replies: list[tuple[str, Reply]] = list(report.deferred.items())
         if report.data_refused is not None:
             replies.extend((r, report.data_refused) for r in report.accepted)

@@ -34,6 +34,8 @@ CREATE TABLE mail.deliveries (
     claim_token        bigint      NOT NULL DEFAULT 0,          -- fence for result writes
     claimed_by         text,
     attempt_count      integer     NOT NULL DEFAULT 0,
+    -- attempt_count when the retry ladder last started over (an operator requeue).
+    ladder_base        integer     NOT NULL DEFAULT 0,
     possible_duplicate boolean     NOT NULL DEFAULT false,
     status_reason      text,
     last_reply_code    integer,
@@ -133,10 +135,11 @@ CREATE TABLE mail.dead_letters (
     last_reply_text text,
     reviewed_at     timestamptz,
     reviewed_by     text,
-    review_note     text
+    review_note     text,
+    requeued_at     timestamptz,
+    requeued_by     text
 );
-CREATE INDEX dead_letters_unreviewed_idx ON mail.dead_letters (created_at DESC)
-    WHERE reviewed_at IS NULL;
+CREATE INDEX dead_letters_created_idx ON mail.dead_letters (created_at DESC, delivery_id DESC);
 
 -- Addresses not to send to (hard bounces, operator entries).
 CREATE TABLE mail.suppressions (

@@ -224,6 +224,8 @@ class EmbeddedPostgres:
             )
             if result.returncode == 0:
                 break
+            if self._is_running():  # pg_ctl gave up waiting; do not leave it behind
+                self._pg_ctl("stop", "-m", "immediate", "-w", "-t", str(_START_TIMEOUT))
             tail = _tail(self.log_file, offset)
             if attempt == attempts or "Address already in use" not in tail:
                 raise StartupError(

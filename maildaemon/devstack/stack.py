@@ -28,7 +28,7 @@ from maildaemon.devstack.postgres import (
     port_is_free,
 )
 from maildaemon.devstack.redis import EmbeddedRedis
-from maildaemon.devstack.smtp_sink import READY_PREFIX
+from maildaemon.devstack.smtp_sink import CA_FILE, READY_PREFIX
 from maildaemon.errors import StartupError
 
 log = logging.getLogger("maildaemon.devstack")
@@ -137,7 +137,7 @@ class DevStack:
             "MAIL_SMTP_MODE": "smtp",
             "MAIL_SMTP_ADDR": f"127.0.0.1:{smtp_port}",
             "MAIL_SMTP_FROM": SMTP_FROM,
-            "MAIL_SMTP_CA_FILE": str(self.cert_dir / "ca.pem"),
+            "MAIL_SMTP_CA_FILE": str(self.cert_dir / CA_FILE),
             "MAIL_SMTP_SECURITY": "starttls",
             "MAIL_TEMPLATE_DIR": str(templates_dir()),
             "MAIL_INTERNAL_HTTP_ADDR": f"127.0.0.1:{http_port}",

@@ -404,6 +404,7 @@ def _claimed(r: asyncpg.Record) -> ClaimedDelivery:
         traceparent=r["traceparent"],
         possible_duplicate=r["possible_duplicate"],
         rcpts_accepted=r["rcpts_accepted"],
+        ladder_rung=r["ladder_rung"],
         command=json.loads(command) if command is not None else None,
         rendered=bytes(rendered) if rendered is not None else None,
     )

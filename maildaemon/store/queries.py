@@ -113,7 +113,7 @@ SET status = 'sending',
 FROM due
 WHERE d.delivery_id = due.delivery_id
 RETURNING d.delivery_id, d.source, d.claim_token, d.attempt_count, d.priority, d.to_addrs,
-    d.rcpts_accepted,
+    d.rcpts_accepted, d.attempt_count - d.ladder_base AS ladder_rung,
     d.cc_addrs, d.bcc_addrs, d.pending_rcpts, d.expires_at, d.message_id, d.traceparent,
     d.possible_duplicate,
     CASE WHEN d.rendered_at IS NULL THEN
@@ -207,7 +207,8 @@ WITH r AS (
     SET created_at = now(), attempt_count = excluded.attempt_count,
         last_status = excluded.last_status, last_reply_code = excluded.last_reply_code,
         last_reply_text = excluded.last_reply_text,
-        reviewed_at = NULL, reviewed_by = NULL, review_note = NULL
+        reviewed_at = NULL, reviewed_by = NULL, review_note = NULL,
+        requeued_at = NULL, requeued_by = NULL
 )
 SELECT delivery_id FROM upd
 """

@@ -82,16 +82,27 @@ def build(**overrides: object) -> bytes:
 # Strategies ------------------------------------------------------------------------------
 
 # Anything a JSON command can carry (no surrogates), with long unbreakable runs mixed in.
-any_text = st.text(st.characters(exclude_categories=["Cs"]), max_size=120)
-long_run = st.builds(
-    lambda char, count: char * count,
-    st.characters(exclude_categories=["Cs"]),
-    st.integers(min_value=999, max_value=2500),
-)
-texts = st.one_of(any_text, long_run, st.lists(any_text | long_run, max_size=4).map("".join))
+any_char = st.characters(exclude_categories=["Cs"])
+# Header values (subject, names, file names) never hold CR, LF or NUL: the command
+# validation refuses them and so does the builder (see test_rejects_line_breaks_in_headers).
+header_char = st.characters(exclude_categories=["Cs"], exclude_characters="\r\n\0")
+
+
+def long_runs(chars: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    return st.builds(lambda char, count: char * count, chars, st.integers(999, 2500))
+
+
+def mixed(chars: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    short = st.text(chars, max_size=120)
+    return st.one_of(short, long_runs(chars), st.lists(short | long_runs(chars), max_size=4).map("".join))
+
+
+texts = mixed(any_char)
+header_texts = mixed(header_char)
+long_run = long_runs(header_char)
 names = st.one_of(
     st.none(),
-    any_text,
+    st.text(header_char, max_size=120),
     st.sampled_from(['Doe, Jane', 'The "Boss"', "Jürgen Müller", "李小龍", "a\\b", "x =?y?="]),
     long_run.map(lambda run: run[:200]),
 )
@@ -104,7 +115,7 @@ mailboxes = st.builds(
     Mailbox, address=st.builds("{}@{}".format, local_parts, domains), name=names
 )
 filenames = st.one_of(
-    st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=80),
+    st.text(header_char, min_size=1, max_size=80).filter(str.strip),
     st.sampled_from(["report.pdf", "Rechnung März.pdf", "数据.csv", 'a "quoted" name.txt']),
     long_run.map(lambda run: run[:255]),
 )
@@ -116,14 +127,20 @@ attachments = st.builds(
 )
 
 
-def expected_name(name: str | None) -> str:
-    return name or ""
+# RFC 2047 section 6.2: white space between two adjacent encoded-words is not part of the
+# text. CPython's unstructured parser (Subject) drops it, but its address parser keeps it
+# inside display names, so a long non-ASCII name would come back with stray spaces. The
+# tests drop that white space before handing the header to the stdlib parser.
+_ADJACENT_ENCODED_WORDS = re.compile(r"(\?=)\s+(?==\?)")
 
 
-def check_mailbox(header: object, expected: list[Mailbox]) -> None:
+def check_mailbox(message: email.message.EmailMessage, name: str, expected: list[Mailbox]) -> None:
+    raw = next(value for key, value in message.raw_items() if key.lower() == name.lower())
+    header = email.policy.default.header_factory(name, _ADJACENT_ENCODED_WORDS.sub(r"\1", raw))
     addresses = header.addresses  # type: ignore[attr-defined]
     assert [a.addr_spec for a in addresses] == [wire_address(m.address) for m in expected]
-    assert [a.display_name for a in addresses] == [expected_name(m.name) for m in expected]
+    assert [a.addr_spec for a in message[name].addresses] == [a.addr_spec for a in addresses]
+    assert [a.display_name for a in addresses] == [m.name or "" for m in expected]
 
 
 # Properties ------------------------------------------------------------------------------
@@ -131,7 +148,7 @@ def check_mailbox(header: object, expected: list[Mailbox]) -> None:
 
 @PROPERTY
 @given(
-    subject=texts,
+    subject=header_texts,
     to=st.lists(mailboxes, min_size=1, max_size=3),
     cc=st.lists(mailboxes, max_size=3),
     reply_to=st.none() | mailboxes,
@@ -159,14 +176,14 @@ def test_round_trip(
     assert message["Subject"] == subject
     assert message["Message-ID"] == MESSAGE_ID
     assert message["Date"].datetime == DATE
-    check_mailbox(message["From"], [Mailbox("noreply@mail.example", "Mail Daemon")])
-    check_mailbox(message["To"], to)
+    check_mailbox(message, "From", [Mailbox("noreply@mail.example", "Mail Daemon")])
+    check_mailbox(message, "To", to)
     if cc:
-        check_mailbox(message["Cc"], cc)
+        check_mailbox(message, "Cc", cc)
     else:
         assert message["Cc"] is None
     if reply_to is not None:
-        check_mailbox(message["Reply-To"], [reply_to])
+        check_mailbox(message, "Reply-To", [reply_to])
     else:
         assert message["Reply-To"] is None
     assert message.get_all("Bcc") is None
@@ -180,9 +197,11 @@ def test_round_trip(
         for part, file in zip(parts[1:], files, strict=True):
             assert part.get_content_type() == file.content_type
             assert part.get_content_disposition() == "attachment"
-            assert part.get_filename() == file.filename
-            assert part["Content-Disposition"].params["filename"] == file.filename
-            assert part.get_content() == file.content
+            # Surrounding white space of a file name is dropped (readers strip it anyway).
+            assert part.get_filename() == file.filename.strip()
+            assert part["Content-Disposition"].params["filename"] == file.filename.strip()
+            assert part["Content-Type"].params["name"] == file.filename.strip()
+            assert part.get_payload(decode=True) == file.content
     if text is not None and html is not None:
         assert body.get_content_type() == "multipart/alternative"
         plain, rich = body.iter_parts()
@@ -209,11 +228,11 @@ def test_sender_display_name_survives(sender_name: str | None) -> None:
     sender = "noreply@mail.example" if not name else f'"{name}" <noreply@mail.example>'
     raw = build(sender=sender)
     assert_wire_format(raw)
-    check_mailbox(parse(raw)["From"], [Mailbox("noreply@mail.example", name)])
+    check_mailbox(parse(raw), "From", [Mailbox("noreply@mail.example", name)])
 
 
 @PROPERTY
-@given(value=texts.map(lambda v: re.sub(r"[\r\n\0]", " ", v)))
+@given(value=header_texts)
 def test_custom_header_values_survive(value: str) -> None:
     raw = build(headers={"X-Tracking": value, "X-Other": "plain value"})
     assert_wire_format(raw)
@@ -326,6 +345,19 @@ def test_rejects_unsafe_custom_headers(headers: dict[str, str], message: str) ->
 )
 def test_rejects_what_cannot_go_on_the_wire(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
+        build(**overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"subject": "a\r\nBcc: x@example.com"},
+        {"to": [Mailbox("a@example.com", "Alice\nBcc: x@example.com")]},
+        {"attachments": [AttachmentPart("a\rb.txt", "text/plain", b"")]},
+    ],
+)
+def test_rejects_line_breaks_in_headers(overrides: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match="CR, LF or NUL"):
         build(**overrides)
 
 
