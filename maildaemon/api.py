@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from maildaemon.commands import CommandPolicy
 from maildaemon.config import Settings
 from maildaemon.errors import StoreUnavailable
 from maildaemon.store.db import Store
@@ -29,6 +30,8 @@ class Readiness:
 STORE_KEY = web.AppKey("store", Store)
 SETTINGS_KEY = web.AppKey("settings", Settings)
 READINESS_KEY = web.AppKey("readiness", Readiness)
+# The daemon's intake policy (its loaded template catalog): malformed-command replay uses it.
+POLICY_KEY = web.AppKey("command_policy", CommandPolicy)
 
 
 async def healthz(_: web.Request) -> web.Response:
@@ -53,11 +56,14 @@ async def readyz(request: web.Request) -> web.Response:
                              status=200 if ready else 503)
 
 
-def build_app(settings: Settings, store: Store, readiness: Readiness) -> web.Application:
+def build_app(settings: Settings, store: Store, readiness: Readiness,
+              policy: CommandPolicy | None = None) -> web.Application:
     app = web.Application(client_max_size=1024 * 1024)
     app[STORE_KEY] = store
     app[SETTINGS_KEY] = settings
     app[READINESS_KEY] = readiness
+    if policy is not None:
+        app[POLICY_KEY] = policy
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     from maildaemon import api_routes

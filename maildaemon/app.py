@@ -78,6 +78,9 @@ async def _step(name: str, action: Callable[[], Awaitable[T]], timeout: float,
         raise StartupError(f"{name}: no answer within {timeout:.0f}s") from None
     except (MailDaemonError, RedisError, OSError) as exc:
         raise StartupError(f"{name}: {exc}") from None
+    except Exception as exc:
+        log.exception("startup step failed", extra={"step": name})
+        raise StartupError(f"{name}: {type(exc).__name__}: {exc}") from None
     event(log, f"startup: {name}", duration_ms=round((time.monotonic() - started) * 1000, 1),
           **fields)
     return result
@@ -142,15 +145,16 @@ class App:
             signer = (DkimSigner(s.dkim_domain, s.dkim_selector, s.dkim_private_key_file)
                       if s.dkim_domain and s.dkim_selector and s.dkim_private_key_file else None)
             runner = await _step("internal http listener",
-                                 lambda: self._start_http(store), 10,
+                                 lambda: self._start_http(store, catalog), 10,
                                  addr=s.internal_http_addr)
             code = await self._run_components(store, redis, catalog, signer, runner)
         event(log, "stopped", exit_code=code)
         return code
 
-    async def _start_http(self, store: Store) -> web.AppRunner:
+    async def _start_http(self, store: Store, catalog: TemplateCatalog) -> web.AppRunner:
         host, port = self.settings.http_host_port
-        runner = web.AppRunner(build_app(self.settings, store, self.readiness),
+        runner = web.AppRunner(build_app(self.settings, store, self.readiness,
+                                         command_policy(self.settings, catalog)),
                                access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         site = web.TCPSite(runner, host, port)

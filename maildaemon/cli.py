@@ -12,6 +12,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import asyncpg
+from redis.exceptions import RedisError
+
 from maildaemon.config import Settings, load_settings, redact_dsn
 from maildaemon.errors import ConfigError, MailDaemonError, StartupError
 
@@ -73,7 +76,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from maildaemon.devstack.stack import run_dev
+    from maildaemon.devstack.run import run_dev
 
     return run_dev(Path(args.state_dir), http_addr=args.http_addr)
 
@@ -222,6 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except (RedisError, OSError, asyncpg.PostgresError) as exc:
+        print(f"maildaemon: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

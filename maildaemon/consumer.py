@@ -16,9 +16,15 @@ from collections.abc import Callable, Sequence
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from maildaemon.commands import CommandPolicy, DeliveryCommand, parse_entry, raw_entry_text
+from maildaemon.commands import (
+    CommandPolicy,
+    DeliveryCommand,
+    Rejection,
+    parse_entry,
+    raw_entry_text,
+)
 from maildaemon.config import Settings
-from maildaemon.errors import StoreUnavailable
+from maildaemon.errors import StoreRejected, StoreUnavailable
 from maildaemon.logs import event
 from maildaemon.models import IntakeEntry, IntakeResult
 from maildaemon.store.db import RETRYABLE, Store
@@ -41,6 +47,15 @@ def to_intake(entry_id: str, fields: dict[bytes, bytes], policy: CommandPolicy) 
         return IntakeEntry(entry_id, parsed, None, "")
     raw, truncated = raw_entry_text(fields, RAW_CAP)
     return IntakeEntry(entry_id, None, parsed, raw, truncated)
+
+
+def _refused(entry: IntakeEntry, detail: str) -> IntakeEntry:
+    """The malformed record for an entry whose data PostgreSQL would not store."""
+    cmd = entry.command
+    raw = entry.raw or (cmd.canonical_json() if cmd is not None else "")
+    rejection = Rejection("invalid_field", detail[:1000],
+                          cmd.delivery_id if cmd else None, cmd.source if cmd else None)
+    return IntakeEntry(entry.stream_entry_id, None, rejection, raw[:RAW_CAP])
 
 
 class StreamConsumer:
@@ -146,6 +161,15 @@ class StreamConsumer:
                 self._inst.store_unavailable.add(1, {"component": "consumer"})
                 event(log, "postgres unavailable", logging.WARNING, error=str(exc),
                       component="consumer", retry_in_s=backoff.peek(), pending=len(entries))
+            except StoreRejected as exc:
+                # One entry's data is refused by PostgreSQL: find it, record it as malformed.
+                if len(entries) > 1:
+                    return await self._commit_one_by_one(entries)
+                entry = entries[0]
+                event(log, "intake refused by postgres", logging.ERROR, error=str(exc),
+                      stream_entry_id=entry.stream_entry_id)
+                entries = [_refused(entry, str(exc))]
+                continue
             except RETRYABLE as exc:
                 # A concurrent replica raced us on the same keys; try the batch again.
                 conflicts += 1

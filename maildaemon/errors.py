@@ -22,6 +22,10 @@ class StoreUnavailable(MailDaemonError):
     """PostgreSQL is unreachable or refused the operation; retry later."""
 
 
+class StoreRejected(MailDaemonError):
+    """PostgreSQL refused the data itself (not a connection problem)."""
+
+
 class TemplateError(MailDaemonError):
     """A template could not be parsed or rendered."""
 

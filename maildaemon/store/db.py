@@ -13,7 +13,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from maildaemon.commands import Rejection
-from maildaemon.errors import StoreUnavailable
+from maildaemon.errors import StoreRejected, StoreUnavailable
 from maildaemon.models import (
     TERMINAL_STATUSES,
     AttemptResult,
@@ -53,6 +53,16 @@ async def translate_errors(what: str) -> AsyncIterator[None]:
         yield
     except _UNAVAILABLE as exc:
         raise StoreUnavailable(f"{what}: PostgreSQL unavailable: {exc!r}") from exc
+    except (asyncpg.exceptions.DataError, UnicodeError) as exc:
+        raise StoreRejected(f"{what}: PostgreSQL refused the data: {exc}") from exc
+
+
+def clean_text(value: str | None) -> str | None:
+    """Text PostgreSQL accepts: no NUL, no unpaired surrogates (escaped instead)."""
+    if value is None:
+        return None
+    return (value.encode("utf-8", "backslashreplace").decode("utf-8")
+            .replace("\x00", "\\x00"))
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -126,10 +136,10 @@ class Store:
                     q.RECORD_MALFORMED,
                     [e.stream_entry_id for e, _ in malformed],
                     [r.failure_code for _, r in malformed],
-                    [r.failure_detail for _, r in malformed],
-                    [r.delivery_id for _, r in malformed],
-                    [r.source for _, r in malformed],
-                    [e.raw for e, _ in malformed],
+                    [clean_text(r.failure_detail) for _, r in malformed],
+                    [clean_text(r.delivery_id) for _, r in malformed],
+                    [clean_text(r.source) for _, r in malformed],
+                    [clean_text(e.raw) for e, _ in malformed],
                     [e.raw_truncated for e, _ in malformed],
                 )
             if result.created:

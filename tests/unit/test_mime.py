@@ -25,7 +25,7 @@ DATE = datetime(2024, 3, 1, 12, 30, 5, tzinfo=UTC)
 MESSAGE_ID = "<0123456789abcdef@mail.example>"
 
 PROPERTY = settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None
 )
 
 
