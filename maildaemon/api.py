@@ -24,7 +24,7 @@ class Readiness:
     migrations_applied: bool = False
     workers_running: bool = False
     shutting_down: bool = False
-    checks: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
+    checks: dict[str, Callable[[], Awaitable[object]]] = field(default_factory=dict)
 
 
 STORE_KEY = web.AppKey("store", Store)
@@ -49,7 +49,7 @@ async def readyz(request: web.Request) -> web.Response:
         try:
             await asyncio.wait_for(probe(), 2.0)
             checks[name] = "ok"
-        except (StoreUnavailable, OSError, TimeoutError, Exception) as exc:  # noqa: BLE001
+        except (StoreUnavailable, OSError, TimeoutError, Exception) as exc:
             checks[name] = f"unavailable: {type(exc).__name__}"
     ready = all(v == "ok" for v in checks.values())
     return web.json_response({"status": "ready" if ready else "not ready", "checks": checks},

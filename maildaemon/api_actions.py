@@ -51,7 +51,6 @@ async def review(request: web.Request) -> web.Response:
 
 async def bulk_requeue(request: web.Request) -> web.Response:
     body = await _body(request, inputs.BulkRequeueBody)
-    inputs.window(body.created_after, body.created_before)
     flt = inputs.dead_letter_filter({
         "source": body.source, "reply_code": body.reply_code, "reply_class": body.reply_class,
         "recipient_domain": body.recipient_domain.lower() if body.recipient_domain else None,
@@ -106,7 +105,7 @@ async def resume(request: web.Request) -> web.Response:
 async def add_suppression(request: web.Request) -> web.Response:
     body = await _body(request, inputs.SuppressionAddBody)
     change = await operator_store(request).suppress(
-        body.address, body.reason or "added by an operator", body.expires_at,
+        body.address, body.reason, body.expires_at,
         _actor(request, body.actor))
     return reply(change)
 

@@ -49,9 +49,15 @@ T = TypeVar("T")
 def redis_client(settings: Settings) -> aioredis.Redis:
     host, port = settings.redis_host_port
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
-    return aioredis.Redis(host=host, port=port, db=settings.redis_db, password=password,
-                          socket_connect_timeout=5, socket_keepalive=True,
-                          health_check_interval=30)
+    return aioredis.Redis(
+        host=host,
+        port=port,
+        db=settings.redis_db,
+        password=password,
+        socket_connect_timeout=5,
+        socket_keepalive=True,
+        health_check_interval=30,
+    )
 
 
 def command_policy(settings: Settings, catalog: TemplateCatalog) -> CommandPolicy:
@@ -66,8 +72,7 @@ def command_policy(settings: Settings, catalog: TemplateCatalog) -> CommandPolic
     )
 
 
-async def _step(name: str, action: Callable[[], Awaitable[T]], timeout: float,
-                **fields: Any) -> T:
+async def _step(name: str, action: Callable[[], Awaitable[T]], timeout: float, **fields: Any) -> T:
     """Run one startup step: logged once, bounded, any failure a StartupError naming it."""
     started = time.monotonic()
     try:
@@ -81,8 +86,9 @@ async def _step(name: str, action: Callable[[], Awaitable[T]], timeout: float,
     except Exception as exc:
         log.exception("startup step failed", extra={"step": name})
         raise StartupError(f"{name}: {type(exc).__name__}: {exc}") from None
-    event(log, f"startup: {name}", duration_ms=round((time.monotonic() - started) * 1000, 1),
-          **fields)
+    event(
+        log, f"startup: {name}", duration_ms=round((time.monotonic() - started) * 1000, 1), **fields
+    )
     return result
 
 
@@ -117,11 +123,17 @@ class App:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self._on_signal, sig)
         if s.smtp_mode == "smtp" and not s.smtp_tls_verify:
-            event(log, "smtp certificate verification is OFF (MAIL_SMTP_TLS_VERIFY=false)",
-                  logging.WARNING)
+            event(
+                log,
+                "smtp certificate verification is OFF (MAIL_SMTP_TLS_VERIFY=false)",
+                logging.WARNING,
+            )
         if s.smtp_mode == "stub":
-            event(log, "stub mode: deliveries are rendered and recorded, nothing is sent",
-                  logging.WARNING)
+            event(
+                log,
+                "stub mode: deliveries are rendered and recorded, nothing is sent",
+                logging.WARNING,
+            )
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(self.telemetry.shutdown)
             redis = redis_client(s)
@@ -129,62 +141,85 @@ class App:
             await _step("redis ping", redis.ping, 10, addr=s.redis_master_addr)
             store = await _step(
                 "postgres pool",
-                lambda: Store.open(s.dsn, min_size=s.postgres_pool_min,
-                                   max_size=s.postgres_pool_max), 15,
-                dsn=redact_dsn(s.postgres_primary_dsn))
+                lambda: Store.open(
+                    s.dsn, min_size=s.postgres_pool_min, max_size=s.postgres_pool_max
+                ),
+                15,
+                dsn=redact_dsn(s.postgres_primary_dsn),
+            )
             stack.push_async_callback(store.close)
-            applied = await _step("migrations", lambda: asyncio.to_thread(apply_migrations, s.dsn),
-                                  120)
+            applied = await _step(
+                "migrations", lambda: asyncio.to_thread(apply_migrations, s.dsn), 120
+            )
             event(log, "migrations applied", applied=applied)
             self.readiness.migrations_applied = True
             catalog = await _step(
                 "template catalog",
                 lambda: asyncio.to_thread(TemplateCatalog.load, s.template_dir, s.default_locale),
-                60, template_dir=str(s.template_dir))
+                60,
+                template_dir=str(s.template_dir),
+            )
             self.readiness.checks = {"postgres": store.ping, "redis": redis.ping}
-            signer = (DkimSigner(s.dkim_domain, s.dkim_selector, s.dkim_private_key_file)
-                      if s.dkim_domain and s.dkim_selector and s.dkim_private_key_file else None)
-            runner = await _step("internal http listener",
-                                 lambda: self._start_http(store, catalog), 10,
-                                 addr=s.internal_http_addr)
+            signer = (
+                DkimSigner(s.dkim_domain, s.dkim_selector, s.dkim_private_key_file)
+                if s.dkim_domain and s.dkim_selector and s.dkim_private_key_file
+                else None
+            )
+            runner = await _step(
+                "internal http listener",
+                lambda: self._start_http(store, catalog),
+                10,
+                addr=s.internal_http_addr,
+            )
             code = await self._run_components(store, redis, catalog, signer, runner)
         event(log, "stopped", exit_code=code)
         return code
 
     async def _start_http(self, store: Store, catalog: TemplateCatalog) -> web.AppRunner:
         host, port = self.settings.http_host_port
-        runner = web.AppRunner(build_app(self.settings, store, self.readiness,
-                                         command_policy(self.settings, catalog)),
-                               access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        runner = web.AppRunner(
+            build_app(self.settings, store, self.readiness, command_policy(self.settings, catalog)),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=1.0,
+        )
         await runner.setup()
         site = web.TCPSite(runner, host, port)
         await site.start()
-        server = site._server
-        if server is not None and getattr(server, "sockets", None):
-            self.http_port = server.sockets[0].getsockname()[1]
+        addresses = runner.addresses
+        if addresses:
+            self.http_port = int(addresses[0][1])
         event(log, "internal http listening", host=host, port=self.http_port)
         return runner
 
-    async def _run_components(self, store: Store, redis: aioredis.Redis,
-                              catalog: TemplateCatalog, signer: DkimSigner | None,
-                              runner: web.AppRunner) -> int:
+    async def _run_components(
+        self,
+        store: Store,
+        redis: aioredis.Redis,
+        catalog: TemplateCatalog,
+        signer: DkimSigner | None,
+        runner: web.AppRunner,
+    ) -> int:
         s = self.settings
         inst = self.telemetry.instruments
         name = s.consumer_name
-        composer = Composer(catalog, s.smtp_from or "maildaemon <noreply@maildaemon.localhost>",
-                            signer)
+        composer = Composer(
+            catalog, s.smtp_from or "maildaemon <noreply@maildaemon.localhost>", signer
+        )
         queue = JobQueue(max(s.attempt_worker_concurrency * 4, 8))
         results = ResultWriter(s, store, redis, inst, name)
         scheduler = Scheduler(s, store, composer, queue, results, inst, name)
-        consumer = StreamConsumer(s, redis, store, command_policy(s, catalog), inst,
-                                  scheduler.wake)
+        consumer = StreamConsumer(s, redis, store, command_policy(s, catalog), inst, scheduler.wake)
         retention = RetentionWorker(s, store)
         policy = RetryPolicy(s.retry_ladder, s.retry_jitter, s.unknown_outcome_policy)
         limiter = RateLimiter(s.global_rate_limit, s.domain_rate_limit, s.domain_backoff)
         context = tls_context(s)
-        workers = [AttemptWorker(i, s, context, composer.sender_address, queue, results,
-                                 policy, limiter, inst)
-                   for i in range(s.attempt_worker_concurrency)]
+        workers = [
+            AttemptWorker(
+                i, s, context, composer.sender_address, queue, results, policy, limiter, inst
+            )
+            for i in range(s.attempt_worker_concurrency)
+        ]
 
         tasks: dict[str, asyncio.Task[None]] = {}
 
@@ -197,8 +232,14 @@ class App:
         spawn("result-writer", results.run())
         for w in workers:
             spawn(f"attempt-worker-{w.index}", w.run())
-        event(log, "attempt worker pool started", concurrency=len(workers),
-              smtp_mode=s.smtp_mode, smtp_addr=s.smtp_addr, smtp_security=s.smtp_security)
+        event(
+            log,
+            "attempt worker pool started",
+            concurrency=len(workers),
+            smtp_mode=s.smtp_mode,
+            smtp_addr=s.smtp_addr,
+            smtp_security=s.smtp_security,
+        )
         spawn("scheduler", scheduler.run())
         spawn("command-consumer", consumer.run())
         spawn("retention-worker", retention.run())
@@ -233,15 +274,20 @@ class App:
         event(log, "components stopped")
         return 1 if self._crashed else 0
 
-    async def _finish(self, tasks: dict[str, asyncio.Task[None]], names: tuple[str, ...],
-                      timeout: float) -> None:
+    async def _finish(
+        self, tasks: dict[str, asyncio.Task[None]], names: tuple[str, ...], timeout: float
+    ) -> None:
         waiting = [tasks[n] for n in names if n in tasks]
         if not waiting:
             return
         _, pending = await asyncio.wait(waiting, timeout=timeout)
         for task in pending:
-            event(log, "component did not stop in time; cancelled", logging.WARNING,
-                  component=task.get_name())
+            event(
+                log,
+                "component did not stop in time; cancelled",
+                logging.WARNING,
+                component=task.get_name(),
+            )
             task.cancel()
         if pending:
             await asyncio.wait(pending, timeout=2.0)
@@ -254,9 +300,14 @@ class App:
             return
         self._crashed.append(task.get_name())
         if exc is not None:
-            event(log, "component crashed", logging.ERROR, component=task.get_name(),
-                  error=repr(exc), exc_info=exc)
+            event(
+                log,
+                "component crashed",
+                logging.ERROR,
+                component=task.get_name(),
+                error=repr(exc),
+                exc_info=exc,
+            )
         else:
-            event(log, "component exited unexpectedly", logging.ERROR,
-                  component=task.get_name())
+            event(log, "component exited unexpectedly", logging.ERROR, component=task.get_name())
         self._stop.set()

@@ -113,13 +113,17 @@ def _command_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.expires_at:
         command["expires_at"] = args.expires_at
     if args.template:
-        command.update(payload_mode="template", template_id=args.template,
-                       variables=dict(_pair(v) for v in args.var or []))
+        command.update(
+            payload_mode="template",
+            template_id=args.template,
+            variables=dict(_pair(v) for v in args.var or []),
+        )
         if args.locale:
             command["locale"] = args.locale
     else:
-        command.update(payload_mode="rendered", subject=args.subject or "",
-                       text=args.text, html=args.html)
+        command.update(
+            payload_mode="rendered", subject=args.subject or "", text=args.text, html=args.html
+        )
         command = {k: v for k, v in command.items() if v is not None}
     return command
 
@@ -142,8 +146,10 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     raw = json.dumps(document, ensure_ascii=False)
     parsed = parse_command(raw, command_policy(settings, catalog))
     if isinstance(parsed, Rejection):
-        print(f"maildaemon: command rejected ({parsed.failure_code}): {parsed.failure_detail}",
-              file=sys.stderr)
+        print(
+            f"maildaemon: command rejected ({parsed.failure_code}): {parsed.failure_detail}",
+            file=sys.stderr,
+        )
         return 2
 
     async def send() -> str:
@@ -155,8 +161,15 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
     entry_id = asyncio.run(send())
-    print(json.dumps({"stream": settings.command_stream, "stream_entry_id": entry_id,
-                      "delivery_id": parsed.delivery_id}))
+    print(
+        json.dumps(
+            {
+                "stream": settings.command_stream,
+                "stream_entry_id": entry_id,
+                "delivery_id": parsed.delivery_id,
+            }
+        )
+    )
     return 0
 
 
@@ -164,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="maildaemon",
         description="Durable mail delivery: Redis Stream commands in, SMTP (STARTTLS) out, "
-                    "every delivery and attempt in PostgreSQL. Configured by MAIL_* variables.")
+        "every delivery and attempt in PostgreSQL. Configured by MAIL_* variables.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="run the daemon")
@@ -177,10 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate the configuration and the template catalog")
     p.set_defaults(handler=cmd_check)
 
-    p = sub.add_parser("dev", help="start local Redis, PostgreSQL and an SMTP sink, then run "
-                                   "the daemon against them")
-    p.add_argument("--state-dir", default=".maildaemon-dev",
-                   help="where the local servers keep their data (default: %(default)s)")
+    p = sub.add_parser(
+        "dev",
+        help="start local Redis, PostgreSQL and an SMTP sink, then run the daemon against them",
+    )
+    p.add_argument(
+        "--state-dir",
+        default=".maildaemon-dev",
+        help="where the local servers keep their data (default: %(default)s)",
+    )
     p.add_argument("--http-addr", default=None, help="internal HTTP address (host:port)")
     p.set_defaults(handler=cmd_dev)
 
@@ -206,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expires-at", help="ISO-8601 time after which not to send")
     p.set_defaults(handler=cmd_enqueue)
 
+    from maildaemon import cli_ops
+
+    cli_ops.register(sub)
     return parser
 
 

@@ -61,7 +61,9 @@ _LOCALE = re.compile(r"^[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*$")
 _TEMPLATE_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,127}$")
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 _HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")  # RFC 5322 ftext
-_CONTENT_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$")
+_CONTENT_TYPE = re.compile(
+    r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$"
+)
 # A pragmatic RFC 5321 mailbox: dot-atom local part, a domain of at least two labels
 # (IDN domains allowed, they are IDNA-encoded on the wire).
 _LOCAL = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
@@ -282,11 +284,11 @@ class DeliveryCommand(BaseModel):
             if not _TEMPLATE_ID.match(self.template_id):
                 raise _custom("invalid_field", f"not a template id: {self.template_id!r}")
             if policy is not None and self.template_id not in policy.known_templates:
-                raise _custom("unknown_template", f"no template {self.template_id!r} in the catalog")
-            if self.subject is not None or self.text is not None or self.html is not None:
                 raise _custom(
-                    "invalid_field", "subject/text/html belong to payload_mode=rendered"
+                    "unknown_template", f"no template {self.template_id!r} in the catalog"
                 )
+            if self.subject is not None or self.text is not None or self.html is not None:
+                raise _custom("invalid_field", "subject/text/html belong to payload_mode=rendered")
         else:
             if self.template_id is not None or self.variables:
                 raise _custom(
@@ -330,8 +332,9 @@ class DeliveryCommand(BaseModel):
         return list(seen)
 
     def canonical_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"),
-                          ensure_ascii=False)
+        return json.dumps(
+            self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        )
 
     def fingerprint(self) -> bytes:
         """Identity of the command for idempotency: everything but trace context."""
@@ -386,8 +389,9 @@ def _peek(raw: Any, key: str) -> str | None:
 def parse_command(raw: str | bytes, policy: CommandPolicy | None) -> DeliveryCommand | Rejection:
     """Validate one command document; never raises for bad input."""
     if policy is not None and len(raw) > policy.command_max_bytes:
-        return Rejection("too_large", f"command is {len(raw)} bytes, the limit is "
-                                      f"{policy.command_max_bytes}")
+        return Rejection(
+            "too_large", f"command is {len(raw)} bytes, the limit is {policy.command_max_bytes}"
+        )
     try:
         document = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
@@ -397,14 +401,19 @@ def parse_command(raw: str | bytes, policy: CommandPolicy | None) -> DeliveryCom
     delivery_id, source = _peek(document, "delivery_id"), _peek(document, "source")
     text = raw if isinstance(raw, str) else raw.decode("utf-8", "replace")
     if "\\u0000" in text:  # PostgreSQL cannot store NUL in text or jsonb
-        return Rejection("invalid_field", "the command contains a NUL character",
-                         delivery_id, source)
+        return Rejection(
+            "invalid_field", "the command contains a NUL character", delivery_id, source
+        )
     if "\\ud" in text.lower():  # an escaped surrogate: reject the unpaired ones
         try:
             json.dumps(document, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
-            return Rejection("invalid_field", "the command contains an unpaired UTF-16 surrogate",
-                             delivery_id, source)
+            return Rejection(
+                "invalid_field",
+                "the command contains an unpaired UTF-16 surrogate",
+                delivery_id,
+                source,
+            )
     try:
         command = DeliveryCommand.model_validate(document, context=policy)
     except ValidationError as exc:
@@ -415,8 +424,9 @@ def parse_command(raw: str | bytes, policy: CommandPolicy | None) -> DeliveryCom
     return command
 
 
-def parse_entry(fields: Mapping[bytes, bytes] | Mapping[str, str], policy: CommandPolicy | None
-                ) -> DeliveryCommand | Rejection:
+def parse_entry(
+    fields: Mapping[bytes, bytes] | Mapping[str, str], policy: CommandPolicy | None
+) -> DeliveryCommand | Rejection:
     """Validate one stream entry (its field map)."""
     raw: str | bytes | None = None
     for key, value in fields.items():
@@ -433,8 +443,9 @@ def parse_entry(fields: Mapping[bytes, bytes] | Mapping[str, str], policy: Comma
 def raw_entry_text(fields: Mapping[bytes, bytes] | Mapping[str, str], cap: int) -> tuple[str, bool]:
     """The entry as text for the malformed record, capped at ``cap`` characters."""
     decoded = {
-        (k.decode(errors="replace") if isinstance(k, bytes) else k):
-        (v.decode(errors="replace") if isinstance(v, bytes) else v)
+        (k.decode(errors="replace") if isinstance(k, bytes) else k): (
+            v.decode(errors="replace") if isinstance(v, bytes) else v
+        )
         for k, v in fields.items()
     }
     if set(decoded) == {COMMAND_FIELD}:

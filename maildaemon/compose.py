@@ -18,8 +18,9 @@ from maildaemon.render import TemplateCatalog
 class Composer:
     """Renders templates and builds MIME messages for one sender identity."""
 
-    def __init__(self, catalog: TemplateCatalog, sender: str, signer: DkimSigner | None = None
-                 ) -> None:
+    def __init__(
+        self, catalog: TemplateCatalog, sender: str, signer: DkimSigner | None = None
+    ) -> None:
         self._catalog = catalog
         self._sender = sender
         self._signer = signer
@@ -27,14 +28,14 @@ class Composer:
         self.sender_address = address
         self._domain = address.rpartition("@")[2] or "maildaemon.localhost"
 
-    def compose(self, delivery_id: str, command: dict[str, object],
-                now: datetime | None = None) -> tuple[str, str, bytes]:
+    def compose(
+        self, delivery_id: str, command: dict[str, object], now: datetime | None = None
+    ) -> tuple[str, str, bytes]:
         """Return (message_id, content_hash, message bytes); RenderError if it cannot be."""
         try:
             cmd = DeliveryCommand.model_validate(command)
         except ValidationError as exc:
-            raise RenderError(f"stored command no longer valid: {exc.errors()[0]['msg']}"
-                              ) from None
+            raise RenderError(f"stored command no longer valid: {exc.errors()[0]['msg']}") from None
         if cmd.payload_mode == "template":
             assert cmd.template_id is not None
             content = self._catalog.render(cmd.template_id, cmd.locale, cmd.variables)
@@ -57,8 +58,9 @@ class Composer:
             text=text,
             html=html,
             headers=cmd.headers,
-            attachments=[AttachmentPart(a.filename, a.content_type, a.decoded())
-                         for a in cmd.attachments],
+            attachments=[
+                AttachmentPart(a.filename, a.content_type, a.decoded()) for a in cmd.attachments
+            ],
             message_id=message_id,
             date=now or datetime.now(UTC),
         )

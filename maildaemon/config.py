@@ -223,7 +223,9 @@ class Settings(BaseSettings):
                 "MAIL_DKIM_PRIVATE_KEY_FILE go together"
             )
         if self.dkim_private_key_file is not None and not self.dkim_private_key_file.is_file():
-            raise ValueError(f"MAIL_DKIM_PRIVATE_KEY_FILE: no such file: {self.dkim_private_key_file}")
+            raise ValueError(
+                f"MAIL_DKIM_PRIVATE_KEY_FILE: no such file: {self.dkim_private_key_file}"
+            )
         return self
 
     # Derived views -------------------------------------------------------------

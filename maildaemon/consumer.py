@@ -9,9 +9,11 @@ is down the consumer stops reading and retries with backoff; nothing is acked me
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
@@ -53,17 +55,27 @@ def _refused(entry: IntakeEntry, detail: str) -> IntakeEntry:
     """The malformed record for an entry whose data PostgreSQL would not store."""
     cmd = entry.command
     raw = entry.raw or (cmd.canonical_json() if cmd is not None else "")
-    rejection = Rejection("invalid_field", detail[:1000],
-                          cmd.delivery_id if cmd else None, cmd.source if cmd else None)
+    rejection = Rejection(
+        "invalid_field",
+        detail[:1000],
+        cmd.delivery_id if cmd else None,
+        cmd.source if cmd else None,
+    )
     return IntakeEntry(entry.stream_entry_id, None, rejection, raw[:RAW_CAP])
 
 
 class StreamConsumer:
     """Reads the command stream through a consumer group until told to stop."""
 
-    def __init__(self, settings: Settings, redis: aioredis.Redis, store: Store,
-                 policy: CommandPolicy, instruments: Instruments,
-                 on_committed: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        redis: aioredis.Redis,
+        store: Store,
+        policy: CommandPolicy,
+        instruments: Instruments,
+        on_committed: Callable[[], None],
+    ) -> None:
         self._s = settings
         self._redis = redis
         self._store = store
@@ -79,10 +91,15 @@ class StreamConsumer:
     async def ensure_group(self) -> None:
         """Create the consumer group on first start, reading from the start of the stream."""
         try:
-            await self._redis.xgroup_create(self._s.command_stream, self._s.consumer_group,
-                                            id="0", mkstream=True)
-            event(log, "consumer group created", stream=self._s.command_stream,
-                  group=self._s.consumer_group)
+            await self._redis.xgroup_create(
+                self._s.command_stream, self._s.consumer_group, id="0", mkstream=True
+            )
+            event(
+                log,
+                "consumer group created",
+                stream=self._s.command_stream,
+                group=self._s.consumer_group,
+            )
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -90,8 +107,14 @@ class StreamConsumer:
     async def run(self) -> None:
         s = self._s
         await self.ensure_group()
-        event(log, "command consumer started", stream=s.command_stream, group=s.consumer_group,
-              consumer=s.consumer_name, batch_size=s.consumer_batch_size)
+        event(
+            log,
+            "command consumer started",
+            stream=s.command_stream,
+            group=s.consumer_group,
+            consumer=s.consumer_name,
+            batch_size=s.consumer_batch_size,
+        )
         backoff = _Backoff()
         while not self._stopping.is_set():
             try:
@@ -102,20 +125,30 @@ class StreamConsumer:
                     await self._take_in(batch)
                 backoff.reset()
             except RedisError as exc:
-                event(log, "redis unavailable", logging.WARNING, error=repr(exc),
-                      component="consumer", retry_in_s=backoff.peek())
+                event(
+                    log,
+                    "redis unavailable",
+                    logging.WARNING,
+                    error=repr(exc),
+                    component="consumer",
+                    retry_in_s=backoff.peek(),
+                )
                 await self._sleep(backoff.next())
         event(log, "command consumer stopped", consumer=s.consumer_name)
 
     async def _read(self) -> list[_Entry]:
         block_ms = max(1, int(self._s.consumer_block * 1000))
         response = await self._redis.xreadgroup(
-            self._s.consumer_group, self._s.consumer_name, {self._s.command_stream: ">"},
-            count=self._s.consumer_batch_size, block=block_ms)
+            self._s.consumer_group,
+            self._s.consumer_name,
+            {self._s.command_stream: ">"},
+            count=self._s.consumer_batch_size,
+            block=block_ms,
+        )
         if not response:
             return []
         entries: list[_Entry] = []
-        for _stream, stream_entries in response:
+        for _stream, stream_entries in cast(list[tuple[bytes, list[_Entry]]], response):
             entries.extend(stream_entries)
         return entries
 
@@ -126,17 +159,27 @@ class StreamConsumer:
         if now - self._last_reclaim < max(self._s.consumer_reclaim_idle / 2, 0.5):
             return []
         self._last_reclaim = now
-        result = await self._redis.xautoclaim(
-            self._s.command_stream, self._s.consumer_group, self._s.consumer_name,
-            min_idle_time=idle_ms, start_id="0-0", count=self._s.consumer_batch_size)
+        result: list[Any] = await self._redis.xautoclaim(
+            self._s.command_stream,
+            self._s.consumer_group,
+            self._s.consumer_name,
+            min_idle_time=idle_ms,
+            start_id="0-0",
+            count=self._s.consumer_batch_size,
+        )
         claimed: list[_Entry] = [(eid, fields) for eid, fields in result[1] if fields is not None]
         deleted = result[2] if len(result) > 2 else []
         if deleted:
             # Trimmed from the stream before anyone processed them: nothing left to take in.
             await self._redis.xack(self._s.command_stream, self._s.consumer_group, *deleted)
         if claimed:
-            event(log, "pending commands reclaimed", logging.WARNING, count=len(claimed),
-                  consumer=self._s.consumer_name)
+            event(
+                log,
+                "pending commands reclaimed",
+                logging.WARNING,
+                count=len(claimed),
+                consumer=self._s.consumer_name,
+            )
         return claimed
 
     async def _take_in(self, batch: Sequence[_Entry]) -> None:
@@ -145,8 +188,9 @@ class StreamConsumer:
         if result is None:  # stopping while PostgreSQL is down: leave them pending
             return
         # Only now, with the batch committed, may the entries leave the pending list.
-        await self._redis.xack(self._s.command_stream, self._s.consumer_group,
-                               *[eid for eid, _ in batch])
+        await self._redis.xack(
+            self._s.command_stream, self._s.consumer_group, *[eid for eid, _ in batch]
+        )
         self._report(result)
         if result.created:
             self._on_committed()
@@ -159,22 +203,39 @@ class StreamConsumer:
                 return await self._store.ingest(entries, self._s.idempotency_window)
             except StoreUnavailable as exc:
                 self._inst.store_unavailable.add(1, {"component": "consumer"})
-                event(log, "postgres unavailable", logging.WARNING, error=str(exc),
-                      component="consumer", retry_in_s=backoff.peek(), pending=len(entries))
+                event(
+                    log,
+                    "postgres unavailable",
+                    logging.WARNING,
+                    error=str(exc),
+                    component="consumer",
+                    retry_in_s=backoff.peek(),
+                    pending=len(entries),
+                )
             except StoreRejected as exc:
                 # One entry's data is refused by PostgreSQL: find it, record it as malformed.
                 if len(entries) > 1:
                     return await self._commit_one_by_one(entries)
                 entry = entries[0]
-                event(log, "intake refused by postgres", logging.ERROR, error=str(exc),
-                      stream_entry_id=entry.stream_entry_id)
+                event(
+                    log,
+                    "intake refused by postgres",
+                    logging.ERROR,
+                    error=str(exc),
+                    stream_entry_id=entry.stream_entry_id,
+                )
                 entries = [_refused(entry, str(exc))]
                 continue
             except RETRYABLE as exc:
                 # A concurrent replica raced us on the same keys; try the batch again.
                 conflicts += 1
-                event(log, "intake conflict, retrying", logging.INFO, error=repr(exc),
-                      attempt=conflicts)
+                event(
+                    log,
+                    "intake conflict, retrying",
+                    logging.INFO,
+                    error=repr(exc),
+                    attempt=conflicts,
+                )
                 if conflicts >= 3 and len(entries) > 1:
                     return await self._commit_one_by_one(entries)
             if self._stopping.is_set():
@@ -199,27 +260,40 @@ class StreamConsumer:
         if result.replays:
             inst.stream_commands.add(len(result.replays), {"result": "replay"})
             for entry, delivery_id in result.replays:
-                event(log, "stream command replayed", stream_entry_id=entry.stream_entry_id,
-                      delivery_id=delivery_id)
+                event(
+                    log,
+                    "stream command replayed",
+                    stream_entry_id=entry.stream_entry_id,
+                    delivery_id=delivery_id,
+                )
         for entry, rejection in result.rejected:
             inst.stream_commands.add(1, {"result": "malformed"})
             inst.stream_commands_malformed.add(1, {"failure_code": rejection.failure_code})
-            event(log, "stream command rejected", logging.WARNING,
-                  stream_entry_id=entry.stream_entry_id, failure_code=rejection.failure_code,
-                  failure_detail=rejection.failure_detail, delivery_id=rejection.delivery_id,
-                  source=rejection.source)
+            event(
+                log,
+                "stream command rejected",
+                logging.WARNING,
+                stream_entry_id=entry.stream_entry_id,
+                failure_code=rejection.failure_code,
+                failure_detail=rejection.failure_detail,
+                delivery_id=rejection.delivery_id,
+                source=rejection.source,
+            )
         if log.isEnabledFor(logging.DEBUG):
             for entry in result.created:
                 assert entry.command is not None
-                event(log, "delivery accepted", logging.DEBUG,
-                      stream_entry_id=entry.stream_entry_id,
-                      delivery_id=entry.command.delivery_id, source=entry.command.source)
+                event(
+                    log,
+                    "delivery accepted",
+                    logging.DEBUG,
+                    stream_entry_id=entry.stream_entry_id,
+                    delivery_id=entry.command.delivery_id,
+                    source=entry.command.source,
+                )
 
     async def _sleep(self, seconds: float) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
-        except TimeoutError:
-            pass
 
 
 class _Backoff:

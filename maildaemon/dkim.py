@@ -9,8 +9,17 @@ import dkim
 
 from maildaemon.errors import StartupError
 
-_SIGNED_HEADERS = (b"from", b"to", b"cc", b"reply-to", b"subject", b"date", b"message-id",
-                   b"mime-version", b"content-type")
+_SIGNED_HEADERS = (
+    b"from",
+    b"to",
+    b"cc",
+    b"reply-to",
+    b"subject",
+    b"date",
+    b"message-id",
+    b"mime-version",
+    b"content-type",
+)
 
 
 class DkimSigner:
@@ -27,6 +36,12 @@ class DkimSigner:
             raise StartupError(f"MAIL_DKIM_PRIVATE_KEY_FILE: unusable key: {exc}") from None
 
     def sign(self, message: bytes) -> bytes:
-        header: bytes = dkim.sign(message, self._selector, self._domain, self._key,
-                                  include_headers=list(_SIGNED_HEADERS), linesep=b"\r\n")
+        header: bytes = dkim.sign(
+            message,
+            self._selector,
+            self._domain,
+            self._key,
+            include_headers=list(_SIGNED_HEADERS),
+            linesep=b"\r\n",
+        )
         return header + message

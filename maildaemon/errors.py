@@ -46,8 +46,9 @@ class TransportError(MailDaemonError):
 
     permanent = False
 
-    def __init__(self, message: str | None = None, *, code: int | None = None,
-                 text: str | None = None) -> None:
+    def __init__(
+        self, message: str | None = None, *, code: int | None = None, text: str | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.text = text

@@ -32,8 +32,9 @@ class JsonFormatter(logging.Formatter):
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        fields = {k: v for k, v in record.__dict__.items()
-                  if k not in _RESERVED and not k.startswith("_")}
+        fields = {
+            k: v for k, v in record.__dict__.items() if k not in _RESERVED and not k.startswith("_")
+        }
         _add_trace_ids(fields)
         ts = datetime.fromtimestamp(record.created, UTC).strftime("%H:%M:%S.%f")[:-3]
         tail = " ".join(f"{k}={v}" for k, v in fields.items())
@@ -61,8 +62,7 @@ def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def event(logger: logging.Logger, name: str, level: int = logging.INFO, /,
-          **fields: Any) -> None:
+def event(logger: logging.Logger, name: str, level: int = logging.INFO, /, **fields: Any) -> None:
     """Log the event ``name`` with stable fields."""
     if logger.isEnabledFor(level):
         exc_info = fields.pop("exc_info", None)

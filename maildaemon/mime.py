@@ -17,9 +17,11 @@ What the bytes look like:
   Content-Type / Content-Transfer-Encoding, then the custom headers in the order given.
   There is never a Bcc header. Lines are folded at 78 characters (a custom header whose
   value has no space to fold at may be longer) and never exceed 998.
-- Subjects and display names that are not plain printable ASCII become RFC 2047 "B"
-  encoded-words of UTF-8, at most 60 characters each; IDN domains become punycode
-  (IDNA 2003, the stdlib codec); local parts must be ASCII dot-atoms.
+- Subjects that are not plain printable ASCII become RFC 2047 "B" encoded-words of UTF-8,
+  at most 60 characters each. Display names are atoms, a quoted-string, or (like the
+  stdlib) plain words mixed with encoded-words; white space in a display name is collapsed
+  to single spaces. IDN domains become punycode (IDNA 2003, the stdlib codec); local parts
+  must be ASCII dot-atoms. CR, LF and NUL in any header value raise ValueError.
 - Bodies are UTF-8. Line breaks (CRLF, CR or LF) become CRLF and a non-empty body that
   does not end with a line break gets one, so a receiver decodes ``text`` with CRLF line
   ends and exactly one trailing line break. Mostly-ASCII bodies are quoted-printable
@@ -241,10 +243,11 @@ def _wire_address(address: str) -> str:
 
 def _mailbox_tokens(mailbox: Mailbox) -> list[str]:
     address = f"<{_wire_address(mailbox.address)}>"
-    name = mailbox.name
+    if mailbox.name:
+        _refuse_line_breaks(mailbox.name, "display name")
+    name = " ".join(mailbox.name.split()) if mailbox.name else ""
     if not name:
         return [address[1:-1]]
-    _refuse_line_breaks(name, "display name")
     if _is_plain(name) and len(name) <= _MAX_QUOTED_NAME:
         if _ATOM_PHRASE.fullmatch(name):
             return [*name.split(" "), address]

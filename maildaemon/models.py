@@ -9,12 +9,25 @@ from typing import Any, Literal
 from maildaemon.commands import DeliveryCommand, Rejection
 
 DeliveryStatus = Literal[
-    "queued", "rendered", "sending", "sent", "suppressed", "failed", "dead_letter", "expired",
+    "queued",
+    "rendered",
+    "sending",
+    "sent",
+    "suppressed",
+    "failed",
+    "dead_letter",
+    "expired",
     "cancelled",
 ]
 AttemptStatus = Literal[
-    "sent", "transport_failed", "timed_out", "provider_rejected", "unknown", "suppressed",
-    "failed", "expired",
+    "sent",
+    "transport_failed",
+    "timed_out",
+    "provider_rejected",
+    "unknown",
+    "suppressed",
+    "failed",
+    "expired",
 ]
 TERMINAL_STATUSES: frozenset[str] = frozenset(
     {"sent", "suppressed", "failed", "dead_letter", "expired", "cancelled"}

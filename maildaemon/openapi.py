@@ -109,7 +109,7 @@ _STATUS_TEXT = {
 _ACTOR_HEADER = {
     "name": "X-Operator", "in": "header", "required": False,
     "description": "Who acts, when the body has no `actor`.",
-    "schema": {"type": "string", "pattern": r"^[\x20-\x7e]{1,200}$"},
+    "schema": {"type": "string", "pattern": inputs.HEADER_ACTOR},
 }
 
 
@@ -137,7 +137,8 @@ def _operation(op: Op) -> dict[str, Any]:
         statuses |= {400, 401, 403, 413}
         out["security"] = [{"operatorToken": []}]
         assert op.body is not None
-        out["requestBody"] = {"required": False, "content": {
+        required = any(f.is_required() for f in op.body.model_fields.values())
+        out["requestBody"] = {"required": required, "content": {
             "application/json": {"schema": _ref(op.body)}}}
     for status in sorted(statuses):
         responses[str(status)] = _json(error, _STATUS_TEXT[status])

@@ -12,7 +12,6 @@ import binascii
 import json
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
-from functools import cache
 from typing import Any, Literal
 
 from pydantic import TypeAdapter
@@ -155,22 +154,27 @@ def decode_cursor(text: str, kind: str, shape: tuple[type, ...]) -> tuple[Any, .
     key: list[Any] = []
     for value, kind_of in zip(values[1:], shape, strict=True):
         if kind_of is datetime:
-            try:
-                parsed = datetime.fromisoformat(value) if isinstance(value, str) else None
-            except ValueError:
-                parsed = None
-            if parsed is None or parsed.tzinfo is None:
-                raise InvalidInput("not a cursor returned by this listing", field="cursor")
-            key.append(parsed)
-        elif kind_of is int and (type(value) is not int or abs(value) >= 2**63):
+            value = _cursor_time(value)
+        if not _fits(value, kind_of):
             raise InvalidInput("not a cursor returned by this listing", field="cursor")
-        elif kind_of in (str, bool) and type(value) is not kind_of:
-            raise InvalidInput("not a cursor returned by this listing", field="cursor")
-        elif kind_of is str and "\x00" in value:
-            raise InvalidInput("not a cursor returned by this listing", field="cursor")
-        else:
-            key.append(value)
+        key.append(value)
     return tuple(key)
+
+
+def _cursor_time(value: Any) -> datetime | None:
+    try:
+        parsed = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+    return parsed if parsed is not None and parsed.tzinfo is not None else None
+
+
+def _fits(value: Any, kind: type) -> bool:
+    if kind is int:
+        return type(value) is int and abs(value) < 2**63
+    if kind is str:
+        return type(value) is str and "\x00" not in value
+    return type(value) is kind
 
 
 # --- views -------------------------------------------------------------------------------
@@ -602,11 +606,13 @@ def spread_due_times(count: int, rate_per_second: float | None, start: datetime
 # --- JSON --------------------------------------------------------------------------------
 
 
-@cache
-def adapter(kind: type[Any]) -> TypeAdapter[Any]:
-    return TypeAdapter(kind)
+_ADAPTERS: dict[type[Any], TypeAdapter[Any]] = {}
 
 
 def dump(value: Any) -> Any:
     """A view as plain JSON-ready data."""
-    return adapter(type(value)).dump_python(value, mode="json")
+    kind = type(value)
+    adapter = _ADAPTERS.get(kind)
+    if adapter is None:
+        adapter = _ADAPTERS[kind] = TypeAdapter(kind)
+    return adapter.dump_python(value, mode="json")

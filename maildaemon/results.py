@@ -35,8 +35,14 @@ _MAX_BATCH = 500
 
 
 class ResultWriter:
-    def __init__(self, settings: Settings, store: Store, redis: aioredis.Redis,
-                 instruments: Instruments, worker_name: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        redis: aioredis.Redis,
+        instruments: Instruments,
+        worker_name: str,
+    ) -> None:
         self._s = settings
         self._store = store
         self._redis = redis
@@ -77,14 +83,22 @@ class ResultWriter:
         delay = 0.1
         while True:
             try:
-                recorded = await self._store.record_results(results, self._worker,
-                                                            self._s.suppression_ttl)
+                recorded = await self._store.record_results(
+                    results, self._worker, self._s.suppression_ttl
+                )
                 break
             except StoreUnavailable as exc:
                 # A result may stand for a message already accepted: never drop it.
                 self._inst.store_unavailable.add(1, {"component": "results"})
-                event(log, "postgres unavailable", logging.WARNING, error=str(exc),
-                      component="results", pending=len(results), retry_in_s=delay)
+                event(
+                    log,
+                    "postgres unavailable",
+                    logging.WARNING,
+                    error=str(exc),
+                    component="results",
+                    pending=len(results),
+                    retry_in_s=delay,
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         for result, future in batch:
@@ -97,15 +111,24 @@ class ResultWriter:
     def _report(self, r: AttemptResult, recorded: bool) -> None:
         inst = self._inst
         fields = {
-            "delivery_id": r.delivery_id, "source": r.source, "attempt": r.attempt_no,
-            "attempt_status": r.attempt_status, "status": r.delivery_status,
-            "reply_code": r.reply_code, "reply_text": r.reply_text,
+            "delivery_id": r.delivery_id,
+            "source": r.source,
+            "attempt": r.attempt_no,
+            "attempt_status": r.attempt_status,
+            "status": r.delivery_status,
+            "reply_code": r.reply_code,
+            "reply_text": r.reply_text,
         }
         if not recorded:
             inst.fenced_writes.add(1)
-            event(log, "attempt result fenced out", logging.WARNING, **fields,
-                  claim_token=r.claim_token,
-                  reason="the lease expired and the delivery was claimed again")
+            event(
+                log,
+                "attempt result fenced out",
+                logging.WARNING,
+                **fields,
+                claim_token=r.claim_token,
+                reason="the lease expired and the delivery was claimed again",
+            )
             return
         if r.record_attempt:
             inst.attempt_outcomes.add(1, {"status": r.attempt_status})
@@ -117,9 +140,15 @@ class ResultWriter:
         level = logging.INFO if r.delivery_status in ("sent", "queued") else logging.WARNING
         if r.delivery_status == "sent" and not log.isEnabledFor(logging.DEBUG):
             return  # the hot path: one line per sent message only at DEBUG
-        event(log, _EVENT_NAMES.get(r.delivery_status, "delivery updated"), level, **fields,
-              next_attempt_at=r.next_attempt_at.isoformat() if r.next_attempt_at else None,
-              reason=r.status_reason, possible_duplicate=r.possible_duplicate)
+        event(
+            log,
+            _EVENT_NAMES.get(r.delivery_status, "delivery updated"),
+            level,
+            **fields,
+            next_attempt_at=r.next_attempt_at.isoformat() if r.next_attempt_at else None,
+            reason=r.status_reason,
+            possible_duplicate=r.possible_duplicate,
+        )
 
     async def _publish(self, results: Sequence[AttemptResult]) -> None:
         if not results:
@@ -130,19 +159,30 @@ class ResultWriter:
                     fields: dict[str, str | int] = {
                         "delivery_id": r.delivery_id,
                         "source": r.source,
-                        "status": "retry_scheduled" if r.delivery_status == "queued"
+                        "status": "retry_scheduled"
+                        if r.delivery_status == "queued"
                         else r.delivery_status,
                         "attempt": r.attempt_no,
                         "attempt_status": r.attempt_status,
                         "reply_code": r.reply_code if r.reply_code is not None else "",
                         "reply_text": (r.reply_text or "")[:500],
                         "next_attempt_at": r.next_attempt_at.isoformat()
-                        if r.next_attempt_at else "",
+                        if r.next_attempt_at
+                        else "",
                         "at": r.finished_at.isoformat(),
                     }
-                    pipe.xadd(self._s.event_stream, fields,  # type: ignore[arg-type]
-                              maxlen=self._s.event_stream_maxlen or None, approximate=True)
+                    pipe.xadd(
+                        self._s.event_stream,
+                        fields,  # type: ignore[arg-type]
+                        maxlen=self._s.event_stream_maxlen or None,
+                        approximate=True,
+                    )
                 await pipe.execute()
         except RedisError as exc:
-            event(log, "outcome events not published", logging.WARNING, error=repr(exc),
-                  count=len(results))
+            event(
+                log,
+                "outcome events not published",
+                logging.WARNING,
+                error=repr(exc),
+                count=len(results),
+            )

@@ -9,6 +9,7 @@ never deleted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from maildaemon.config import Settings
@@ -29,27 +30,36 @@ class RetentionWorker:
         self._stopping.set()
 
     async def run(self) -> None:
-        event(log, "retention worker started", interval_s=self._s.retention_interval,
-              delivery_retention_s=self._s.delivery_retention)
+        event(
+            log,
+            "retention worker started",
+            interval_s=self._s.retention_interval,
+            delivery_retention_s=self._s.delivery_retention,
+        )
         while not self._stopping.is_set():
             try:
                 await self.run_once()
             except StoreUnavailable as exc:
-                event(log, "postgres unavailable", logging.WARNING, component="retention",
-                      error=str(exc))
-            try:
+                event(
+                    log,
+                    "postgres unavailable",
+                    logging.WARNING,
+                    component="retention",
+                    error=str(exc),
+                )
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self._s.retention_interval)
-            except TimeoutError:
-                pass
         event(log, "retention worker stopped")
 
     async def run_once(self) -> dict[str, int]:
         """Purge until nothing is left past its period (each batch a short statement)."""
         total: dict[str, int] = {}
         while not self._stopping.is_set():
-            deleted = await self._store.purge(self._s.retention_batch_size,
-                                              self._s.delivery_retention,
-                                              self._s.malformed_retention)
+            deleted = await self._store.purge(
+                self._s.retention_batch_size,
+                self._s.delivery_retention,
+                self._s.malformed_retention,
+            )
             for kind, count in deleted.items():
                 total[kind] = total.get(kind, 0) + count
             if max(deleted.values()) < self._s.retention_batch_size:

@@ -9,6 +9,7 @@ across replicas); otherwise it sleeps until the next due time or the poll interv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from dataclasses import dataclass
@@ -18,7 +19,13 @@ from maildaemon.compose import Composer
 from maildaemon.config import Settings
 from maildaemon.errors import RenderError, StoreUnavailable
 from maildaemon.logs import event
-from maildaemon.models import AttemptResult, ClaimedDelivery, RecipientOutcome, RenderedPin
+from maildaemon.models import (
+    AttemptResult,
+    ClaimedDelivery,
+    DeliveryStatus,
+    RecipientOutcome,
+    RenderedPin,
+)
 from maildaemon.outcomes import without_attempt
 from maildaemon.results import ResultWriter
 from maildaemon.store.db import Store
@@ -77,8 +84,16 @@ class JobQueue:
 
 
 class Scheduler:
-    def __init__(self, settings: Settings, store: Store, composer: Composer, queue: JobQueue,
-                 results: ResultWriter, instruments: Instruments, worker_name: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        composer: Composer,
+        queue: JobQueue,
+        results: ResultWriter,
+        instruments: Instruments,
+        worker_name: str,
+    ) -> None:
         self._s = settings
         self._store = store
         self._composer = composer
@@ -97,8 +112,12 @@ class Scheduler:
         self._wake.set()
 
     async def run(self) -> None:
-        event(log, "scheduler started", batch_size=self._s.scheduler_batch_size,
-              poll_interval_s=self._s.scheduler_poll_interval)
+        event(
+            log,
+            "scheduler started",
+            batch_size=self._s.scheduler_batch_size,
+            poll_interval_s=self._s.scheduler_poll_interval,
+        )
         try:
             async with self._store.listen("mail_due", self.wake):
                 await self._loop()
@@ -119,8 +138,14 @@ class Scheduler:
                 delay = 0.1
             except StoreUnavailable as exc:
                 self._inst.store_unavailable.add(1, {"component": "scheduler"})
-                event(log, "postgres unavailable", logging.WARNING, error=str(exc),
-                      component="scheduler", retry_in_s=delay)
+                event(
+                    log,
+                    "postgres unavailable",
+                    logging.WARNING,
+                    error=str(exc),
+                    component="scheduler",
+                    retry_in_s=delay,
+                )
                 await self._sleep(delay)
                 delay = min(delay * 2, 10.0)
                 continue
@@ -143,10 +168,8 @@ class Scheduler:
     async def _sleep(self, seconds: float) -> None:
         if seconds <= 0:
             return
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
-        except TimeoutError:
-            pass
 
     async def _claim(self, limit: int) -> int:
         claims = await self._store.claim_due(limit, self._s.lease_duration, self._worker)
@@ -159,8 +182,9 @@ class Scheduler:
             await self._results.submit_many(finished)
         return len(claims)
 
-    async def _prepare(self, claims: list[ClaimedDelivery]
-                       ) -> tuple[list[Job], list[AttemptResult]]:
+    async def _prepare(
+        self, claims: list[ClaimedDelivery]
+    ) -> tuple[list[Job], list[AttemptResult]]:
         """Expire, render and pin, check suppressions; return jobs and early endings."""
         now = datetime.now(UTC)
         finished: list[AttemptResult] = []
@@ -168,21 +192,31 @@ class Scheduler:
         pins: list[RenderedPin] = []
         for claim in claims:
             if claim.expires_at is not None and claim.expires_at <= now:
-                finished.append(without_attempt(claim, "expired", "expires_at passed before the "
-                                                "attempt", now, "expired"))
+                finished.append(
+                    without_attempt(
+                        claim, "expired", "expires_at passed before the attempt", now, "expired"
+                    )
+                )
                 continue
             message = claim.rendered
             if message is None:
                 assert claim.command is not None
                 try:
                     message_id, content_hash, message = self._composer.compose(
-                        claim.delivery_id, claim.command, now)
+                        claim.delivery_id, claim.command, now
+                    )
                 except RenderError as exc:
-                    finished.append(without_attempt(claim, "failed", str(exc), now, "failed",
-                                                    record_attempt=True))
+                    finished.append(
+                        without_attempt(
+                            claim, "failed", str(exc), now, "failed", record_attempt=True
+                        )
+                    )
                     continue
-                pins.append(RenderedPin(claim.delivery_id, claim.claim_token, message_id,
-                                        content_hash, message))
+                pins.append(
+                    RenderedPin(
+                        claim.delivery_id, claim.claim_token, message_id, content_hash, message
+                    )
+                )
             ready.append((claim, message))
         if pins:
             pinned = await self._store.pin_rendered(pins)
@@ -190,26 +224,48 @@ class Scheduler:
             lost = fresh - pinned
             if lost:
                 for delivery_id in lost:
-                    event(log, "attempt result fenced out", logging.WARNING,
-                          delivery_id=delivery_id, reason="lease lost before rendering was pinned")
+                    event(
+                        log,
+                        "attempt result fenced out",
+                        logging.WARNING,
+                        delivery_id=delivery_id,
+                        reason="lease lost before rendering was pinned",
+                    )
                 ready = [(c, m) for c, m in ready if c.delivery_id not in lost]
         suppressions = await self._store.active_suppressions(
-            a for c, _ in ready for a in c.envelope_recipients())
+            a for c, _ in ready for a in c.envelope_recipients()
+        )
         jobs: list[Job] = []
         for claim, message in ready:
             rcpts = claim.envelope_recipients()
-            suppressed = {a: RecipientOutcome("suppressed", None, suppressions[a.lower()])
-                          for a in rcpts if a.lower() in suppressions}
+            suppressed = {
+                a: RecipientOutcome("suppressed", None, suppressions[a.lower()])
+                for a in rcpts
+                if a.lower() in suppressions
+            }
             remaining = tuple(a for a in rcpts if a not in suppressed)
             if not remaining:
-                status = "sent" if claim.rcpts_accepted else "suppressed"
-                finished.append(without_attempt(
-                    claim, status, "every remaining recipient is on the suppression list", now,
-                    "suppressed", recipients=suppressed))
+                status: DeliveryStatus = "sent" if claim.rcpts_accepted else "suppressed"
+                finished.append(
+                    without_attempt(
+                        claim,
+                        status,
+                        "every remaining recipient is on the suppression list",
+                        now,
+                        "suppressed",
+                        recipients=suppressed,
+                    )
+                )
             elif self._s.smtp_mode == "stub":
-                finished.append(without_attempt(
-                    claim, "suppressed", "stub mode (MAIL_SMTP_MODE=stub): rendered, not sent",
-                    now, "suppressed"))
+                finished.append(
+                    without_attempt(
+                        claim,
+                        "suppressed",
+                        "stub mode (MAIL_SMTP_MODE=stub): rendered, not sent",
+                        now,
+                        "suppressed",
+                    )
+                )
             else:
                 jobs.append(Job(claim, message, remaining, suppressed))
         return jobs, finished

@@ -50,7 +50,8 @@ class SendReport:
 
 def tls_context(settings: Settings) -> ssl.SSLContext:
     ctx = ssl.create_default_context(
-        cafile=str(settings.smtp_ca_file) if settings.smtp_ca_file else None)
+        cafile=str(settings.smtp_ca_file) if settings.smtp_ca_file else None
+    )
     if not settings.smtp_tls_verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
@@ -108,7 +109,8 @@ class SmtpConnection:
                 if not client.supports_extension("starttls"):
                     raise InsecureTransportError(
                         f"{self._host}:{self._port} does not offer STARTTLS; "
-                        "refusing to send in clear text")
+                        "refusing to send in clear text"
+                    )
                 try:
                     await client.starttls(tls_context=self._context)
                 except (ssl.SSLError, aiosmtplib.SMTPException, OSError) as exc:
@@ -121,24 +123,33 @@ class SmtpConnection:
             raise
         except aiosmtplib.SMTPAuthenticationError as exc:
             client.close()
-            raise TransientTransportError(f"SMTP authentication failed: {exc.message}",
-                                          code=exc.code, text=exc.message) from exc
+            raise TransientTransportError(
+                f"SMTP authentication failed: {exc.message}", code=exc.code, text=exc.message
+            ) from exc
         except aiosmtplib.SMTPTimeoutError as exc:
             client.close()
             raise TransportTimeout(f"timed out connecting to {self._host}:{self._port}") from exc
         except aiosmtplib.SMTPResponseException as exc:
             client.close()
-            raise TransientTransportError(f"connection refused by the server: {exc.message}",
-                                          code=exc.code, text=exc.message) from exc
+            raise TransientTransportError(
+                f"connection refused by the server: {exc.message}", code=exc.code, text=exc.message
+            ) from exc
         except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as exc:
             client.close()
             if isinstance(exc, ssl.SSLError | ssl.CertificateError) or "certificate" in str(exc):
                 raise InsecureTransportError(f"TLS failed: {exc}") from exc
             raise TransientTransportError(
-                f"cannot connect to {self._host}:{self._port}: {exc}") from exc
+                f"cannot connect to {self._host}:{self._port}: {exc}"
+            ) from exc
         self._dirty = False
-        event(log, "smtp connected", logging.DEBUG, host=self._host, port=self._port,
-              tls=client.is_connected)
+        event(
+            log,
+            "smtp connected",
+            logging.DEBUG,
+            host=self._host,
+            port=self._port,
+            tls=client.is_connected,
+        )
         return client
 
     async def send(self, sender: str, recipients: Sequence[str], message: bytes) -> SendReport:
@@ -153,8 +164,9 @@ class SmtpConnection:
                 self.abort()
                 raise TransientTransportError(f"connection lost before DATA: {exc}") from exc
 
-    async def _send_once(self, sender: str, recipients: Sequence[str], message: bytes
-                         ) -> SendReport:
+    async def _send_once(
+        self, sender: str, recipients: Sequence[str], message: bytes
+    ) -> SendReport:
         self.in_data = False
         fresh = self._client is None or not self._client.is_connected
         if fresh:
@@ -191,11 +203,11 @@ class SmtpConnection:
                 await self._reset(client)
                 report.data_refused = _reply(exc)
                 return report
-            except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError,
-                    OSError) as exc:
+            except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
                 self.abort()
-                raise UnknownOutcome(f"link lost during DATA, before the server's reply: {exc}"
-                                     ) from exc
+                raise UnknownOutcome(
+                    f"link lost during DATA, before the server's reply: {exc}"
+                ) from exc
             self.in_data = False
             report.data_reply = Reply(resp2.code, resp2.message)
             self._dirty = False
@@ -211,8 +223,7 @@ class SmtpConnection:
         except aiosmtplib.SMTPResponseException as exc:
             self.abort()
             if exc.code >= 500:
-                raise PermanentTransportError(exc.message, code=exc.code, text=exc.message
-                                              ) from exc
+                raise PermanentTransportError(exc.message, code=exc.code, text=exc.message) from exc
             raise TransientTransportError(exc.message, code=exc.code, text=exc.message) from exc
         except aiosmtplib.SMTPException as exc:
             self.abort()

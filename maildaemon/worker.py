@@ -26,9 +26,18 @@ log = logging.getLogger("maildaemon.worker")
 
 
 class AttemptWorker:
-    def __init__(self, index: int, settings: Settings, context: ssl.SSLContext, sender: str,
-                 queue: JobQueue, results: ResultWriter, policy: RetryPolicy,
-                 limiter: RateLimiter, instruments: Instruments) -> None:
+    def __init__(
+        self,
+        index: int,
+        settings: Settings,
+        context: ssl.SSLContext,
+        sender: str,
+        queue: JobQueue,
+        results: ResultWriter,
+        policy: RetryPolicy,
+        limiter: RateLimiter,
+        instruments: Instruments,
+    ) -> None:
         self.index = index
         self._s = settings
         self._conn = SmtpConnection(settings, context)
@@ -65,20 +74,31 @@ class AttemptWorker:
             self._conn.abort()
             exc: TransportError = (
                 UnknownOutcome("MAIL_SMTP_TIMEOUT reached during DATA, before the reply")
-                if in_data else TransportTimeout("MAIL_SMTP_TIMEOUT reached"))
+                if in_data
+                else TransportTimeout("MAIL_SMTP_TIMEOUT reached")
+            )
             return self._failed(job, exc, started)
         except TransportError as exc:
             return self._failed(job, exc, started)
         finished = datetime.now(UTC)
         self._inst.send_duration_ms.record(report.duration_ms)
         self._limiter.observe(report)
-        return from_report(claim, job.recipients, report, self._policy, started, finished,
-                           job.suppressed)
+        return from_report(
+            claim, job.recipients, report, self._policy, started, finished, job.suppressed
+        )
 
     def _failed(self, job: Job, exc: TransportError, started: datetime) -> AttemptResult:
         finished = datetime.now(UTC)
         self._inst.send_duration_ms.record((finished - started).total_seconds() * 1000)
-        event(log, "smtp attempt failed", logging.WARNING, delivery_id=job.claim.delivery_id,
-              source=job.claim.source, attempt=job.claim.attempt_no,
-              error_class=type(exc).__name__, error=str(exc), reply_code=exc.code)
+        event(
+            log,
+            "smtp attempt failed",
+            logging.WARNING,
+            delivery_id=job.claim.delivery_id,
+            source=job.claim.source,
+            attempt=job.claim.attempt_no,
+            error_class=type(exc).__name__,
+            error=str(exc),
+            reply_code=exc.code,
+        )
         return from_error(job.claim, job.recipients, exc, self._policy, started, finished)

@@ -17,8 +17,7 @@ from maildaemon.config import Settings, split_host_port
 
 
 @contextlib.asynccontextmanager
-async def running_app(settings: Settings, *, ready_timeout: float = 20.0
-                      ) -> AsyncIterator[App]:
+async def running_app(settings: Settings, *, ready_timeout: float = 20.0) -> AsyncIterator[App]:
     """Start the daemon in this loop; stop it (as SIGTERM would) when the block ends."""
     app = App(settings)
     task = asyncio.create_task(app.run())
@@ -72,8 +71,9 @@ async def xadd(settings: Settings, *docs: dict[str, Any] | str | bytes) -> list[
         await client.aclose()
 
 
-async def wait_for(check: Callable[[], Awaitable[Any]], timeout: float = 15.0,
-                   interval: float = 0.05) -> Any:
+async def wait_for(
+    check: Callable[[], Awaitable[Any]], timeout: float = 15.0, interval: float = 0.05
+) -> Any:
     """Poll ``check`` until it returns something truthy."""
     deadline = time.monotonic() + timeout
     while True:
@@ -107,7 +107,8 @@ class Db:
 
     async def status(self, delivery_id: str) -> str | None:
         value: str | None = await self.fetchval(
-            "SELECT status FROM mail.deliveries WHERE delivery_id = $1", delivery_id)
+            "SELECT status FROM mail.deliveries WHERE delivery_id = $1", delivery_id
+        )
         return value
 
     async def wait_status(self, delivery_id: str, *statuses: str, timeout: float = 15.0) -> str:
@@ -120,7 +121,8 @@ class Db:
 
     async def attempts(self, delivery_id: str) -> list[asyncpg.Record]:
         return await self.fetch(
-            "SELECT * FROM mail.attempts WHERE delivery_id = $1 ORDER BY attempt_no", delivery_id)
+            "SELECT * FROM mail.attempts WHERE delivery_id = $1 ORDER BY attempt_no", delivery_id
+        )
 
 
 class TcpProxy:
@@ -146,8 +148,7 @@ class TcpProxy:
             writer.close()
         self._writers.clear()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-                      ) -> None:
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             up_reader, up_writer = await asyncio.open_connection(*self._target)
         except OSError:

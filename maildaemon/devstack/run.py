@@ -44,12 +44,21 @@ def run_dev(state_dir: Path, http_addr: str | None = None) -> int:
         os.environ.update(env)
         os.environ.setdefault("MAIL_LOG_FORMAT", "text")
         settings = load_settings()
-        print(_BANNER.format(
-            state_dir=stack.state_dir, redis=env["MAIL_REDIS_MASTER_ADDR"],
-            stream=settings.command_stream, postgres=_display_dsn(env),
-            smtp=env["MAIL_SMTP_ADDR"], ca_file=env["MAIL_SMTP_CA_FILE"],
-            maildir=stack.maildir, http=env["MAIL_INTERNAL_HTTP_ADDR"], env_file=env_file,
-        ), file=sys.stderr, flush=True)
+        print(
+            _BANNER.format(
+                state_dir=stack.state_dir,
+                redis=env["MAIL_REDIS_MASTER_ADDR"],
+                stream=settings.command_stream,
+                postgres=_display_dsn(env),
+                smtp=env["MAIL_SMTP_ADDR"],
+                ca_file=env["MAIL_SMTP_CA_FILE"],
+                maildir=stack.maildir,
+                http=env["MAIL_INTERNAL_HTTP_ADDR"],
+                env_file=env_file,
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
         setup_logging(settings.log_level, settings.log_format)
         return asyncio.run(App(settings).run())
     finally:

@@ -61,8 +61,7 @@ def clean_text(value: str | None) -> str | None:
     """Text PostgreSQL accepts: no NUL, no unpaired surrogates (escaped instead)."""
     if value is None:
         return None
-    return (value.encode("utf-8", "backslashreplace").decode("utf-8")
-            .replace("\x00", "\\x00"))
+    return value.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -96,8 +95,9 @@ class Store:
 
     # --- intake -------------------------------------------------------------------------
 
-    async def ingest(self, entries: Sequence[IntakeEntry], idempotency_window: float
-                     ) -> IntakeResult:
+    async def ingest(
+        self, entries: Sequence[IntakeEntry], idempotency_window: float
+    ) -> IntakeResult:
         """Take a batch of validated stream entries in, in one transaction."""
         result = IntakeResult()
         fresh: dict[str, tuple[IntakeEntry, bytes]] = {}  # delivery_id -> (entry, fingerprint)
@@ -116,7 +116,7 @@ class Store:
                 fresh[cmd.delivery_id] = (entry, fp)
                 by_key[key] = cmd.delivery_id
                 continue
-            prior_entry, prior_fp = fresh[prior_id]
+            _prior_entry, prior_fp = fresh[prior_id]
             if prior_fp == fp and prior_id == cmd.delivery_id:
                 result.replays.append((entry, prior_id))
             else:
@@ -147,10 +147,14 @@ class Store:
         result.rejected.extend(malformed)
         return result
 
-    async def _insert_fresh(self, conn: PoolConnectionProxy,
-                            fresh: dict[str, tuple[IntakeEntry, bytes]], window: float,
-                            result: IntakeResult,
-                            malformed: list[tuple[IntakeEntry, Rejection]]) -> None:
+    async def _insert_fresh(
+        self,
+        conn: PoolConnectionProxy,
+        fresh: dict[str, tuple[IntakeEntry, bytes]],
+        window: float,
+        result: IntakeResult,
+        malformed: list[tuple[IntakeEntry, Rejection]],
+    ) -> None:
         cmds = {did: e.command for did, (e, _) in fresh.items() if e.command is not None}
         reserved_rows = await conn.fetch(
             q.RESERVE_KEYS,
@@ -175,16 +179,21 @@ class Store:
             for did in taken:
                 entry, fp = fresh[did]
                 holder = holders.get((cmds[did].source, cmds[did].idempotency_key))
-                if holder is not None and holder["delivery_id"] == did and \
-                        bytes(holder["command_hash"]) == fp:
+                if (
+                    holder is not None
+                    and holder["delivery_id"] == did
+                    and bytes(holder["command_hash"]) == fp
+                ):
                     result.replays.append((entry, did))
                 else:
-                    malformed.append((entry, _conflict(entry, holder["delivery_id"]
-                                                       if holder else None, True)))
+                    malformed.append(
+                        (entry, _conflict(entry, holder["delivery_id"] if holder else None, True))
+                    )
         if not to_insert:
             return
-        payload = json.dumps([_delivery_row(fresh[d][0], fresh[d][1]) for d in to_insert],
-                             ensure_ascii=False)
+        payload = json.dumps(
+            [_delivery_row(fresh[d][0], fresh[d][1]) for d in to_insert], ensure_ascii=False
+        )
         inserted = {r["delivery_id"] for r in await conn.fetch(q.INSERT_DELIVERIES, payload)}
         missing = [d for d in to_insert if d not in inserted]
         for did in to_insert:
@@ -193,8 +202,10 @@ class Store:
         if not missing:
             return
         # The delivery id exists already (its reservation had expired, or another key).
-        existing = {r["delivery_id"]: bytes(r["command_hash"])
-                    for r in await conn.fetch(q.EXISTING_DELIVERY_HASHES, missing)}
+        existing = {
+            r["delivery_id"]: bytes(r["command_hash"])
+            for r in await conn.fetch(q.EXISTING_DELIVERY_HASHES, missing)
+        }
         dropped: list[str] = []
         for did in missing:
             entry, fp = fresh[did]
@@ -202,18 +213,29 @@ class Store:
                 result.replays.append((entry, did))
             else:
                 dropped.append(did)
-                malformed.append((entry, Rejection(
-                    "delivery_id_conflict",
-                    f"delivery_id {did!r} already belongs to a different command",
-                    did, cmds[did].source)))
+                malformed.append(
+                    (
+                        entry,
+                        Rejection(
+                            "delivery_id_conflict",
+                            f"delivery_id {did!r} already belongs to a different command",
+                            did,
+                            cmds[did].source,
+                        ),
+                    )
+                )
         if dropped:
-            await conn.execute(q.DROP_RESERVATIONS, [cmds[d].source for d in dropped],
-                               [cmds[d].idempotency_key for d in dropped])
+            await conn.execute(
+                q.DROP_RESERVATIONS,
+                [cmds[d].source for d in dropped],
+                [cmds[d].idempotency_key for d in dropped],
+            )
 
     # --- scheduler ----------------------------------------------------------------------
 
-    async def claim_due(self, limit: int, lease_seconds: float, worker: str
-                        ) -> list[ClaimedDelivery]:
+    async def claim_due(
+        self, limit: int, lease_seconds: float, worker: str
+    ) -> list[ClaimedDelivery]:
         async with translate_errors("claim"):
             rows = await self.pool.fetch(q.CLAIM_DUE, limit, lease_seconds, worker)
         return [_claimed(r) for r in rows]
@@ -250,15 +272,19 @@ class Store:
             rows = await self.pool.fetch(q.ACTIVE_SUPPRESSIONS, lowered)
         return {r["address"]: r["reason"] for r in rows}
 
-    async def record_results(self, results: Sequence[AttemptResult], worker: str,
-                             suppression_ttl: float) -> set[str]:
+    async def record_results(
+        self, results: Sequence[AttemptResult], worker: str, suppression_ttl: float
+    ) -> set[str]:
         """Write a batch of results in one transaction; returns the ids the fence let in."""
         if not results:
             return set()
         payload = json.dumps([_result_row(r, worker) for r in results], ensure_ascii=False)
         suppress = [(addr, r) for r in results for addr in r.suppress]
-        async with translate_errors("record results"), self.pool.acquire() as conn, \
-                conn.transaction():
+        async with (
+            translate_errors("record results"),
+            self.pool.acquire() as conn,
+            conn.transaction(),
+        ):
             recorded = {row["delivery_id"] for row in await conn.fetch(q.RECORD_RESULTS, payload)}
             suppress = [(a, r) for a, r in suppress if r.delivery_id in recorded]
             if suppress:
@@ -283,8 +309,7 @@ class Store:
         assert row is not None
         return int(row["depth"]), int(row["oldest_age_ms"])
 
-    async def purge(self, batch: int, delivery_age: float, malformed_age: float
-                    ) -> dict[str, int]:
+    async def purge(self, batch: int, delivery_age: float, malformed_age: float) -> dict[str, int]:
         """One bounded retention pass; returns rows deleted per kind."""
         steps = {
             "idempotency_reservations": (q.PURGE_RESERVATIONS, ()),
@@ -326,10 +351,15 @@ def _conflict(entry: IntakeEntry, holder: str | None, same_key: bool) -> Rejecti
             "idempotency_conflict",
             f"idempotency_key {cmd.idempotency_key!r} of source {cmd.source!r} is reserved by "
             f"delivery {holder!r} for a different command",
-            cmd.delivery_id, cmd.source)
-    return Rejection("delivery_id_conflict",
-                     f"delivery_id {cmd.delivery_id!r} already belongs to a different command",
-                     cmd.delivery_id, cmd.source)
+            cmd.delivery_id,
+            cmd.source,
+        )
+    return Rejection(
+        "delivery_id_conflict",
+        f"delivery_id {cmd.delivery_id!r} already belongs to a different command",
+        cmd.delivery_id,
+        cmd.source,
+    )
 
 
 def _delivery_row(entry: IntakeEntry, fingerprint: bytes) -> dict[str, Any]:
@@ -370,7 +400,8 @@ def _result_row(r: AttemptResult, worker: str) -> dict[str, Any]:
         "recipients": {
             addr: {"outcome": o.outcome, "code": o.code, "text": o.text}
             for addr, o in r.recipients.items()
-        } or None,
+        }
+        or None,
         "next_attempt_at": _iso(r.next_attempt_at),
         "pending_rcpts": list(r.pending_rcpts) if r.pending_rcpts is not None else None,
         "keep_pending": r.pending_rcpts is None and r.delivery_status not in TERMINAL_STATUSES,

@@ -28,7 +28,7 @@ def migrations_dir() -> Path:
 
 
 def _yoyo_uri(dsn: str) -> str:
-    scheme, sep, rest = dsn.partition("://")
+    _scheme, sep, rest = dsn.partition("://")
     if not sep:
         raise StartupError("MAIL_POSTGRES_PRIMARY_DSN is not a URL")
     joiner = "&" if "?" in rest else "?"

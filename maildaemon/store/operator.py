@@ -351,10 +351,11 @@ class OperatorStore:
 
     # --- suppressions --------------------------------------------------------------------
 
-    async def suppress(self, address: str, reason: str, expires_at: datetime | None,
+    async def suppress(self, address: str, reason: str | None, expires_at: datetime | None,
                        actor: str) -> SuppressionChange:
         async with self._action("suppress") as conn:
-            row = await conn.fetchrow(q.ADD_SUPPRESSION, address, reason, expires_at, actor)
+            row = await conn.fetchrow(q.ADD_SUPPRESSION, address,
+                                      reason or f"added by {actor}", expires_at, actor)
             assert row is not None
             action_id = await self._record(
                 conn, actor, "suppression.add", address, reason,

@@ -23,26 +23,29 @@ from tests.support import Db, command, wait_for, xadd
 REPO = Path(__file__).resolve().parents[2]
 
 
-def daemon_env(pg_dsn: str, redis_addr: str, sink: SmtpSink | None, **extra: str
-               ) -> dict[str, str]:
+def daemon_env(pg_dsn: str, redis_addr: str, sink: SmtpSink | None, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAIL_")}
-    env.update({
-        "MAIL_POSTGRES_PRIMARY_DSN": pg_dsn,
-        "MAIL_REDIS_MASTER_ADDR": redis_addr,
-        "MAIL_TEMPLATE_DIR": str(REPO / "templates"),
-        "MAIL_INTERNAL_HTTP_ADDR": f"127.0.0.1:{pick_free_port()}",
-        "MAIL_SHUTDOWN_TIMEOUT": "5s",
-        "MAIL_SCHEDULER_POLL_INTERVAL": "0.2s",
-        "MAIL_CONSUMER_BLOCK": "0.2s",
-        "MAIL_LOG_FORMAT": "json",
-    })
+    env.update(
+        {
+            "MAIL_POSTGRES_PRIMARY_DSN": pg_dsn,
+            "MAIL_REDIS_MASTER_ADDR": redis_addr,
+            "MAIL_TEMPLATE_DIR": str(REPO / "templates"),
+            "MAIL_INTERNAL_HTTP_ADDR": f"127.0.0.1:{pick_free_port()}",
+            "MAIL_SHUTDOWN_TIMEOUT": "5s",
+            "MAIL_SCHEDULER_POLL_INTERVAL": "0.2s",
+            "MAIL_CONSUMER_BLOCK": "0.2s",
+            "MAIL_LOG_FORMAT": "json",
+        }
+    )
     if sink is not None:
-        env.update({
-            "MAIL_SMTP_MODE": "smtp",
-            "MAIL_SMTP_ADDR": f"{sink.host}:{sink.port}",
-            "MAIL_SMTP_FROM": "maildaemon <noreply@test.example>",
-            "MAIL_SMTP_CA_FILE": str(sink.ca_file),
-        })
+        env.update(
+            {
+                "MAIL_SMTP_MODE": "smtp",
+                "MAIL_SMTP_ADDR": f"{sink.host}:{sink.port}",
+                "MAIL_SMTP_FROM": "maildaemon <noreply@test.example>",
+                "MAIL_SMTP_CA_FILE": str(sink.ca_file),
+            }
+        )
     else:
         env["MAIL_SMTP_MODE"] = "stub"
     env.update(extra)
@@ -51,8 +54,15 @@ def daemon_env(pg_dsn: str, redis_addr: str, sink: SmtpSink | None, **extra: str
 
 async def spawn(*args: str, env: dict[str, str]) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "maildaemon.cli", *args, env=env, cwd=str(REPO),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "maildaemon.cli",
+        *args,
+        env=env,
+        cwd=str(REPO),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
 
 
 async def _port_open(port: int) -> bool:
@@ -92,9 +102,17 @@ async def test_sigterm_while_idle_exits_zero_in_time(stub_env: dict[str, str]) -
     stderr = (await proc.stderr.read()).decode()  # type: ignore[union-attr]
     assert code == 0, stderr
     events = [json.loads(line)["event"] for line in stderr.splitlines() if line.startswith("{")]
-    order = ["startup: redis ping", "startup: postgres pool", "startup: migrations",
-             "startup: template catalog", "startup: internal http listener", "started",
-             "shutdown requested", "internal http listener stopped", "stopped"]
+    order = [
+        "startup: redis ping",
+        "startup: postgres pool",
+        "startup: migrations",
+        "startup: template catalog",
+        "startup: internal http listener",
+        "started",
+        "shutdown requested",
+        "internal http listener stopped",
+        "stopped",
+    ]
     positions = [events.index(e) for e in order]
     assert positions == sorted(positions), events
     assert not await _port_open(_port(stub_env))
@@ -107,8 +125,9 @@ async def test_sigint_also_stops_cleanly(stub_env: dict[str, str]) -> None:
     assert await asyncio.wait_for(proc.wait(), 10) == 0
 
 
-async def test_http_does_not_listen_before_migrations_ran(stub_env: dict[str, str],
-                                                         pg_dsn: str) -> None:
+async def test_http_does_not_listen_before_migrations_ran(
+    stub_env: dict[str, str], pg_dsn: str
+) -> None:
     with psycopg.connect(pg_dsn, autocommit=True) as holder:
         holder.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
         proc = await spawn("run", env=stub_env)
@@ -122,7 +141,9 @@ async def test_http_does_not_listen_before_migrations_ran(stub_env: dict[str, st
 
 
 async def test_bad_dsn_exits_nonzero_with_a_readable_message(stub_env: dict[str, str]) -> None:
-    env = dict(stub_env, MAIL_POSTGRES_PRIMARY_DSN=f"postgresql://mail@127.0.0.1:{pick_free_port()}/mail")
+    env = dict(
+        stub_env, MAIL_POSTGRES_PRIMARY_DSN=f"postgresql://mail@127.0.0.1:{pick_free_port()}/mail"
+    )
     proc = await spawn("run", env=env)
     code = await asyncio.wait_for(proc.wait(), 30)
     stderr = (await proc.stderr.read()).decode()  # type: ignore[union-attr]
@@ -132,7 +153,8 @@ async def test_bad_dsn_exits_nonzero_with_a_readable_message(stub_env: dict[str,
 
 
 async def test_unreachable_redis_exits_nonzero_with_a_readable_message(
-        stub_env: dict[str, str]) -> None:
+    stub_env: dict[str, str],
+) -> None:
     env = dict(stub_env, MAIL_REDIS_MASTER_ADDR=f"127.0.0.1:{pick_free_port()}")
     proc = await spawn("run", env=env)
     code = await asyncio.wait_for(proc.wait(), 30)
@@ -168,28 +190,41 @@ async def test_check_rejects_a_broken_template(stub_env: dict[str, str], tmp_pat
     assert await asyncio.wait_for(ok.wait(), 30) == 0
 
 
-async def test_kill_9_mid_stream_loses_nothing(pg_dsn: str, redis_addr: str,
-                                               smtp_sink: SmtpSink) -> None:
-    env = daemon_env(pg_dsn, redis_addr, smtp_sink, MAIL_CONSUMER_RECLAIM_IDLE="1s",
-                     MAIL_LEASE_DURATION="3s", MAIL_SMTP_TIMEOUT="2s",
-                     MAIL_CONSUMER_NAME="first")
+async def test_kill_9_mid_stream_loses_nothing(
+    pg_dsn: str, redis_addr: str, smtp_sink: SmtpSink
+) -> None:
+    env = daemon_env(
+        pg_dsn,
+        redis_addr,
+        smtp_sink,
+        MAIL_CONSUMER_RECLAIM_IDLE="1s",
+        MAIL_LEASE_DURATION="3s",
+        MAIL_SMTP_TIMEOUT="2s",
+        MAIL_CONSUMER_NAME="first",
+    )
     from maildaemon.config import Settings
 
-    settings = Settings(_env_file=None, postgres_primary_dsn=pg_dsn, redis_master_addr=redis_addr,
-                        smtp_mode="stub")
+    settings = Settings(
+        _env_file=None, postgres_primary_dsn=pg_dsn, redis_master_addr=redis_addr, smtp_mode="stub"
+    )
     db = Db(pg_dsn)
     proc = await spawn("run", env=env)
     await wait_for(lambda: _ready(_port(env)), timeout=30)
     await xadd(settings, *[command(f"k9-{i}") for i in range(400)])
-    await wait_for(lambda: db.fetchval(
-        "SELECT count(*) >= 50 FROM mail.deliveries WHERE status = 'sent'"), timeout=30)
+    await wait_for(
+        lambda: db.fetchval("SELECT count(*) >= 50 FROM mail.deliveries WHERE status = 'sent'"),
+        timeout=30,
+    )
     proc.kill()
     await proc.wait()
-    env2 = dict(env, MAIL_CONSUMER_NAME="second",
-                MAIL_INTERNAL_HTTP_ADDR=f"127.0.0.1:{pick_free_port()}")
+    env2 = dict(
+        env, MAIL_CONSUMER_NAME="second", MAIL_INTERNAL_HTTP_ADDR=f"127.0.0.1:{pick_free_port()}"
+    )
     proc2 = await spawn("run", env=env2)
-    await wait_for(lambda: db.fetchval(
-        "SELECT count(*) = 400 FROM mail.deliveries WHERE status = 'sent'"), timeout=60)
+    await wait_for(
+        lambda: db.fetchval("SELECT count(*) = 400 FROM mail.deliveries WHERE status = 'sent'"),
+        timeout=60,
+    )
     proc2.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(proc2.wait(), 15) == 0
     received: dict[str, int] = {}
@@ -198,8 +233,10 @@ async def test_kill_9_mid_stream_loses_nothing(pg_dsn: str, redis_addr: str,
         received[mid] = received.get(mid, 0) + 1
     assert len(received) == 400  # every delivery arrived
     duplicates = {mid for mid, n in received.items() if n > 1}
-    flagged = {r["message_id"] for r in await db.fetch(
-        "SELECT message_id FROM mail.deliveries WHERE possible_duplicate")}
+    flagged = {
+        r["message_id"]
+        for r in await db.fetch("SELECT message_id FROM mail.deliveries WHERE possible_duplicate")
+    }
     assert duplicates <= flagged  # a second copy only where the record says it may happen
 
 
@@ -207,17 +244,18 @@ async def test_dev_stack_comes_up_and_its_smtp_server_offers_starttls(tmp_path: 
     state = tmp_path / "dev"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAIL_")}
     port = pick_free_port()
-    proc = await spawn("dev", "--state-dir", str(state), "--http-addr", f"127.0.0.1:{port}",
-                       env=env)
+    proc = await spawn(
+        "dev", "--state-dir", str(state), "--http-addr", f"127.0.0.1:{port}", env=env
+    )
     try:
         await wait_for(lambda: _ready(port), timeout=90, interval=0.2)
-        values = dict(line.split("=", 1) for line in
-                      (state / "dev.env").read_text().splitlines())
+        values = dict(line.split("=", 1) for line in (state / "dev.env").read_text().splitlines())
         values = {k: v.strip("'") for k, v in values.items()}
         host, smtp_port = values["MAIL_SMTP_ADDR"].rsplit(":", 1)
         context = ssl.create_default_context(cafile=values["MAIL_SMTP_CA_FILE"])
-        client = aiosmtplib.SMTP(hostname=host, port=int(smtp_port), start_tls=True,
-                                 tls_context=context, timeout=10)
+        client = aiosmtplib.SMTP(
+            hostname=host, port=int(smtp_port), start_tls=True, tls_context=context, timeout=10
+        )
         await client.connect()
         assert client.is_connected and client.get_transport_info("sslcontext") is not None
         await client.sendmail("a@test.example", ["b@test.example"], b"Subject: hi\r\n\r\nhi\r\n")

@@ -14,24 +14,35 @@ from maildaemon.devstack.smtp_sink import SmtpSink
 from tests.support import Db, command, redis_client, running_app, wait_for, xadd
 
 MakeSettings = Callable[..., Settings]
+REPO = Path(__file__).resolve().parents[2]
 
 
 async def test_template_command_arrives_as_correct_mime_over_tls(
-        make_settings: MakeSettings, smtp_sink: SmtpSink) -> None:
+    make_settings: MakeSettings, smtp_sink: SmtpSink
+) -> None:
     settings = make_settings()
     db = Db(settings.dsn)
     async with running_app(settings):
-        await xadd(settings, command(
-            "d-1", cc=["carol@example.com"], bcc=["hidden@example.com"],
-            reply_to={"address": "help@example.com", "name": "Help Desk"},
-            headers={"X-Entity-Ref-ID": "ref-1"}))
+        await xadd(
+            settings,
+            command(
+                "d-1",
+                cc=["carol@example.com"],
+                bcc=["hidden@example.com"],
+                reply_to={"address": "help@example.com", "name": "Help Desk"},
+                headers={"X-Entity-Ref-ID": "ref-1"},
+            ),
+        )
         await db.wait_status("d-1", "sent")
     assert len(smtp_sink.messages) == 1
     received = smtp_sink.messages[0]
     assert received.tls is True
     assert received.mail_from == "noreply@test.example"
-    assert sorted(received.rcpt_tos) == ["alice@example.com", "carol@example.com",
-                                         "hidden@example.com"]
+    assert sorted(received.rcpt_tos) == [
+        "alice@example.com",
+        "carol@example.com",
+        "hidden@example.com",
+    ]
     msg = received.parse()
     assert msg["To"].addresses[0].display_name == "Alice Ämmerle"
     assert msg["Cc"].addresses[0].addr_spec == "carol@example.com"
@@ -49,12 +60,12 @@ async def test_template_command_arrives_as_correct_mime_over_tls(
     assert row["message_id"] == msg["Message-ID"]
     assert row["content_hash"] and row["rendered_at"] and row["finished_at"]
     attempts = await db.attempts("d-1")
-    assert [(a["attempt_no"], a["status"], a["reply_code"]) for a in attempts] == [
-        (1, "sent", 250)]
+    assert [(a["attempt_no"], a["status"], a["reply_code"]) for a in attempts] == [(1, "sent", 250)]
 
 
 async def test_server_without_starttls_gets_nothing_in_clear(
-        make_settings: MakeSettings, smtp_sink: SmtpSink) -> None:
+    make_settings: MakeSettings, smtp_sink: SmtpSink
+) -> None:
     smtp_sink.behaviour.offer_starttls = False
     settings = make_settings(retry_ladder="30s")
     db = Db(settings.dsn)
@@ -68,10 +79,13 @@ async def test_server_without_starttls_gets_nothing_in_clear(
     assert await db.status("d-clear") == "queued"  # retry scheduled, nothing sent
 
 
-async def test_transient_failures_then_success(make_settings: MakeSettings,
-                                               smtp_sink: SmtpSink) -> None:
+async def test_transient_failures_then_success(
+    make_settings: MakeSettings, smtp_sink: SmtpSink
+) -> None:
     smtp_sink.behaviour.rcpt_replies["alice@example.com"] = [
-        "451 4.3.0 try again later", "451 4.3.0 try again later"]
+        "451 4.3.0 try again later",
+        "451 4.3.0 try again later",
+    ]
     settings = make_settings(retry_ladder="0.2s,0.2s,0.2s", retry_jitter=0)
     db = Db(settings.dsn)
     async with running_app(settings):
@@ -79,12 +93,16 @@ async def test_transient_failures_then_success(make_settings: MakeSettings,
         await db.wait_status("d-retry", "sent")
     attempts = await db.attempts("d-retry")
     assert [(a["status"], a["reply_code"]) for a in attempts] == [
-        ("transport_failed", 451), ("transport_failed", 451), ("sent", 250)]
+        ("transport_failed", 451),
+        ("transport_failed", 451),
+        ("sent", 250),
+    ]
     assert len(smtp_sink.messages) == 1
 
 
-async def test_ladder_exhausted_becomes_dead_letter(make_settings: MakeSettings,
-                                                    smtp_sink: SmtpSink) -> None:
+async def test_ladder_exhausted_becomes_dead_letter(
+    make_settings: MakeSettings, smtp_sink: SmtpSink
+) -> None:
     smtp_sink.behaviour.rcpt_replies["alice@example.com"] = ["452 4.2.2 mailbox full"] * 10
     settings = make_settings(retry_ladder="0.1s,0.1s", retry_jitter=0)
     db = Db(settings.dsn)
@@ -103,7 +121,8 @@ async def test_ladder_exhausted_becomes_dead_letter(make_settings: MakeSettings,
 
 
 async def test_permanent_rejection_suppresses_without_retry_and_next_time_skips_server(
-        make_settings: MakeSettings, smtp_sink: SmtpSink) -> None:
+    make_settings: MakeSettings, smtp_sink: SmtpSink
+) -> None:
     smtp_sink.behaviour.rcpt_replies["alice@example.com"] = ["550 5.1.1 unknown user"]
     settings = make_settings()
     db = Db(settings.dsn)
@@ -115,32 +134,40 @@ async def test_permanent_rejection_suppresses_without_retry_and_next_time_skips_
         await db.wait_status("d-again", "suppressed")
     attempts = await db.attempts("d-550")
     assert [(a["status"], a["reply_code"]) for a in attempts] == [("provider_rejected", 550)]
-    assert await db.fetchval(
-        "SELECT count(*) FROM mail.suppressions WHERE address = 'alice@example.com'") == 1
+    assert (
+        await db.fetchval(
+            "SELECT count(*) FROM mail.suppressions WHERE address = 'alice@example.com'"
+        )
+        == 1
+    )
     assert await db.attempts("d-again") == []  # no connection, no attempt
     assert smtp_sink.connections_opened == connections_before
     reason = await db.fetchval(
-        "SELECT status_reason FROM mail.deliveries WHERE delivery_id = 'd-again'")
+        "SELECT status_reason FROM mail.deliveries WHERE delivery_id = 'd-again'"
+    )
     assert "suppression list" in reason
     assert smtp_sink.messages == []
 
 
-async def test_missing_template_variable_fails_at_once(make_settings: MakeSettings,
-                                                       smtp_sink: SmtpSink) -> None:
+async def test_missing_template_variable_fails_at_once(
+    make_settings: MakeSettings, smtp_sink: SmtpSink
+) -> None:
     settings = make_settings()
     db = Db(settings.dsn)
     async with running_app(settings):
         await xadd(settings, command("d-var", variables={"code": "1"}))
         await db.wait_status("d-var", "failed")
     reason = await db.fetchval(
-        "SELECT status_reason FROM mail.deliveries WHERE delivery_id = 'd-var'")
+        "SELECT status_reason FROM mail.deliveries WHERE delivery_id = 'd-var'"
+    )
     assert "expires_minutes" in reason and "undefined" in reason
     assert [a["status"] for a in await db.attempts("d-var")] == ["failed"]
     assert smtp_sink.messages == []
 
 
 async def test_server_closing_connection_between_messages_reconnects(
-        make_settings: MakeSettings, smtp_sink: SmtpSink) -> None:
+    make_settings: MakeSettings, smtp_sink: SmtpSink
+) -> None:
     smtp_sink.behaviour.close_after_messages = 1
     settings = make_settings(attempt_worker_concurrency=1)
     db = Db(settings.dsn)
@@ -153,8 +180,9 @@ async def test_server_closing_connection_between_messages_reconnects(
         assert [a["status"] for a in await db.attempts(f"d-close-{i}")] == ["sent"]
 
 
-async def test_send_at_in_the_future_is_honoured(make_settings: MakeSettings,
-                                                 smtp_sink: SmtpSink) -> None:
+async def test_send_at_in_the_future_is_honoured(
+    make_settings: MakeSettings, smtp_sink: SmtpSink
+) -> None:
     settings = make_settings(scheduler_poll_interval="5s")
     db = Db(settings.dsn)
     async with running_app(settings):
@@ -169,10 +197,11 @@ async def test_send_at_in_the_future_is_honoured(make_settings: MakeSettings,
     assert attempt["started_at"] - send_at < timedelta(seconds=1.5)
 
 
-async def test_retry_sends_the_bytes_rendered_first(make_settings: MakeSettings,
-                                                     smtp_sink: SmtpSink, tmp_path: Path) -> None:
+async def test_retry_sends_the_bytes_rendered_first(
+    make_settings: MakeSettings, smtp_sink: SmtpSink, tmp_path: Path
+) -> None:
     catalog = tmp_path / "templates"
-    shutil.copytree(Path(__file__).resolve().parents[2] / "templates", catalog)
+    shutil.copytree(REPO / "templates", catalog)
     smtp_sink.behaviour.rcpt_replies["alice@example.com"] = ["451 4.3.0 later"]
     settings = make_settings(template_dir=catalog, retry_ladder="1s", retry_jitter=0)
     db = Db(settings.dsn)
@@ -180,7 +209,7 @@ async def test_retry_sends_the_bytes_rendered_first(make_settings: MakeSettings,
         await xadd(settings, command("d-pin"))
         await wait_for(lambda: db.attempts("d-pin"))
     subject = catalog / "signin_code" / "en" / "subject.txt"
-    subject.write_text("A completely different subject {{ code }}\n")
+    await asyncio.to_thread(subject.write_text, "A completely different subject {{ code }}\n")
     async with running_app(settings):
         await db.wait_status("d-pin", "sent")
     msg = smtp_sink.messages[0].parse()
@@ -189,7 +218,8 @@ async def test_retry_sends_the_bytes_rendered_first(make_settings: MakeSettings,
 
 
 async def test_link_lost_after_data_is_unknown_then_retried_with_same_message_id(
-        make_settings: MakeSettings, smtp_sink: SmtpSink) -> None:
+    make_settings: MakeSettings, smtp_sink: SmtpSink
+) -> None:
     smtp_sink.behaviour.drop_after_data = 1
     settings = make_settings(retry_ladder="0.2s", retry_jitter=0)
     db = Db(settings.dsn)
@@ -205,8 +235,9 @@ async def test_link_lost_after_data_is_unknown_then_retried_with_same_message_id
     assert ids == {row["message_id"]}
 
 
-async def test_unknown_outcome_can_be_held_for_review(make_settings: MakeSettings,
-                                                      smtp_sink: SmtpSink) -> None:
+async def test_unknown_outcome_can_be_held_for_review(
+    make_settings: MakeSettings, smtp_sink: SmtpSink
+) -> None:
     smtp_sink.behaviour.drop_after_data = 1
     settings = make_settings(unknown_outcome_policy="hold")
     db = Db(settings.dsn)
@@ -217,14 +248,17 @@ async def test_unknown_outcome_can_be_held_for_review(make_settings: MakeSetting
 
 
 async def test_partial_acceptance_retries_only_deferred_recipients(
-        make_settings: MakeSettings, smtp_sink: SmtpSink) -> None:
+    make_settings: MakeSettings, smtp_sink: SmtpSink
+) -> None:
     smtp_sink.behaviour.rcpt_replies["bob@example.com"] = ["450 4.2.1 busy"]
     smtp_sink.behaviour.rcpt_replies["nobody@example.com"] = ["550 5.1.1 no such user"]
     settings = make_settings(retry_ladder="0.2s", retry_jitter=0)
     db = Db(settings.dsn)
     async with running_app(settings):
-        await xadd(settings, command(
-            "d-partial", to=["alice@example.com", "bob@example.com", "nobody@example.com"]))
+        await xadd(
+            settings,
+            command("d-partial", to=["alice@example.com", "bob@example.com", "nobody@example.com"]),
+        )
         await db.wait_status("d-partial", "sent")
         await wait_for(lambda: _count(db, "d-partial", 2))
     attempts = await db.attempts("d-partial")
@@ -239,8 +273,9 @@ async def _count(db: Db, delivery_id: str, n: int) -> bool:
     return len(await db.attempts(delivery_id)) >= n
 
 
-async def test_expired_delivery_is_not_attempted(make_settings: MakeSettings,
-                                                 smtp_sink: SmtpSink) -> None:
+async def test_expired_delivery_is_not_attempted(
+    make_settings: MakeSettings, smtp_sink: SmtpSink
+) -> None:
     settings = make_settings()
     db = Db(settings.dsn)
     past = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()
@@ -251,8 +286,9 @@ async def test_expired_delivery_is_not_attempted(make_settings: MakeSettings,
     assert smtp_sink.messages == []
 
 
-async def test_stub_mode_records_and_suppresses(make_settings: MakeSettings,
-                                                smtp_sink: SmtpSink) -> None:
+async def test_stub_mode_records_and_suppresses(
+    make_settings: MakeSettings, smtp_sink: SmtpSink
+) -> None:
     settings = make_settings(smtp_mode="stub")
     db = Db(settings.dsn)
     async with running_app(settings):
@@ -263,15 +299,19 @@ async def test_stub_mode_records_and_suppresses(make_settings: MakeSettings,
     assert smtp_sink.messages == []
 
 
-async def test_event_stream_carries_every_outcome(make_settings: MakeSettings,
-                                                  smtp_sink: SmtpSink) -> None:
+async def test_event_stream_carries_every_outcome(
+    make_settings: MakeSettings, smtp_sink: SmtpSink
+) -> None:
     smtp_sink.behaviour.rcpt_replies["rejected@example.com"] = ["550 5.1.1 unknown"]
     settings = make_settings()
     db = Db(settings.dsn)
     async with running_app(settings):
-        await xadd(settings, command("e-sent"),
-                   command("e-supp", to=["rejected@example.com"]),
-                   command("e-fail", variables={}))
+        await xadd(
+            settings,
+            command("e-sent"),
+            command("e-supp", to=["rejected@example.com"]),
+            command("e-fail", variables={}),
+        )
         for did, status in (("e-sent", "sent"), ("e-supp", "suppressed"), ("e-fail", "failed")):
             await db.wait_status(did, status)
     redis = redis_client(settings.redis_master_addr)
@@ -279,7 +319,8 @@ async def test_event_stream_carries_every_outcome(make_settings: MakeSettings,
     await redis.aclose()
     seen: dict[str, dict[str, Any]] = {
         e[1][b"delivery_id"].decode(): {k.decode(): v.decode() for k, v in e[1].items()}
-        for e in events}
+        for e in events
+    }
     assert seen["e-sent"]["status"] == "sent" and seen["e-sent"]["reply_code"] == "250"
     assert seen["e-supp"]["status"] == "suppressed" and seen["e-supp"]["reply_code"] == "550"
     assert seen["e-fail"]["status"] == "failed"

@@ -29,8 +29,7 @@ async def _pending(settings: Settings) -> int:
         await client.aclose()
 
 
-async def test_valid_command_becomes_one_delivery_with_payload(make_settings: MakeSettings
-                                                               ) -> None:
+async def test_valid_command_becomes_one_delivery_with_payload(make_settings: MakeSettings) -> None:
     settings = make_settings(smtp_mode="stub")
     db = Db(settings.dsn)
     async with running_app(settings):
@@ -41,14 +40,27 @@ async def test_valid_command_becomes_one_delivery_with_payload(make_settings: Ma
     assert row["source"] == "authsession" and row["priority"] == 1
     assert row["to_addrs"] == ["alice@example.com"] and row["cc_addrs"] == ["c@example.com"]
     assert row["stream_entry_id"] == entry_id and row["template_id"] == "signin_code"
-    payload = json.loads(await db.fetchval(
-        "SELECT command FROM mail.delivery_payloads WHERE delivery_id = 'in-1'"))
+    payload = json.loads(
+        await db.fetchval("SELECT command FROM mail.delivery_payloads WHERE delivery_id = 'in-1'")
+    )
     assert payload["variables"] == {"code": "493817", "expires_minutes": 10}
     assert await db.fetchval("SELECT count(*) FROM mail.idempotency_reservations") == 1
 
 
 async def _zero(settings: Settings) -> bool:
-    return await _pending(settings) == 0
+    """Every entry of the stream was read by the group and acknowledged."""
+    client = redis_client(settings.redis_master_addr)
+    try:
+        groups = await client.xinfo_groups(settings.command_stream)
+        stream = await client.xinfo_stream(settings.command_stream)
+    finally:
+        await client.aclose()
+    group = next((g for g in groups if g["name"].decode() == settings.consumer_group), None)
+    return (
+        group is not None
+        and group["pending"] == 0
+        and group["last-delivered-id"] == stream["last-generated-id"]
+    )
 
 
 async def test_same_command_three_times_is_one_delivery(make_settings: MakeSettings) -> None:
@@ -68,35 +80,46 @@ async def test_same_command_three_times_is_one_delivery(make_settings: MakeSetti
 
 
 async def test_reused_key_with_different_command_is_an_idempotency_conflict(
-        make_settings: MakeSettings) -> None:
+    make_settings: MakeSettings,
+) -> None:
     settings = make_settings(smtp_mode="stub")
     db = Db(settings.dsn)
     async with running_app(settings):
-        await xadd(settings, command("in-a", idempotency_key="shared"),
-                   command("in-b", idempotency_key="shared"))
+        await xadd(
+            settings,
+            command("in-a", idempotency_key="shared"),
+            command("in-b", idempotency_key="shared"),
+        )
         await wait_for(lambda: db.fetchval("SELECT count(*) FROM mail.malformed_commands"))
     rows = await db.fetch("SELECT * FROM mail.malformed_commands")
     assert [(r["failure_code"], r["delivery_id"], r["source"]) for r in rows] == [
-        ("idempotency_conflict", "in-b", "authsession")]
+        ("idempotency_conflict", "in-b", "authsession")
+    ]
     assert await db.status("in-b") is None
 
 
-async def test_commit_without_ack_is_not_duplicated_after_restart(make_settings: MakeSettings
-                                                                  ) -> None:
+async def test_commit_without_ack_is_not_duplicated_after_restart(
+    make_settings: MakeSettings,
+) -> None:
     """A consumer that died after its commit but before XACK: the entry is reclaimed."""
-    settings = make_settings(smtp_mode="stub", consumer_reclaim_idle="0.5s",
-                             consumer_name="dead-consumer")
+    settings = make_settings(
+        smtp_mode="stub", consumer_reclaim_idle="0.5s", consumer_name="dead-consumer"
+    )
     db = Db(settings.dsn)
     client = redis_client(settings.redis_master_addr)
-    await client.xgroup_create(settings.command_stream, settings.consumer_group, id="0",
-                               mkstream=True)
+    await client.xgroup_create(
+        settings.command_stream, settings.consumer_group, id="0", mkstream=True
+    )
     await xadd(settings, command("in-crash"))
     # The dead consumer: read, commit to PostgreSQL, die before XACK.
-    response = await client.xreadgroup(settings.consumer_group, "dead-consumer",
-                                       {settings.command_stream: ">"}, count=10)
+    response = await client.xreadgroup(
+        settings.consumer_group, "dead-consumer", {settings.command_stream: ">"}, count=10
+    )
     catalog = TemplateCatalog.load(settings.template_dir, settings.default_locale)
-    entries = [to_intake(entry_id_text(eid), fields, command_policy(settings, catalog))
-               for eid, fields in response[0][1]]
+    entries = [
+        to_intake(entry_id_text(eid), fields, command_policy(settings, catalog))
+        for eid, fields in response[0][1]
+    ]
     store = await Store.open(settings.dsn)
     await store.ingest(entries, settings.idempotency_window)
     await store.close()
@@ -138,8 +161,9 @@ def _hostile(rng: random.Random, i: int) -> tuple[Any, str | None]:
         base["payload_mode"] = rng.choice(["mjml", "", 7])
         return base, None
     if kind == 8:
-        base["attachments"] = [{"filename": "big.bin",
-                                "content": base64.b64encode(b"x" * 300_000).decode()}]
+        base["attachments"] = [
+            {"filename": "big.bin", "content": base64.b64encode(b"x" * 300_000).decode()}
+        ]
         return base, "attachment_too_large"
     if kind == 9:
         base["variables"] = {"code": "\u0000"}
@@ -162,8 +186,12 @@ def _hostile(rng: random.Random, i: int) -> tuple[Any, str | None]:
 
 
 async def test_hostile_entries_mixed_with_valid_ones(make_settings: MakeSettings) -> None:
-    settings = make_settings(smtp_mode="stub", attachment_max_bytes=100_000,
-                             attachments_total_max_bytes=200_000, consumer_batch_size=100)
+    settings = make_settings(
+        smtp_mode="stub",
+        attachment_max_bytes=100_000,
+        attachments_total_max_bytes=200_000,
+        consumer_batch_size=100,
+    )
     db = Db(settings.dsn)
     rng = random.Random(20261123)
     client = redis_client(settings.redis_master_addr)
@@ -192,10 +220,13 @@ async def test_hostile_entries_mixed_with_valid_ones(make_settings: MakeSettings
         await wait_for(lambda: _zero(settings), timeout=60)
         assert not app._crashed
     await client.aclose()
-    delivered = {r["delivery_id"] for r in await db.fetch(
-        "SELECT delivery_id FROM mail.deliveries")}
-    malformed = {r["stream_entry_id"]: r["failure_code"] for r in await db.fetch(
-        "SELECT stream_entry_id, failure_code FROM mail.malformed_commands")}
+    delivered = {
+        r["delivery_id"] for r in await db.fetch("SELECT delivery_id FROM mail.deliveries")
+    }
+    malformed = {
+        r["stream_entry_id"]: r["failure_code"]
+        for r in await db.fetch("SELECT stream_entry_id, failure_code FROM mail.malformed_commands")
+    }
     wrapped = len(ids) - len(expected) - len(delivered)  # valid commands under a wrong field
     assert delivered <= set(valid)
     assert len(malformed) == len(expected) + wrapped
@@ -210,8 +241,9 @@ async def test_two_consumers_take_each_command_once(make_settings: MakeSettings)
     db = Db(settings.dsn)
     docs = [command(f"two-{i}") for i in range(600)]
     a = settings.model_copy(update={"consumer_name": "replica-a"})
-    b = settings.model_copy(update={"consumer_name": "replica-b",
-                                    "internal_http_addr": "127.0.0.1:0"})
+    b = settings.model_copy(
+        update={"consumer_name": "replica-b", "internal_http_addr": "127.0.0.1:0"}
+    )
     async with running_app(a), running_app(b):
         await xadd(settings, *docs[:300])
         await xadd(settings, *docs)  # the first 300 again: replays
@@ -221,8 +253,7 @@ async def test_two_consumers_take_each_command_once(make_settings: MakeSettings)
     assert await db.fetchval("SELECT count(*) FROM mail.command_replays") == 300
 
 
-async def test_postgres_outage_pauses_intake_and_loses_nothing(make_settings: MakeSettings
-                                                               ) -> None:
+async def test_postgres_outage_pauses_intake_and_loses_nothing(make_settings: MakeSettings) -> None:
     """PostgreSQL goes away mid-stream: the consumer waits, retries, and resumes."""
     base = make_settings(smtp_mode="stub")
     host, port = split_host_port(base.dsn.split("@", 1)[1].split("/", 1)[0], 5432)
@@ -253,15 +284,17 @@ async def _count(db: Db, n: int) -> bool:
 
 
 async def test_consumer_group_is_created_from_the_start_of_the_stream(
-        make_settings: MakeSettings) -> None:
+    make_settings: MakeSettings,
+) -> None:
     """Commands written before the daemon ever ran are taken in on first start."""
     settings = make_settings(smtp_mode="stub")
     db = Db(settings.dsn)
     await xadd(settings, command("early-1"), command("early-2"))
     async with running_app(settings):
         await wait_for(lambda: _count(db, 2))
-    assert {r["delivery_id"] for r in await db.fetch(
-        "SELECT delivery_id FROM mail.deliveries")} == {"early-1", "early-2"}
+    assert {
+        r["delivery_id"] for r in await db.fetch("SELECT delivery_id FROM mail.deliveries")
+    } == {"early-1", "early-2"}
 
 
 async def test_consumer_keeps_reading_when_redis_blips(make_settings: MakeSettings) -> None:
@@ -270,8 +303,14 @@ async def test_consumer_keeps_reading_when_redis_blips(make_settings: MakeSettin
     client = redis_client(settings.redis_master_addr)
     catalog = TemplateCatalog.load(settings.template_dir, settings.default_locale)
     woken: list[int] = []
-    consumer = StreamConsumer(settings, client, store, command_policy(settings, catalog),
-                              Telemetry().instruments, lambda: woken.append(1))
+    consumer = StreamConsumer(
+        settings,
+        client,
+        store,
+        command_policy(settings, catalog),
+        Telemetry().instruments,
+        lambda: woken.append(1),
+    )
     task = asyncio.create_task(consumer.run())
     await xadd(settings, command("blip-1"))
     db = Db(settings.dsn)

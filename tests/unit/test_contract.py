@@ -6,9 +6,10 @@
 * The JSON Schema and the pydantic model agree on the shape of a command.
 * ``parse_command`` never raises, whatever arrives on the stream.
 
-PyYAML is not a dependency, so the AsyncAPI document is read with a tiny reader that knows
-its layout: block mappings indented with spaces, and JSON flow collections (valid YAML) for
-the parts a test has to read (examples, ``x-failure-codes``, ``x-limits``, event payload).
+PyYAML is not a declared dependency, so the AsyncAPI document is read with a tiny reader that
+knows its layout: block mappings indented with spaces, and JSON flow collections (valid YAML)
+for the parts a test has to read (examples, ``x-failure-codes``, ``x-limits``, event payload).
+Where PyYAML is importable, one more test parses the whole document and compares.
 
 Tests marked ``xfail(strict=True)`` pin known bugs of ``maildaemon.commands``: each fails
 today, and its ``xfail`` marker must go once the bug is fixed.
@@ -166,35 +167,14 @@ def test_schema_is_valid_and_draft07_compatible() -> None:
     # tool supports); it must not use keywords whose meaning differs in draft-07.
     jsonschema.Draft202012Validator.check_schema(SCHEMA)
     jsonschema.Draft7Validator.check_schema(SCHEMA)
+    # fmt: off
     same_in_draft07 = {
-        "$schema",
-        "$id",
-        "$ref",
-        "$defs",
-        "title",
-        "description",
-        "type",
-        "properties",
-        "required",
-        "additionalProperties",
-        "items",
-        "minItems",
-        "maxItems",
-        "minLength",
-        "maxLength",
-        "pattern",
-        "enum",
-        "const",
-        "anyOf",
-        "oneOf",
-        "allOf",
-        "not",
-        "format",
-        "default",
-        "examples",
-        "minimum",
-        "maximum",
+        "$schema", "$id", "$ref", "$defs", "title", "description", "type", "properties",
+        "required", "additionalProperties", "items", "minItems", "maxItems", "minLength",
+        "maxLength", "pattern", "enum", "const", "anyOf", "oneOf", "allOf", "not", "format",
+        "default", "examples", "minimum", "maximum",
     }
+    # fmt: on
     assert _keywords(SCHEMA) <= same_in_draft07, _keywords(SCHEMA) - same_in_draft07
 
 
@@ -696,39 +676,15 @@ TIGHT = CommandPolicy(
     command_max_bytes=4096,
 )
 HUGE = "x" * 300_000
+# fmt: off
 SPECIAL_STRINGS = [
-    "",
-    " ",
-    "\x00",
-    "a\x00b",
-    "\ud800",
-    "\udfff",
-    "x\udc00y",
-    "\ud83d\ude00",
-    "\r\n",
-    "\n",
-    "Bcc: eve@example.net",
-    "\u2028",
-    "\ufeff",
-    "\U0001f48c",
-    "\\u0000",
-    "\\ud800",
-    HUGE,
-    "ada@example.com",
-    "a@b",
-    "template",
-    "rendered",
-    "notification",
-    "authsession",
-    "signin_code",
-    "critical",
-    "List-Id",
-    "2030-01-01T00:00:00Z",
-    "2030-01-01T00:00:00",
-    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-    "eHh4",
-    "de_AT",
+    "", " ", "\x00", "a\x00b", "\ud800", "\udfff", "x\udc00y", "\ud83d\ude00", "\r\n", "\n",
+    "Bcc: eve@example.net", "\u2028", "\ufeff", "\U0001f48c", "\\u0000", "\\ud800", HUGE,
+    "ada@example.com", "a@b", "template", "rendered", "notification", "authsession",
+    "signin_code", "critical", "List-Id", "2030-01-01T00:00:00Z", "2030-01-01T00:00:00",
+    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "eHh4", "de_AT",
 ]
+# fmt: on
 FIELD_NAMES = sorted(
     set(DeliveryCommand.model_fields) | set(Recipient.model_fields) | set(Attachment.model_fields)
 )
@@ -751,21 +707,33 @@ JSONISH = st.recursive(
 VALID_DOCS = [RENDERED, TEMPLATE, *(command for _, command in COMMAND_EXAMPLES)]
 
 
+BORROWABLE = sorted(
+    {(k, json.dumps(v, sort_keys=True)) for doc in VALID_DOCS for k, v in doc.items()}
+)
+
+
 @st.composite
 def near_valid(draw: st.DrawFn) -> dict[str, Any]:
-    """A valid command with a few fields replaced, removed or added, at any depth."""
+    """A valid command with a few fields replaced, borrowed, removed or added, at any depth."""
     doc = copy.deepcopy(draw(st.sampled_from(VALID_DOCS)))
-    for _ in range(draw(st.integers(1, 3))):
+    for _ in range(draw(st.integers(0, 3))):
+        mutation = draw(st.sampled_from(["borrow", "replace", "replace", "drop", "add"]))
+        if mutation == "borrow":  # another example's value: mixes payload modes and limits
+            key, value = draw(st.sampled_from(BORROWABLE))
+            doc[key] = json.loads(value)
+            continue
         target: dict[str, Any] = doc
-        nested = [v for v in (*doc.get("to", []), *doc.get("attachments", [])) if type(v) is dict]
-        nested += [v for k, v in doc.items() if k in ("headers", "variables") and type(v) is dict]
+        nested = [v for k in ("to", "attachments") if type(doc.get(k)) is list for v in doc[k]]
+        nested += [doc[k] for k in ("headers", "variables", "reply_to") if k in doc]
+        nested = [v for v in nested if type(v) is dict]
         if nested and draw(st.booleans()):
             target = draw(st.sampled_from(nested))
-        key = draw(KEYS)
-        if draw(st.integers(0, 3)) == 0:
-            target.pop(key, None)
+        if mutation == "drop" and target:
+            del target[draw(st.sampled_from(sorted(target)))]
+        elif mutation == "add":
+            target[draw(KEYS)] = draw(JSONISH)
         else:
-            target[key] = draw(JSONISH)
+            target[draw(st.sampled_from(FIELD_NAMES))] = draw(JSONISH)
     return doc
 
 
@@ -786,7 +754,8 @@ def _encode(doc: Any, how: str) -> str | bytes:
 
 @st.composite
 def raw_commands(draw: st.DrawFn) -> str | bytes:
-    kind = draw(st.sampled_from(["near-valid", "jsonish", "text", "bytes", "broken-utf8"]))
+    kinds = ["near-valid"] * 6 + ["jsonish", "text", "bytes", "broken-utf8"]
+    kind = draw(st.sampled_from(kinds))
     if kind == "text":
         return draw(st.one_of(st.text(ANY_CHAR).filter(_is_unicode), st.sampled_from(RAW_JUNK)))
     if kind == "bytes":
@@ -810,25 +779,14 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
+# fmt: off
 RAW_JUNK = [
-    "",
-    " ",
-    "null",
-    "[]",
-    "{}",
-    "0",
-    "NaN",
-    "-Infinity",
-    '"\\ud800"',
-    "\ufeff{}",
-    '{"a": ' * 5000,
-    "[" * 100_000,
-    '{"variables": {"n": ' + "9" * 5000 + "}}",
-    '{"delivery_id": "\\ud800", "source": "\\udfff"}',
-    '{"text": "\\u0000"}',
-    '{"delivery_id": "a", "delivery_id": "b"}',
-    '{"to": "' + HUGE + '"}',
+    "", " ", "null", "[]", "{}", "0", "NaN", "-Infinity", '"\\ud800"', "\ufeff{}",
+    '{"a": ' * 5000, "[" * 100_000, '{"variables": {"n": ' + "9" * 5000 + "}}",
+    '{"delivery_id": "\\ud800", "source": "\\udfff"}', '{"text": "\\u0000"}',
+    '{"delivery_id": "a", "delivery_id": "b"}', '{"to": "' + HUGE + '"}',
 ]
+# fmt: on
 
 
 @settings(
@@ -893,3 +851,12 @@ def test_known_bug_result_is_storable(raw: str | bytes) -> None:
     if isinstance(result, Rejection):
         _assert_storable(result.delivery_id)
         _assert_storable(result.source)
+
+
+@pytest.mark.xfail(
+    strict=True, reason="BUG: the NUL check scans the raw text for the 6 characters \\u0000"
+)
+def test_known_bug_literal_backslash_u0000_is_accepted() -> None:
+    # A text about JSON escapes, e.g. "write NUL as \u0000", holds no NUL at all.
+    raw = _with(R, text="write NUL as \\u0000")
+    assert isinstance(parse_command(raw, POLICY), DeliveryCommand)

@@ -25,7 +25,7 @@ DATE = datetime(2024, 3, 1, 12, 30, 5, tzinfo=UTC)
 MESSAGE_ID = "<0123456789abcdef@mail.example>"
 
 PROPERTY = settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None
+    max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None
 )
 
 
@@ -115,10 +115,10 @@ mailboxes = st.builds(
     Mailbox, address=st.builds("{}@{}".format, local_parts, domains), name=names
 )
 filenames = st.one_of(
-    st.text(header_char, min_size=1, max_size=80).filter(str.strip),
+    st.text(header_char, min_size=1, max_size=80),
     st.sampled_from(["report.pdf", "Rechnung März.pdf", "数据.csv", 'a "quoted" name.txt']),
     long_run.map(lambda run: run[:255]),
-)
+).filter(str.strip)
 attachments = st.builds(
     AttachmentPart,
     filename=filenames,
@@ -136,11 +136,15 @@ _ADJACENT_ENCODED_WORDS = re.compile(r"(\?=)\s+(?==\?)")
 
 def check_mailbox(message: email.message.EmailMessage, name: str, expected: list[Mailbox]) -> None:
     raw = next(value for key, value in message.raw_items() if key.lower() == name.lower())
-    header = email.policy.default.header_factory(name, _ADJACENT_ENCODED_WORDS.sub(r"\1", raw))
+    unfolded = "".join(raw.splitlines())  # what policy.default does before parsing
+    header = email.policy.default.header_factory(
+        name, _ADJACENT_ENCODED_WORDS.sub(r"\1", unfolded)
+    )
     addresses = header.addresses  # type: ignore[attr-defined]
     assert [a.addr_spec for a in addresses] == [wire_address(m.address) for m in expected]
     assert [a.addr_spec for a in message[name].addresses] == [a.addr_spec for a in addresses]
-    assert [a.display_name for a in addresses] == [m.name or "" for m in expected]
+    # White space in display names is collapsed by the builder.
+    assert [a.display_name for a in addresses] == [" ".join((m.name or "").split()) for m in expected]
 
 
 # Properties ------------------------------------------------------------------------------
@@ -198,9 +202,12 @@ def test_round_trip(
             assert part.get_content_type() == file.content_type
             assert part.get_content_disposition() == "attachment"
             # Surrounding white space of a file name is dropped (readers strip it anyway).
-            assert part.get_filename() == file.filename.strip()
-            assert part["Content-Disposition"].params["filename"] == file.filename.strip()
-            assert part["Content-Type"].params["name"] == file.filename.strip()
+            filename = file.filename.strip()
+            assert part["Content-Disposition"].params["filename"] == filename
+            assert part["Content-Type"].params["name"] == filename
+            if not (filename.startswith('"') and filename.endswith('"')):
+                # The legacy get_filename() also strips one pair of surrounding quotes.
+                assert part.get_filename() == filename
             assert part.get_payload(decode=True) == file.content
     if text is not None and html is not None:
         assert body.get_content_type() == "multipart/alternative"
@@ -224,7 +231,7 @@ def test_round_trip(
 @given(sender_name=names.filter(lambda n: n is None or ("<" not in n and "\\" not in n)))
 def test_sender_display_name_survives(sender_name: str | None) -> None:
     # MAIL_SMTP_FROM as an operator writes it: a bare address or "Name <addr>".
-    name = None if sender_name is None else " ".join(sender_name.split())
+    name = None if sender_name is None else " ".join(sender_name.split()).replace('"', "")
     sender = "noreply@mail.example" if not name else f'"{name}" <noreply@mail.example>'
     raw = build(sender=sender)
     assert_wire_format(raw)
@@ -232,7 +239,12 @@ def test_sender_display_name_survives(sender_name: str | None) -> None:
 
 
 @PROPERTY
-@given(value=header_texts)
+@given(
+    # Long runs only of non-ASCII: a plain ASCII word that does not fit a 998-character
+    # line is refused (see test_rejects_unsafe_custom_headers).
+    value=st.text(header_char, max_size=300)
+    | long_runs(header_char.filter(lambda char: not char.isascii()))
+)
 def test_custom_header_values_survive(value: str) -> None:
     raw = build(headers={"X-Tracking": value, "X-Other": "plain value"})
     assert_wire_format(raw)
