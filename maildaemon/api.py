@@ -52,12 +52,15 @@ async def readyz(request: web.Request) -> web.Response:
         except (StoreUnavailable, OSError, TimeoutError, Exception) as exc:
             checks[name] = f"unavailable: {type(exc).__name__}"
     ready = all(v == "ok" for v in checks.values())
-    return web.json_response({"status": "ready" if ready else "not ready", "checks": checks},
-                             status=200 if ready else 503)
+    return web.json_response(
+        {"status": "ready" if ready else "not ready", "checks": checks},
+        status=200 if ready else 503,
+    )
 
 
-def build_app(settings: Settings, store: Store, readiness: Readiness,
-              policy: CommandPolicy | None = None) -> web.Application:
+def build_app(
+    settings: Settings, store: Store, readiness: Readiness, policy: CommandPolicy | None = None
+) -> web.Application:
     app = web.Application(client_max_size=1024 * 1024)
     app[STORE_KEY] = store
     app[SETTINGS_KEY] = settings

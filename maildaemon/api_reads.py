@@ -42,8 +42,11 @@ async def get_command(request: web.Request) -> web.Response:
     inputs.parse_query(query_pairs(request), ())
     trace = await operator_store(request).command_trace(entry_id)
     if trace is None:
-        raise NotFound(f"stream entry {entry_id} left no trace (unknown, not yet read, or "
-                       "removed by retention)", field="stream_entry_id")
+        raise NotFound(
+            f"stream entry {entry_id} left no trace (unknown, not yet read, or "
+            "removed by retention)",
+            field="stream_entry_id",
+        )
     return reply(trace)
 
 

@@ -261,7 +261,7 @@ class App:
         scheduler.stop()
         retention.stop()
         await self._finish(tasks, ("command-consumer", "scheduler", "retention-worker"), left())
-        unstarted = await queue.close(len(workers))
+        unstarted = queue.close(len(workers))
         if unstarted:
             with contextlib.suppress(MailDaemonError):
                 released = await store.release(j.claim for j in unstarted)

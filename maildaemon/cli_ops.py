@@ -16,11 +16,12 @@ import getpass
 import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime
 from typing import Any, TypeVar
 
+from maildaemon import cli_tables as tables
 from maildaemon import operator_inputs as inputs
 from maildaemon import operator_model as m
+from maildaemon import operator_views as v
 from maildaemon.commands import FAILURE_CODES
 from maildaemon.config import Settings, load_settings
 from maildaemon.outcomes import RetryPolicy
@@ -45,11 +46,11 @@ def _run(work: Callable[[OperatorStore, Settings], Awaitable[T]]) -> T:
     return asyncio.run(main())
 
 
-def _out(args: argparse.Namespace, view: Any, text: Callable[[], str]) -> int:
+def _out(args: argparse.Namespace, view: Any) -> int:
     if args.json:
-        print(json.dumps(m.dump(view), indent=2, ensure_ascii=False))
+        print(json.dumps(v.dump(view), indent=2, ensure_ascii=False))
     else:
-        print(text())
+        print(tables.render(view))
     return 0
 
 
@@ -80,8 +81,9 @@ def _pairs(args: argparse.Namespace, names: Sequence[str]) -> list[tuple[str, st
 
 def _actor(args: argparse.Namespace) -> str:
     actor: str = args.actor or f"{getpass.getuser()}@cli"
-    return inputs.check(inputs.ACTOR, actor, "actor", "must be 1-200 characters without "
-                        "control characters")
+    return inputs.check(
+        inputs.ACTOR, actor, "actor", "must be 1-200 characters without control characters"
+    )
 
 
 def _reason(args: argparse.Namespace) -> str | None:
@@ -91,91 +93,6 @@ def _reason(args: argparse.Namespace) -> str | None:
     return reason
 
 
-# --- text output -------------------------------------------------------------------------
-
-
-def _t(value: datetime | None) -> str:
-    return value.strftime("%Y-%m-%d %H:%M:%SZ") if value is not None else "-"
-
-
-def _s(value: Any, width: int = 60) -> str:
-    if value is None:
-        return "-"
-    text = " ".join(str(value).split())
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[_s(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def _fields(pairs: Sequence[tuple[str, Any]]) -> str:
-    width = max(len(k) for k, _ in pairs)
-    return "\n".join(f"{k.ljust(width)}  {_s(v, 200)}" for k, v in pairs)
-
-
-def _more(cursor: str | None) -> str:
-    return f"\n(more: --cursor {cursor})" if cursor else ""
-
-
-def _detail_text(d: m.DeliveryDetail) -> str:
-    plan = d.retry_plan
-    r = d.recipients
-    head = _fields([
-        ("delivery", d.delivery_id), ("status", d.status), ("reason", d.status_reason),
-        ("source", d.source), ("priority", d.priority),
-        ("template", f"{d.template_id} ({d.locale or 'default locale'})"
-         if d.template_id else d.payload_mode),
-        ("to", ", ".join(r.to)), ("cc", ", ".join(r.cc) or None),
-        ("bcc", ", ".join(r.bcc) or None),
-        ("pending", ", ".join(r.pending) if r.pending is not None else "all"),
-        ("created", _t(d.created_at)), ("send at", _t(d.send_at)),
-        ("expires", _t(d.expires_at)), ("finished", _t(d.finished_at)),
-        ("message id", d.message_id), ("stream entry", d.stream_entry_id),
-        ("last error", f"{d.last_error.reply_code or ''} {d.last_error.reply_text or ''}"
-         if d.last_error else None),
-        ("next attempt", "running now" if plan.in_flight else _t(plan.next_attempt_at)),
-        ("attempts", f"{d.attempt_count} made, {plan.attempts_remaining} remaining"
-         + (" (sending paused)" if plan.paused else "")),
-        ("gives up at", _t(plan.gives_up_at)),
-    ])
-    parts = [head]
-    if d.attempts:
-        parts.append("\n" + table(
-            ["#", "status", "started", "finished", "code", "reply"],
-            [[a.attempt_no, a.status, _t(a.started_at), _t(a.finished_at), a.reply_code,
-              a.reply_text] for a in d.attempts]))
-    if d.dead_letter is not None:
-        dl = d.dead_letter
-        parts.append("\n" + _fields([
-            ("dead letter", _t(dl.created_at)),
-            ("reviewed", f"{_t(dl.reviewed_at)} by {dl.reviewed_by}: {dl.review_note}"
-             if dl.reviewed_at else "no"),
-            ("requeued", f"{_t(dl.requeued_at)} by {dl.requeued_by}"
-             if dl.requeued_at else "no")]))
-    return "\n".join(parts)
-
-
-def _stats_text(s: m.Stats) -> str:
-    pauses = ", ".join(f"{p.scope} (by {p.paused_by} since {_t(p.paused_at)})"
-                       for p in s.sending.pauses) or "no"
-    by_status = "  ".join(f"{k}={v}" for k, v in s.deliveries_by_status.items() if v)
-    attempts = "  ".join(f"{k}={v}" for k, v in s.attempts_last_hour.items() if v)
-    return _fields([
-        ("deliveries", by_status or "none"),
-        ("due now", f"{s.backlog.due} (oldest {s.backlog.oldest_due_age_seconds:.1f}s)"),
-        ("scheduled", s.backlog.scheduled), ("in flight", s.backlog.in_flight),
-        ("dead letters", f"{s.dead_letters.unreviewed} unreviewed, {s.dead_letters.open} "
-                         f"open, {s.dead_letters.total} total"),
-        ("malformed (1h)", s.malformed_commands_last_hour),
-        ("attempts (1h)", attempts or "none"), ("paused", pauses),
-    ])
-
-
 # --- commands ----------------------------------------------------------------------------
 
 
@@ -183,110 +100,80 @@ def _stats_text(s: m.Stats) -> str:
 def cmd_show(args: argparse.Namespace) -> int:
     delivery_id = inputs.delivery_id(args.delivery_id)
 
-    async def work(ops: OperatorStore, s: Settings) -> m.DeliveryDetail:
+    async def work(ops: OperatorStore, s: Settings) -> v.DeliveryDetail:
         record = await ops.delivery(delivery_id)
         if record is None:
             raise m.NotFound(f"no delivery {delivery_id!r}")
         return m.delivery_detail(record, RetryPolicy(s.retry_ladder, s.retry_jitter))
 
-    detail = _run(work)
-    return _out(args, detail, lambda: _detail_text(detail))
+    return _out(args, _run(work))
 
 
 @_handler
 def cmd_list(args: argparse.Namespace) -> int:
     flt, page = inputs.delivery_query(_pairs(args, [p.name for p in inputs.DELIVERY_PARAMS]))
-    result = _run(lambda ops, _: ops.deliveries(flt, page))
-    return _out(args, result, lambda: table(
-        ["delivery", "status", "source", "to", "attempts", "created", "next attempt",
-         "last reply"],
-        [[d.delivery_id, d.status, d.source, ", ".join(d.to), d.attempt_count,
-          _t(d.created_at), _t(d.next_attempt_at),
-          f"{d.last_reply_code or ''} {d.last_reply_text or ''}".strip() or None]
-         for d in result.items]) + _more(result.next_cursor))
-
-
-def _change_text(c: m.DeliveryChange) -> str:
-    due = f", due {_t(c.next_attempt_at)}" if c.next_attempt_at else ""
-    return f"{c.delivery_id}: {c.previous_status} -> {c.status}{due} (action {c.action_id})"
+    return _out(args, _run(lambda ops, _: ops.deliveries(flt, page)))
 
 
 @_handler
 def cmd_requeue(args: argparse.Namespace) -> int:
-    delivery_id, actor, reason = inputs.delivery_id(args.delivery_id), _actor(args), \
-        _reason(args)
-    change = _run(lambda ops, _: ops.requeue(delivery_id, actor, reason))
-    return _out(args, change, lambda: _change_text(change))
+    delivery_id, actor, reason = inputs.delivery_id(args.delivery_id), _actor(args), _reason(args)
+    return _out(args, _run(lambda ops, _: ops.requeue(delivery_id, actor, reason)))
 
 
 @_handler
 def cmd_cancel(args: argparse.Namespace) -> int:
-    delivery_id, actor, reason = inputs.delivery_id(args.delivery_id), _actor(args), \
-        _reason(args)
-    change = _run(lambda ops, _: ops.cancel(delivery_id, actor, reason))
-    return _out(args, change, lambda: _change_text(change))
+    delivery_id, actor, reason = inputs.delivery_id(args.delivery_id), _actor(args), _reason(args)
+    return _out(args, _run(lambda ops, _: ops.cancel(delivery_id, actor, reason)))
 
 
-_DL_FILTERS = ("source", "recipient_domain", "reply_code", "reply_class", "created_after",
-               "created_before")
+_DL_FILTERS = (
+    "source",
+    "recipient_domain",
+    "reply_code",
+    "reply_class",
+    "created_after",
+    "created_before",
+)
 
 
 @_handler
 def cmd_dead_letters(args: argparse.Namespace) -> int:
     names = [*_DL_FILTERS, "reviewed", "requeued", "limit", "cursor"]
     flt, page = inputs.dead_letter_query(_pairs(args, names))
-    result = _run(lambda ops, _: ops.dead_letters(flt, page))
-    return _out(args, result, lambda: table(
-        ["delivery", "source", "to", "dead since", "attempts", "last reply", "reviewed",
-         "requeued"],
-        [[d.delivery_id, d.source, ", ".join(d.to), _t(d.created_at), d.attempt_count,
-          f"{d.last_reply_code or ''} {d.last_reply_text or ''}".strip() or None,
-          d.reviewed_by or "no", d.requeued_by or "no"] for d in result.items])
-        + _more(result.next_cursor))
+    return _out(args, _run(lambda ops, _: ops.dead_letters(flt, page)))
 
 
 @_handler
 def cmd_review(args: argparse.Namespace) -> int:
     delivery_id, actor = inputs.delivery_id(args.delivery_id), _actor(args)
     note = inputs.check(r"^[^\x00]{1,2000}$", args.note, "note", "must be 1-2000 characters")
-    done = _run(lambda ops, _: ops.review(delivery_id, actor, note))
-    return _out(args, done, lambda: f"{done.delivery_id}: reviewed by {done.reviewed_by} "
-                                    f"(action {done.action_id})")
+    return _out(args, _run(lambda ops, _: ops.review(delivery_id, actor, note)))
 
 
 @_handler
 def cmd_bulk_requeue(args: argparse.Namespace) -> int:
-    q = inputs.parse_query(_pairs(args, _DL_FILTERS), inputs.DEAD_LETTER_PARAMS)
-    flt = inputs.dead_letter_filter(q)
-    if args.rate is not None and not 0 < args.rate <= 100_000:
-        raise m.InvalidInput("rate: must be more than 0 and at most 100000", field="rate")
+    flt = inputs.dead_letter_filter(
+        inputs.parse_query(_pairs(args, _DL_FILTERS), inputs.DEAD_LETTER_PARAMS)
+    )
+    if args.rate is not None and not 0.001 <= args.rate <= 100_000:
+        raise m.InvalidInput("rate: must be from 0.001 to 100000 per second", field="rate")
     if not 1 <= args.limit <= 10_000:
         raise m.InvalidInput("limit: must be from 1 to 10000", field="limit")
     actor, reason = _actor(args), _reason(args)
-    result = _run(lambda ops, _: ops.bulk_requeue(flt, args.limit, args.rate, actor, reason,
-                                                  args.dry_run))
-
-    def text() -> str:
-        if result.dry_run:
-            return (f"dry run: {result.matched} dead letter(s) match; would requeue "
-                    f"{min(result.matched, args.limit)}, due {_t(result.first_due_at)} to "
-                    f"{_t(result.last_due_at)}")
-        return (f"requeued {result.requeued} of {result.matched} matching dead letter(s), "
-                f"due {_t(result.first_due_at)} to {_t(result.last_due_at)} "
-                f"(action {result.action_id})")
-
-    return _out(args, result, text)
+    return _out(
+        args,
+        _run(
+            lambda ops, _: ops.bulk_requeue(flt, args.limit, args.rate, actor, reason, args.dry_run)
+        ),
+    )
 
 
 @_handler
 def cmd_malformed(args: argparse.Namespace) -> int:
-    flt, page = inputs.malformed_query(
-        _pairs(args, ["failure_code", "source", "replayed", "limit", "cursor"]))
-    result = _run(lambda ops, _: ops.malformed(flt, page))
-    return _out(args, result, lambda: table(
-        ["id", "stream entry", "received", "code", "detail", "replayed as"],
-        [[c.id, c.stream_entry_id, _t(c.received_at), c.failure_code, c.failure_detail,
-          c.replayed_delivery_id] for c in result.items]) + _more(result.next_cursor))
+    names = ["failure_code", "source", "replayed", "limit", "cursor"]
+    flt, page = inputs.malformed_query(_pairs(args, names))
+    return _out(args, _run(lambda ops, _: ops.malformed(flt, page)))
 
 
 @_handler
@@ -296,31 +183,31 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from maildaemon.render import TemplateCatalog
 
     if (args.id is None) == (args.failure_code is None):
-        raise m.InvalidInput("give one malformed command ID or --failure-code", field="id")
+        raise m.InvalidInput("id: give one malformed command id, or --failure-code", field="id")
     malformed_id = inputs.malformed_id(args.id) if args.id is not None else None
     if not 1 <= args.limit <= 1000:
         raise m.InvalidInput("limit: must be from 1 to 1000", field="limit")
     actor, reason = _actor(args), _reason(args)
 
-    async def work(ops: OperatorStore, s: Settings) -> m.Replay:
-        catalog = await asyncio.to_thread(TemplateCatalog.load, s.template_dir,
-                                          s.default_locale)
-        policy = command_policy(s, catalog)
+    async def work(ops: OperatorStore, s: Settings) -> v.Replay:
+        # The catalog on disk now: what the daemon will load at its next start.
+        catalog = await asyncio.to_thread(TemplateCatalog.load, s.template_dir, s.default_locale)
+        policy, window = command_policy(s, catalog), s.idempotency_window
         if malformed_id is not None:
-            return await replay.replay_one(ops, policy, s.idempotency_window, malformed_id,
-                                           actor, reason)
-        return await replay.replay_bulk(ops, policy, s.idempotency_window, args.failure_code,
-                                        args.source, args.limit, args.dry_run, actor, reason)
+            return await replay.replay_one(ops, policy, window, malformed_id, actor, reason)
+        return await replay.replay_bulk(
+            ops,
+            policy,
+            window,
+            args.failure_code,
+            args.source,
+            args.limit,
+            args.dry_run,
+            actor,
+            reason,
+        )
 
-    result = _run(work)
-    head = ("dry run: " if result.dry_run else "") + (
-        f"{result.matched} matching, {result.accepted} "
-        f"{'would be ' if result.dry_run else ''}accepted, {result.still_invalid} still invalid")
-    return _out(args, result, lambda: head + ("\n" + table(
-        ["id", "stream entry", "outcome", "delivery", "failure"],
-        [[i.id, i.stream_entry_id, i.outcome, i.delivery_id,
-          f"{i.failure_code}: {i.failure_detail}" if i.failure_code else None]
-         for i in result.items]) if result.items else ""))
+    return _out(args, _run(work))
 
 
 @_handler
@@ -329,50 +216,36 @@ def cmd_command(args: argparse.Namespace) -> int:
     trace = _run(lambda ops, _: ops.command_trace(entry_id))
     if trace is None:
         raise m.NotFound(f"stream entry {entry_id} left no trace")
-    return _out(args, trace, lambda: _fields([
-        ("stream entry", trace.stream_entry_id), ("outcome", trace.outcome),
-        ("delivery", trace.delivery.delivery_id if trace.delivery else None),
-        ("status", trace.delivery.status if trace.delivery else None),
-        ("duplicate of", trace.duplicate_of),
-        ("malformed", f"#{trace.malformed.id} {trace.malformed.failure_code}: "
-                      f"{trace.malformed.failure_detail}" if trace.malformed else None)]))
+    return _out(args, trace)
 
 
 @_handler
 def cmd_pause(args: argparse.Namespace) -> int:
-    return _pause_or_resume(args, pause=True)
+    scope, actor, reason = _scope(args), _actor(args), _reason(args)
+    return _out(args, _run(lambda ops, _: ops.pause(scope, actor, reason)))
 
 
 @_handler
 def cmd_resume(args: argparse.Namespace) -> int:
-    return _pause_or_resume(args, pause=False)
+    scope, actor, reason = _scope(args), _actor(args), _reason(args)
+    return _out(args, _run(lambda ops, _: ops.resume(scope, actor, reason)))
 
 
-def _pause_or_resume(args: argparse.Namespace, *, pause: bool) -> int:
-    scope = m.GLOBAL_SCOPE if args.source is None else inputs.check(
-        inputs.SOURCE, args.source, "source", "must be a source name")
-    actor, reason = _actor(args), _reason(args)
-    change = _run(lambda ops, _: (ops.pause if pause else ops.resume)(scope, actor, reason))
-    what = "all sources" if scope == m.GLOBAL_SCOPE else f"source {scope}"
-    verb = "paused" if pause else "resumed"
-    note = "" if change.changed else f" (already {verb})"
-    return _out(args, change, lambda: f"sending {verb} for {what}{note}")
+def _scope(args: argparse.Namespace) -> str:
+    if args.source is None:
+        return m.GLOBAL_SCOPE
+    return inputs.check(inputs.SOURCE, args.source, "source", "must be a source name")
 
 
 @_handler
 def cmd_stats(args: argparse.Namespace) -> int:
-    stats = _run(lambda ops, _: ops.stats())
-    return _out(args, stats, lambda: _stats_text(stats))
+    return _out(args, _run(lambda ops, _: ops.stats()))
 
 
 @_handler
 def cmd_suppressions(args: argparse.Namespace) -> int:
     flt, page = inputs.suppression_query(_pairs(args, ["address", "domain", "limit", "cursor"]))
-    result = _run(lambda ops, _: ops.suppressions(flt, page))
-    return _out(args, result, lambda: table(
-        ["address", "reason", "since", "expires", "by"],
-        [[s.address, s.reason, _t(s.created_at), _t(s.expires_at), s.created_by]
-         for s in result.items]) + _more(result.next_cursor))
+    return _out(args, _run(lambda ops, _: ops.suppressions(flt, page)))
 
 
 @_handler
@@ -380,27 +253,19 @@ def cmd_suppress(args: argparse.Namespace) -> int:
     address = inputs.email_address(args.address)
     expires = inputs.parse_time(args.expires_at, "expires_at") if args.expires_at else None
     actor, reason = _actor(args), _reason(args)
-    change = _run(lambda ops, _: ops.suppress(address, reason, expires, actor))
-    return _out(args, change, lambda: f"{address}: suppressed (action {change.action_id})")
+    return _out(args, _run(lambda ops, _: ops.suppress(address, reason, expires, actor)))
 
 
 @_handler
 def cmd_unsuppress(args: argparse.Namespace) -> int:
-    address = inputs.email_address(args.address)
-    actor, reason = _actor(args), _reason(args)
-    change = _run(lambda ops, _: ops.unsuppress(address, actor, reason))
-    return _out(args, change, lambda: f"{address}: removed (action {change.action_id})")
+    address, actor, reason = inputs.email_address(args.address), _actor(args), _reason(args)
+    return _out(args, _run(lambda ops, _: ops.unsuppress(address, actor, reason)))
 
 
 @_handler
 def cmd_audit(args: argparse.Namespace) -> int:
-    flt, page = inputs.action_query(
-        _pairs(args, ["action", "actor", "target", "limit", "cursor"]))
-    result = _run(lambda ops, _: ops.actions(flt, page))
-    return _out(args, result, lambda: table(
-        ["id", "at", "actor", "action", "target", "reason"],
-        [[a.id, _t(a.at), a.actor, a.action, a.target, a.reason] for a in result.items])
-        + _more(result.next_cursor))
+    flt, page = inputs.action_query(_pairs(args, ["action", "actor", "target", "limit", "cursor"]))
+    return _out(args, _run(lambda ops, _: ops.actions(flt, page)))
 
 
 # --- the parser --------------------------------------------------------------------------
@@ -415,8 +280,11 @@ def _common(p: argparse.ArgumentParser, *, action: bool = False) -> argparse.Arg
 
 
 def _page_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--limit", type=int, help=f"page size (1-{inputs.MAX_LIMIT}, default "
-                                             f"{inputs.DEFAULT_LIMIT})")
+    p.add_argument(
+        "--limit",
+        type=int,
+        help=f"page size (1-{inputs.MAX_LIMIT}, default {inputs.DEFAULT_LIMIT})",
+    )
     p.add_argument("--cursor", help="next page (printed after a full page)")
 
 
@@ -450,9 +318,10 @@ def register(sub: Any) -> None:
     x.add_argument("--created-before", dest="created_before", help="RFC 3339 time")
     _page_args(x)
     x.set_defaults(handler=cmd_list)
-    for name, handler, text in (("requeue", cmd_requeue, "a dead-lettered or failed "
-                                 "delivery back to queued, due now"),
-                                ("cancel", cmd_cancel, "cancel a queued delivery")):
+    for name, handler, text in (
+        ("requeue", cmd_requeue, "a dead-lettered or failed delivery back to queued, due now"),
+        ("cancel", cmd_cancel, "cancel a queued delivery"),
+    ):
         x = _common(d.add_parser(name, help=text), action=True)
         x.add_argument("delivery_id")
         x.set_defaults(handler=handler)
@@ -469,8 +338,9 @@ def register(sub: Any) -> None:
     x.add_argument("delivery_id")
     x.add_argument("--note", required=True)
     x.set_defaults(handler=cmd_review)
-    x = _common(d.add_parser("requeue", help="requeue the dead letters matching filters"),
-                action=True)
+    x = _common(
+        d.add_parser("requeue", help="requeue the dead letters matching filters"), action=True
+    )
     _dl_filters(x)
     x.add_argument("--dry-run", action="store_true", help="only count them")
     x.add_argument("--rate", type=float, help="release at most this many per second")
@@ -485,11 +355,16 @@ def register(sub: Any) -> None:
     _bool_arg(x, "replayed", "replayed", "not-replayed")
     _page_args(x)
     x.set_defaults(handler=cmd_malformed)
-    x = _common(d.add_parser("replay", help="validate again and take in what now passes"),
-                action=True)
+    x = _common(
+        d.add_parser("replay", help="validate again and take in what now passes"), action=True
+    )
     x.add_argument("id", nargs="?", help="one malformed command id")
-    x.add_argument("--failure-code", dest="failure_code", choices=FAILURE_CODES,
-                   help="all unreplayed ones with this failure code")
+    x.add_argument(
+        "--failure-code",
+        dest="failure_code",
+        choices=FAILURE_CODES,
+        help="all unreplayed ones with this failure code",
+    )
     x.add_argument("--source")
     x.add_argument("--limit", type=int, default=100, help="at most this many (1-1000)")
     x.add_argument("--dry-run", action="store_true", help="validate only")
@@ -516,8 +391,10 @@ def register(sub: Any) -> None:
     x.add_argument("address")
     x.set_defaults(handler=cmd_unsuppress)
 
-    for name, handler, text in (("pause", cmd_pause, "pause sending (intake goes on)"),
-                                ("resume", cmd_resume, "resume sending")):
+    for name, handler, text in (
+        ("pause", cmd_pause, "pause sending (intake goes on)"),
+        ("resume", cmd_resume, "resume sending"),
+    ):
         x = _common(sub.add_parser(name, help=text), action=True)
         x.add_argument("--source", help="only this source (default: all)")
         x.set_defaults(handler=handler)

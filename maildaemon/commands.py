@@ -70,6 +70,8 @@ _LOCAL = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*
 _LABEL = r"(?:[A-Za-z0-9\u00a1-\uffff](?:[A-Za-z0-9\u00a1-\uffff-]{0,61}[A-Za-z0-9\u00a1-\uffff])?)"
 _ADDRESS = re.compile(rf"^{_LOCAL}@{_LABEL}(?:\.{_LABEL})+$")
 _CRLF = re.compile(r"[\r\n\x00]")
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+_KEY = re.compile(r"^[^\x00-\x1f\x7f]{1,200}$")
 
 
 def _custom(code: str, message: str) -> PydanticCustomError:
@@ -219,7 +221,22 @@ class DeliveryCommand(BaseModel):
                 )
         return value
 
-    @field_validator("delivery_id", "idempotency_key")
+    @field_validator("idempotency_key")
+    @classmethod
+    def _key(cls, value: str) -> str:
+        _no_crlf(value, "idempotency_key")
+        if not _KEY.match(value):
+            raise _custom("invalid_field", "must be 1-200 printable characters")
+        return value
+
+    @field_validator("send_at", "expires_at", mode="before")
+    @classmethod
+    def _timestamp_text(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, str):
+            raise _custom("invalid_field", "must be an ISO-8601 date-time string with a zone")
+        return value
+
+    @field_validator("delivery_id")
     @classmethod
     def _identifier(cls, value: str) -> str:
         _no_crlf(value, "identifier")
@@ -382,8 +399,28 @@ def _peek(raw: Any, key: str) -> str | None:
     if isinstance(raw, dict):
         value = raw.get(key)
         if isinstance(value, str):
-            return value[:200].replace("\x00", "")
+            return _UNSTORABLE.sub("\ufffd", value[:200])
     return None
+
+
+def _unstorable(document: Any) -> bool:
+    """Whether any key or string value holds a NUL or an unpaired surrogate."""
+    stack = [document]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _UNSTORABLE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def parse_command(raw: str | bytes, policy: CommandPolicy | None) -> DeliveryCommand | Rejection:
@@ -392,28 +429,28 @@ def parse_command(raw: str | bytes, policy: CommandPolicy | None) -> DeliveryCom
         return Rejection(
             "too_large", f"command is {len(raw)} bytes, the limit is {policy.command_max_bytes}"
         )
+    if isinstance(raw, bytes):
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            return Rejection("invalid_json", f"the command is not UTF-8: {exc}"[:500])
+    else:
+        text = raw
     try:
-        document = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        document = json.loads(text, parse_constant=_no_constants)
+    except (ValueError, RecursionError) as exc:
         return Rejection("invalid_json", f"not a JSON document: {exc}"[:500])
     if not isinstance(document, dict):
         return Rejection("invalid_json", "the command must be a JSON object")
     delivery_id, source = _peek(document, "delivery_id"), _peek(document, "source")
-    text = raw if isinstance(raw, str) else raw.decode("utf-8", "replace")
-    if "\\u0000" in text:  # PostgreSQL cannot store NUL in text or jsonb
+    # PostgreSQL stores neither NUL nor unpaired surrogates (text, jsonb): refuse them here.
+    if _UNSTORABLE.search(text) or ("\\u" in text and _unstorable(document)):
         return Rejection(
-            "invalid_field", "the command contains a NUL character", delivery_id, source
+            "invalid_field",
+            "the command contains a NUL character or an unpaired UTF-16 surrogate",
+            delivery_id,
+            source,
         )
-    if "\\ud" in text.lower():  # an escaped surrogate: reject the unpaired ones
-        try:
-            json.dumps(document, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            return Rejection(
-                "invalid_field",
-                "the command contains an unpaired UTF-16 surrogate",
-                delivery_id,
-                source,
-            )
     try:
         command = DeliveryCommand.model_validate(document, context=policy)
     except ValidationError as exc:
@@ -461,6 +498,14 @@ def raw_entry_text(fields: Mapping[bytes, bytes] | Mapping[str, str], cap: int) 
 def json_schema() -> dict[str, Any]:
     """The JSON Schema producers can validate against before sending."""
     schema = DeliveryCommand.model_json_schema()
+    # A recipient may also be given as a bare address string (the model accepts both).
+    schema["$defs"]["Recipient"] = {
+        "anyOf": [
+            {"type": "string", "minLength": 3, "maxLength": 254, "description": "an address"},
+            {**schema["$defs"]["Recipient"], "title": "RecipientObject"},
+        ],
+        "title": "Recipient",
+    }
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["$id"] = "https://maildaemon.invalid/schemas/delivery-command.json"
     schema["description"] = (

@@ -16,8 +16,9 @@ from aiohttp import web
 from pydantic import BaseModel, TypeAdapter
 
 from maildaemon import __version__
+from maildaemon import operator_bodies as bodies
 from maildaemon import operator_inputs as inputs
-from maildaemon import operator_model as m
+from maildaemon import operator_views as v
 
 PREFIX = "/api/v1/internal"
 _REF = "#/components/schemas/{model}"
@@ -44,56 +45,183 @@ _PATH_PARAMS: dict[str, dict[str, Any]] = {
 
 _P = PREFIX
 OPERATIONS = (
-    Op("get", "/healthz", "Liveness: the process answers.", m.Health, tags=("probes",)),
-    Op("get", f"{_P}/deliveries", "Deliveries, newest first (keyset pagination).",
-       m.DeliveryPage, inputs.DELIVERY_PARAMS, errors=(400,), tags=("deliveries",)),
-    Op("get", f"{_P}/deliveries/{{delivery_id}}", "One delivery with its attempts, dead "
-       "letter and retry plan.", m.DeliveryDetail, path_params=("delivery_id",),
-       errors=(400, 404), tags=("deliveries",)),
-    Op("post", f"{_P}/deliveries/{{delivery_id}}/requeue", "Requeue a dead-lettered or "
-       "failed delivery: queued, due now, the retry ladder starts over, attempts kept.",
-       m.DeliveryChange, path_params=("delivery_id",), body=inputs.DeliveryActionBody,
-       errors=(400, 404, 409), tags=("deliveries",)),
-    Op("post", f"{_P}/deliveries/{{delivery_id}}/cancel", "Cancel a queued (due or "
-       "scheduled) delivery; it is never sent.", m.DeliveryChange,
-       path_params=("delivery_id",), body=inputs.DeliveryActionBody, errors=(400, 404, 409),
-       tags=("deliveries",)),
-    Op("get", f"{_P}/dead-letters", "Dead letters: unreviewed first, then newest first.",
-       m.DeadLetterPage, inputs.DEAD_LETTER_PARAMS, errors=(400,), tags=("dead letters",)),
-    Op("post", f"{_P}/dead-letters/{{delivery_id}}/review", "Mark a dead letter reviewed.",
-       m.Review, path_params=("delivery_id",), body=inputs.ReviewBody, errors=(400, 404),
-       tags=("dead letters",)),
-    Op("post", f"{_P}/dead-letters/requeue", "Requeue the dead letters matching a filter "
-       "(dry run: count only), released at a given rate.", m.BulkRequeue,
-       body=inputs.BulkRequeueBody, errors=(400, 409), tags=("dead letters",)),
-    Op("get", f"{_P}/malformed-commands", "Stream entries refused at intake, newest first.",
-       m.MalformedPage, inputs.MALFORMED_PARAMS, errors=(400,), tags=("malformed commands",)),
-    Op("post", f"{_P}/malformed-commands/{{id}}/replay", "Validate a refused entry again "
-       "and take it in if it now passes.", m.Replay, path_params=("id",),
-       body=inputs.ReplayBody, errors=(400, 404, 409), tags=("malformed commands",)),
-    Op("post", f"{_P}/malformed-commands/replay", "Replay refused entries by failure code "
-       "(dry run: validate only).", m.Replay, body=inputs.BulkReplayBody, errors=(400, 409),
-       tags=("malformed commands",)),
-    Op("get", f"{_P}/commands/{{stream_entry_id}}", "What became of one stream entry.",
-       m.CommandTrace, path_params=("stream_entry_id",), errors=(400, 404),
-       tags=("malformed commands",)),
-    Op("get", f"{_P}/stats", "The figures an operator checks first.", m.Stats,
-       errors=(400,), tags=("figures",)),
-    Op("get", f"{_P}/sending", "Whether sending is paused, globally or per source.",
-       m.SendingState, errors=(400,), tags=("sending",)),
-    Op("post", f"{_P}/sending/pause", "Pause sending (claiming stops, intake goes on), for "
-       "one source or all; shared by every replica, survives restarts.", m.PauseChange,
-       body=inputs.PauseBody, errors=(400,), tags=("sending",)),
-    Op("post", f"{_P}/sending/resume", "Resume sending for one source or all.",
-       m.PauseChange, body=inputs.PauseBody, errors=(400,), tags=("sending",)),
-    Op("get", f"{_P}/suppressions", "The suppression list, by address.", m.SuppressionPage,
-       inputs.SUPPRESSION_PARAMS, errors=(400,), tags=("suppressions",)),
-    Op("post", f"{_P}/suppressions", "Add (or replace) a suppression.", m.SuppressionChange,
-       body=inputs.SuppressionAddBody, errors=(400,), tags=("suppressions",)),
-    Op("post", f"{_P}/suppressions/remove", "Remove a suppression.", m.SuppressionChange,
-       body=inputs.SuppressionRemoveBody, errors=(400, 404), tags=("suppressions",)),
-    Op("get", f"{_P}/operator-actions", "The audit trail of operator actions, newest first.",
-       m.OperatorActionPage, inputs.ACTION_PARAMS, errors=(400,), tags=("audit",)),
+    Op("get", "/healthz", "Liveness: the process answers.", v.Health, tags=("probes",)),
+    Op(
+        "get",
+        f"{_P}/deliveries",
+        "Deliveries, newest first (keyset pagination).",
+        v.DeliveryPage,
+        inputs.DELIVERY_PARAMS,
+        errors=(400,),
+        tags=("deliveries",),
+    ),
+    Op(
+        "get",
+        f"{_P}/deliveries/{{delivery_id}}",
+        "One delivery with its attempts, dead letter and retry plan.",
+        v.DeliveryDetail,
+        path_params=("delivery_id",),
+        errors=(400, 404),
+        tags=("deliveries",),
+    ),
+    Op(
+        "post",
+        f"{_P}/deliveries/{{delivery_id}}/requeue",
+        "Requeue a dead-lettered or "
+        "failed delivery: queued, due now, the retry ladder starts over, attempts kept.",
+        v.DeliveryChange,
+        path_params=("delivery_id",),
+        body=bodies.DeliveryActionBody,
+        errors=(400, 404, 409),
+        tags=("deliveries",),
+    ),
+    Op(
+        "post",
+        f"{_P}/deliveries/{{delivery_id}}/cancel",
+        "Cancel a queued (due or scheduled) delivery; it is never sent.",
+        v.DeliveryChange,
+        path_params=("delivery_id",),
+        body=bodies.DeliveryActionBody,
+        errors=(400, 404, 409),
+        tags=("deliveries",),
+    ),
+    Op(
+        "get",
+        f"{_P}/dead-letters",
+        "Dead letters: unreviewed first, then newest first.",
+        v.DeadLetterPage,
+        inputs.DEAD_LETTER_PARAMS,
+        errors=(400,),
+        tags=("dead letters",),
+    ),
+    Op(
+        "post",
+        f"{_P}/dead-letters/{{delivery_id}}/review",
+        "Mark a dead letter reviewed.",
+        v.Review,
+        path_params=("delivery_id",),
+        body=bodies.ReviewBody,
+        errors=(400, 404),
+        tags=("dead letters",),
+    ),
+    Op(
+        "post",
+        f"{_P}/dead-letters/requeue",
+        "Requeue the dead letters matching a filter "
+        "(dry run: count only), released at a given rate.",
+        v.BulkRequeue,
+        body=bodies.BulkRequeueBody,
+        errors=(400, 409),
+        tags=("dead letters",),
+    ),
+    Op(
+        "get",
+        f"{_P}/malformed-commands",
+        "Stream entries refused at intake, newest first.",
+        v.MalformedPage,
+        inputs.MALFORMED_PARAMS,
+        errors=(400,),
+        tags=("malformed commands",),
+    ),
+    Op(
+        "post",
+        f"{_P}/malformed-commands/{{id}}/replay",
+        "Validate a refused entry again and take it in if it now passes.",
+        v.Replay,
+        path_params=("id",),
+        body=bodies.ReplayBody,
+        errors=(400, 404, 409),
+        tags=("malformed commands",),
+    ),
+    Op(
+        "post",
+        f"{_P}/malformed-commands/replay",
+        "Replay refused entries by failure code (dry run: validate only).",
+        v.Replay,
+        body=bodies.BulkReplayBody,
+        errors=(400, 409),
+        tags=("malformed commands",),
+    ),
+    Op(
+        "get",
+        f"{_P}/commands/{{stream_entry_id}}",
+        "What became of one stream entry.",
+        v.CommandTrace,
+        path_params=("stream_entry_id",),
+        errors=(400, 404),
+        tags=("malformed commands",),
+    ),
+    Op(
+        "get",
+        f"{_P}/stats",
+        "The figures an operator checks first.",
+        v.Stats,
+        errors=(400,),
+        tags=("figures",),
+    ),
+    Op(
+        "get",
+        f"{_P}/sending",
+        "Whether sending is paused, globally or per source.",
+        v.SendingState,
+        errors=(400,),
+        tags=("sending",),
+    ),
+    Op(
+        "post",
+        f"{_P}/sending/pause",
+        "Pause sending (claiming stops, intake goes on), for "
+        "one source or all; shared by every replica, survives restarts.",
+        v.PauseChange,
+        body=bodies.PauseBody,
+        errors=(400,),
+        tags=("sending",),
+    ),
+    Op(
+        "post",
+        f"{_P}/sending/resume",
+        "Resume sending for one source or all.",
+        v.PauseChange,
+        body=bodies.PauseBody,
+        errors=(400,),
+        tags=("sending",),
+    ),
+    Op(
+        "get",
+        f"{_P}/suppressions",
+        "The suppression list, by address.",
+        v.SuppressionPage,
+        inputs.SUPPRESSION_PARAMS,
+        errors=(400,),
+        tags=("suppressions",),
+    ),
+    Op(
+        "post",
+        f"{_P}/suppressions",
+        "Add (or replace) a suppression.",
+        v.SuppressionChange,
+        body=bodies.SuppressionAddBody,
+        errors=(400,),
+        tags=("suppressions",),
+    ),
+    Op(
+        "post",
+        f"{_P}/suppressions/remove",
+        "Remove a suppression.",
+        v.SuppressionChange,
+        body=bodies.SuppressionRemoveBody,
+        errors=(400, 404),
+        tags=("suppressions",),
+    ),
+    Op(
+        "get",
+        f"{_P}/operator-actions",
+        "The audit trail of operator actions, newest first.",
+        v.OperatorActionPage,
+        inputs.ACTION_PARAMS,
+        errors=(400,),
+        tags=("audit",),
+    ),
 )
 
 _STATUS_TEXT = {
@@ -107,7 +235,9 @@ _STATUS_TEXT = {
 }
 
 _ACTOR_HEADER = {
-    "name": "X-Operator", "in": "header", "required": False,
+    "name": "X-Operator",
+    "in": "header",
+    "required": False,
     "description": "Who acts, when the body has no `actor`.",
     "schema": {"type": "string", "pattern": inputs.HEADER_ACTOR},
 }
@@ -124,22 +254,36 @@ def _ref(kind: type[Any]) -> dict[str, Any]:
 def _operation(op: Op) -> dict[str, Any]:
     params: list[dict[str, Any]] = [
         {"name": name, "in": "path", "required": True, "schema": _PATH_PARAMS[name]}
-        for name in op.path_params]
-    params += [{"name": p.name, "in": "query", "required": False, "schema": p.schema,
-                "description": p.description} for p in op.params]
+        for name in op.path_params
+    ]
+    params += [
+        {
+            "name": p.name,
+            "in": "query",
+            "required": False,
+            "schema": p.schema,
+            "description": p.description,
+        }
+        for p in op.params
+    ]
     responses: dict[str, Any] = {"200": _json(_ref(op.response), "OK")}
-    error = _ref(m.ErrorBody)
+    error = _ref(v.ErrorBody)
     statuses = set(op.errors) | ({503} if op.path.startswith(PREFIX) else set())
-    out: dict[str, Any] = {"summary": op.summary, "operationId": _operation_id(op),
-                           "tags": list(op.tags)}
+    out: dict[str, Any] = {
+        "summary": op.summary,
+        "operationId": _operation_id(op),
+        "tags": list(op.tags),
+    }
     if op.method == "post":
         params.append(_ACTOR_HEADER)
         statuses |= {400, 401, 403, 413}
         out["security"] = [{"operatorToken": []}]
         assert op.body is not None
         required = any(f.is_required() for f in op.body.model_fields.values())
-        out["requestBody"] = {"required": required, "content": {
-            "application/json": {"schema": _ref(op.body)}}}
+        out["requestBody"] = {
+            "required": required,
+            "content": {"application/json": {"schema": _ref(op.body)}},
+        }
     for status in sorted(statuses):
         responses[str(status)] = _json(error, _STATUS_TEXT[status])
     if params:
@@ -149,13 +293,16 @@ def _operation(op: Op) -> dict[str, Any]:
 
 
 def _operation_id(op: Op) -> str:
-    words = [w for w in op.path.removeprefix(PREFIX).replace("-", "_").split("/")
-             if w and not w.startswith("{")]
+    words = [
+        w
+        for w in op.path.removeprefix(PREFIX).replace("-", "_").split("/")
+        if w and not w.startswith("{")
+    ]
     return "_".join([op.method, *words]) + ("_one" if op.path.endswith("}") else "")
 
 
 def _schemas() -> dict[str, Any]:
-    kinds: list[type[Any]] = [op.response for op in OPERATIONS] + [m.ErrorBody]
+    kinds: list[type[Any]] = [op.response for op in OPERATIONS] + [v.ErrorBody]
     bodies = [op.body for op in OPERATIONS if op.body is not None]
     entries = [((k.__name__, "serialization"), "serialization", TypeAdapter(k)) for k in kinds]
     entries += [((b.__name__, "validation"), "validation", TypeAdapter(b)) for b in bodies]
@@ -168,30 +315,44 @@ def document() -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for op in OPERATIONS:
         paths.setdefault(op.path, {})[op.method] = _operation(op)
-    paths["/readyz"] = {"get": {
-        "summary": "Readiness: migrations applied, workers running, PostgreSQL and Redis "
-                   "reachable.", "operationId": "get_readyz", "tags": ["probes"],
-        "responses": {
-            "200": _json({"$ref": _REF.format(model="Readiness")}, "Ready"),
-            "503": _json({"$ref": _REF.format(model="Readiness")}, "Not ready")}}}
-    paths[f"{PREFIX}/openapi.json"] = {"get": {
-        "summary": "This document.", "operationId": "get_openapi", "tags": ["probes"],
-        "responses": {"200": _json({"type": "object"}, "The OpenAPI document")}}}
+    paths["/readyz"] = {
+        "get": {
+            "summary": "Readiness: migrations applied, workers running, PostgreSQL and Redis "
+            "reachable.",
+            "operationId": "get_readyz",
+            "tags": ["probes"],
+            "responses": {
+                "200": _json({"$ref": _REF.format(model="Readiness")}, "Ready"),
+                "503": _json({"$ref": _REF.format(model="Readiness")}, "Not ready"),
+            },
+        }
+    }
+    paths[f"{PREFIX}/openapi.json"] = {
+        "get": {
+            "summary": "This document.",
+            "operationId": "get_openapi",
+            "tags": ["probes"],
+            "responses": {"200": _json({"type": "object"}, "The OpenAPI document")},
+        }
+    }
     schemas = _schemas()
     schemas["Readiness"] = {
-        "type": "object", "required": ["status", "checks"],
-        "properties": {"status": {"type": "string", "enum": ["ready", "not ready"]},
-                       "checks": {"type": "object",
-                                  "additionalProperties": {"type": "string"}}}}
+        "type": "object",
+        "required": ["status", "checks"],
+        "properties": {
+            "status": {"type": "string", "enum": ["ready", "not ready"]},
+            "checks": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+    }
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "maildaemon internal API",
             "version": __version__,
             "description": "Delivery lookup and operator repair on MAIL_INTERNAL_HTTP_ADDR. "
-                           "Reads are open to the internal network; actions (POST) need "
-                           "`Authorization: Bearer <MAIL_OPERATOR_TOKEN>` and are recorded "
-                           "in the audit trail. Times are ISO-8601 UTC.",
+            "Reads are open to the internal network; actions (POST) need "
+            "`Authorization: Bearer <MAIL_OPERATOR_TOKEN>` and are recorded "
+            "in the audit trail. Times are ISO-8601 UTC.",
         },
         "paths": dict(sorted(paths.items())),
         "components": {

@@ -1,27 +1,17 @@
-"""What an operator may ask: query parameters, request bodies, identifiers, times and cursors.
+"""What an operator may ask: identifiers, times and query parameters (bodies: ``operator_bodies``).
 
 Everything here validates exactly what the OpenAPI document promises (``openapi.py`` reads
-the same ``Param`` specs and body models), and refuses anything else with ``InvalidInput``
+the same patterns and ``Param`` specs), and refuses anything else with ``InvalidInput``
 naming the field. Pure: shared by the HTTP API and the CLI.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Annotated, Any, Literal, TypeVar
-
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    WithJsonSchema,
-)
+from typing import Any
 
 from maildaemon.commands import FAILURE_CODES
 from maildaemon.operator_model import (
@@ -55,7 +45,8 @@ ACTION_NAME = r"^[a-z][a-z0-9_.-]{0,63}$"
 
 _RFC3339 = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,32}))?"
-    r"(?:([Zz])|([+-])(\d{2}):(\d{2}))")
+    r"(?:([Zz])|([+-])(\d{2}):(\d{2}))"
+)
 
 
 def _fullmatch(pattern: str) -> re.Pattern[str]:
@@ -66,8 +57,10 @@ def parse_time(text: str, name: str) -> datetime:
     """An RFC 3339 date-time with an offset (``Z`` or ``±hh:mm``), as UTC."""
     match = _RFC3339.fullmatch(text)
     if match is None:
-        raise InvalidInput(f"{name}: not an RFC 3339 date-time with a UTC offset, "
-                           "e.g. 2024-05-01T12:00:00Z", field=name)
+        raise InvalidInput(
+            f"{name}: not an RFC 3339 date-time with a UTC offset, e.g. 2024-05-01T12:00:00Z",
+            field=name,
+        )
     year, month, day, hour, minute, second = (int(g) for g in match.group(1, 2, 3, 4, 5, 6))
     micro = int((match.group(7) or "0")[:6].ljust(6, "0"))
     try:
@@ -81,8 +74,16 @@ def parse_time(text: str, name: str) -> datetime:
             tz = timezone(-offset if match.group(9) == "-" else offset)
         # A leap second (:60) is read as the last microsecond before it.
         leap = second == 60
-        value = datetime(year, month, day, hour, minute, 59 if leap else second,
-                         999999 if leap else micro, tzinfo=tz)
+        value = datetime(
+            year,
+            month,
+            day,
+            hour,
+            minute,
+            59 if leap else second,
+            999999 if leap else micro,
+            tzinfo=tz,
+        )
         return value.astimezone(UTC)
     except (ValueError, OverflowError):
         raise InvalidInput(f"{name}: not a valid date-time", field=name) from None
@@ -95,13 +96,21 @@ def check(pattern: str, value: str, name: str, what: str) -> str:
 
 
 def delivery_id(value: str) -> str:
-    return check(DELIVERY_ID, value, "delivery_id",
-                 "must be 1-128 letters, digits and ._:@/+=- starting with a letter or digit")
+    return check(
+        DELIVERY_ID,
+        value,
+        "delivery_id",
+        "must be 1-128 letters, digits and ._:@/+=- starting with a letter or digit",
+    )
 
 
 def stream_entry_id(value: str) -> str:
-    return check(STREAM_ENTRY_ID, value, "stream_entry_id",
-                 "must be a stream entry id such as 1700000000000-0")
+    return check(
+        STREAM_ENTRY_ID,
+        value,
+        "stream_entry_id",
+        "must be a stream entry id such as 1700000000000-0",
+    )
 
 
 def malformed_id(value: str) -> int:
@@ -152,6 +161,7 @@ def _enum(values: Sequence[str]) -> Callable[[str, str], Any]:
         if value not in values:
             raise InvalidInput(f"{name}: must be one of {', '.join(values)}", field=name)
         return value
+
     return convert
 
 
@@ -160,6 +170,7 @@ def _int(low: int, high: int) -> Callable[[str, str], Any]:
         if not re.fullmatch(r"-?[0-9]{1,20}", value) or not low <= int(value) <= high:
             raise InvalidInput(f"{name}: must be an integer from {low} to {high}", field=name)
         return int(value)
+
     return convert
 
 
@@ -178,70 +189,134 @@ def _string(pattern: str, **extra: Any) -> dict[str, Any]:
 
 
 TIME_SCHEMA = {"type": "string", "format": "date-time"}
-P_LIMIT = Param("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT,
-                          "default": DEFAULT_LIMIT},
-                "Page size.", _int(1, MAX_LIMIT))
-P_CURSOR = Param("cursor", _string(CURSOR),
-                 "The next_cursor of the previous page.", _text(CURSOR, "not a cursor"))
-P_SOURCE = Param("source", _string(SOURCE), "Only this source.",
-                 _text(SOURCE, "must be a source name (lower-case letters, digits, _.-)"))
+P_LIMIT = Param(
+    "limit",
+    {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT},
+    "Page size.",
+    _int(1, MAX_LIMIT),
+)
+P_CURSOR = Param(
+    "cursor",
+    _string(CURSOR),
+    "The next_cursor of the previous page.",
+    _text(CURSOR, "not a cursor"),
+)
+P_SOURCE = Param(
+    "source",
+    _string(SOURCE),
+    "Only this source.",
+    _text(SOURCE, "must be a source name (lower-case letters, digits, _.-)"),
+)
 
 
 def _after(what: str) -> Param:
-    return Param("created_after", TIME_SCHEMA, f"Only {what} created at or after this time.",
-                 _time)
+    return Param("created_after", TIME_SCHEMA, f"Only {what} created at or after this time.", _time)
 
 
 def _before(what: str) -> Param:
-    return Param("created_before", TIME_SCHEMA, f"Only {what} created before this time.",
-                 _time)
+    return Param("created_before", TIME_SCHEMA, f"Only {what} created before this time.", _time)
 
 
 DELIVERY_PARAMS = (
-    Param("status", {"type": "string", "enum": list(DELIVERY_STATUSES)}, "Only this status.",
-          _enum(DELIVERY_STATUSES)),
+    Param(
+        "status",
+        {"type": "string", "enum": list(DELIVERY_STATUSES)},
+        "Only this status.",
+        _enum(DELIVERY_STATUSES),
+    ),
     P_SOURCE,
-    Param("recipient", _string(WORD), "Only deliveries to this address (to, cc or bcc; "
-          "case-insensitive).", _lower(WORD, "must be an address without spaces")),
-    _after("deliveries"), _before("deliveries"), P_LIMIT, P_CURSOR,
+    Param(
+        "recipient",
+        _string(WORD),
+        "Only deliveries to this address (to, cc or bcc; case-insensitive).",
+        _lower(WORD, "must be an address without spaces"),
+    ),
+    _after("deliveries"),
+    _before("deliveries"),
+    P_LIMIT,
+    P_CURSOR,
 )
 DEAD_LETTER_PARAMS = (
     P_SOURCE,
-    Param("recipient_domain", _string(DOMAIN), "Only deliveries with a recipient at this "
-          "domain.", _lower(DOMAIN, "must be a domain name")),
-    Param("reply_code", {"type": "integer", "minimum": 200, "maximum": 599},
-          "Only this last SMTP reply code.", _int(200, 599)),
-    Param("reply_class", {"type": "string", "enum": ["2xx", "3xx", "4xx", "5xx"]},
-          "Only last SMTP replies of this class.", _enum(("2xx", "3xx", "4xx", "5xx"))),
-    _after("dead letters"), _before("dead letters"),
-    Param("reviewed", {"type": "boolean"}, "Only reviewed (true) or unreviewed (false).",
-          _bool),
+    Param(
+        "recipient_domain",
+        _string(DOMAIN),
+        "Only deliveries with a recipient at this domain.",
+        _lower(DOMAIN, "must be a domain name"),
+    ),
+    Param(
+        "reply_code",
+        {"type": "integer", "minimum": 200, "maximum": 599},
+        "Only this last SMTP reply code.",
+        _int(200, 599),
+    ),
+    Param(
+        "reply_class",
+        {"type": "string", "enum": ["2xx", "3xx", "4xx", "5xx"]},
+        "Only last SMTP replies of this class.",
+        _enum(("2xx", "3xx", "4xx", "5xx")),
+    ),
+    _after("dead letters"),
+    _before("dead letters"),
+    Param("reviewed", {"type": "boolean"}, "Only reviewed (true) or unreviewed (false).", _bool),
     Param("requeued", {"type": "boolean"}, "Only requeued (true) or not (false).", _bool),
-    P_LIMIT, P_CURSOR,
+    P_LIMIT,
+    P_CURSOR,
 )
 MALFORMED_PARAMS = (
-    Param("failure_code", {"type": "string", "enum": list(FAILURE_CODES)},
-          "Only this failure code.", _enum(FAILURE_CODES)),
-    Param("source", _string(r"^[^\x00]{1,200}$"), "Only entries naming this source.",
-          _text(r"^[^\x00]{1,200}$", "must be 1-200 characters")),
+    Param(
+        "failure_code",
+        {"type": "string", "enum": list(FAILURE_CODES)},
+        "Only this failure code.",
+        _enum(FAILURE_CODES),
+    ),
+    Param(
+        "source",
+        _string(r"^[^\x00]{1,200}$"),
+        "Only entries naming this source.",
+        _text(r"^[^\x00]{1,200}$", "must be 1-200 characters"),
+    ),
     Param("replayed", {"type": "boolean"}, "Only replayed (true) or not (false).", _bool),
-    P_LIMIT, P_CURSOR,
+    P_LIMIT,
+    P_CURSOR,
 )
 SUPPRESSION_PARAMS = (
-    Param("address", _string(WORD), "Only this address (case-insensitive).",
-          _lower(WORD, "must be an address without spaces")),
-    Param("domain", _string(DOMAIN), "Only addresses at this domain.",
-          _lower(DOMAIN, "must be a domain name")),
-    P_LIMIT, P_CURSOR,
+    Param(
+        "address",
+        _string(WORD),
+        "Only this address (case-insensitive).",
+        _lower(WORD, "must be an address without spaces"),
+    ),
+    Param(
+        "domain",
+        _string(DOMAIN),
+        "Only addresses at this domain.",
+        _lower(DOMAIN, "must be a domain name"),
+    ),
+    P_LIMIT,
+    P_CURSOR,
 )
 ACTION_PARAMS = (
-    Param("action", _string(ACTION_NAME), "Only this action, e.g. delivery.requeue.",
-          _text(ACTION_NAME, "must be an action name")),
-    Param("actor", _string(ACTOR), "Only actions by this actor.",
-          _text(ACTOR, "must be 1-200 characters without control characters")),
-    Param("target", _string(r"^[^\x00]{1,300}$"), "Only actions on this target.",
-          _text(r"^[^\x00]{1,300}$", "must be 1-300 characters")),
-    P_LIMIT, P_CURSOR,
+    Param(
+        "action",
+        _string(ACTION_NAME),
+        "Only this action, e.g. delivery.requeue.",
+        _text(ACTION_NAME, "must be an action name"),
+    ),
+    Param(
+        "actor",
+        _string(ACTOR),
+        "Only actions by this actor.",
+        _text(ACTOR, "must be 1-200 characters without control characters"),
+    ),
+    Param(
+        "target",
+        _string(r"^[^\x00]{1,300}$"),
+        "Only actions on this target.",
+        _text(r"^[^\x00]{1,300}$", "must be 1-300 characters"),
+    ),
+    P_LIMIT,
+    P_CURSOR,
 )
 
 
@@ -254,7 +329,7 @@ class Query(Mapping[str, Any]):
     def __getitem__(self, key: str) -> Any:
         return self._values.get(key)
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[str]:
         return iter(self._values)
 
     def __len__(self) -> int:
@@ -268,8 +343,9 @@ def parse_query(pairs: Sequence[tuple[str, str]], params: Sequence[Param]) -> Qu
         spec = specs.get(name)
         if spec is None:
             known = ", ".join(specs) or "none"
-            raise InvalidInput(f"{name[:100]}: unknown query parameter (known: {known})",
-                               field=name[:100])
+            raise InvalidInput(
+                f"{name[:100]}: unknown query parameter (known: {known})", field=name[:100]
+            )
         if name in values:
             raise InvalidInput(f"{name}: given more than once", field=name)
         values[name] = spec.convert(text, name)
@@ -284,35 +360,44 @@ def page(query: Query, kind: str, shape: tuple[type, ...]) -> PageRequest:
 
 def delivery_query(pairs: Sequence[tuple[str, str]]) -> tuple[DeliveryFilter, PageRequest]:
     q = parse_query(pairs, DELIVERY_PARAMS)
-    flt = DeliveryFilter(status=q["status"], source=q["source"], recipient=q["recipient"],
-                         created_after=q["created_after"], created_before=q["created_before"])
+    flt = DeliveryFilter(
+        status=q["status"],
+        source=q["source"],
+        recipient=q["recipient"],
+        created_after=q["created_after"],
+        created_before=q["created_before"],
+    )
     return flt, page(q, "d", (datetime, str))
 
 
 def dead_letter_filter(q: Mapping[str, Any]) -> DeadLetterFilter:
     rc = q.get("reply_class")
     return DeadLetterFilter(
-        source=q.get("source"), recipient_domain=q.get("recipient_domain"),
-        reply_code=q.get("reply_code"), reply_class=int(rc[0]) if rc else None,
-        created_after=q.get("created_after"), created_before=q.get("created_before"),
-        reviewed=q.get("reviewed"), requeued=q.get("requeued"))
+        source=q.get("source"),
+        recipient_domain=q.get("recipient_domain"),
+        reply_code=q.get("reply_code"),
+        reply_class=int(rc[0]) if rc else None,
+        created_after=q.get("created_after"),
+        created_before=q.get("created_before"),
+        reviewed=q.get("reviewed"),
+        requeued=q.get("requeued"),
+    )
 
 
-def dead_letter_query(pairs: Sequence[tuple[str, str]]
-                      ) -> tuple[DeadLetterFilter, PageRequest]:
+def dead_letter_query(pairs: Sequence[tuple[str, str]]) -> tuple[DeadLetterFilter, PageRequest]:
     q = parse_query(pairs, DEAD_LETTER_PARAMS)
     return dead_letter_filter(q), page(q, "dl", (bool, datetime, str))
 
 
 def malformed_query(pairs: Sequence[tuple[str, str]]) -> tuple[MalformedFilter, PageRequest]:
     q = parse_query(pairs, MALFORMED_PARAMS)
-    flt = MalformedFilter(failure_code=q["failure_code"], source=q["source"],
-                          replayed=q["replayed"])
+    flt = MalformedFilter(
+        failure_code=q["failure_code"], source=q["source"], replayed=q["replayed"]
+    )
     return flt, page(q, "m", (datetime, int))
 
 
-def suppression_query(pairs: Sequence[tuple[str, str]]
-                      ) -> tuple[SuppressionFilter, PageRequest]:
+def suppression_query(pairs: Sequence[tuple[str, str]]) -> tuple[SuppressionFilter, PageRequest]:
     q = parse_query(pairs, SUPPRESSION_PARAMS)
     return SuppressionFilter(address=q["address"], domain=q["domain"]), page(q, "s", (str,))
 
@@ -321,137 +406,3 @@ def action_query(pairs: Sequence[tuple[str, str]]) -> tuple[ActionFilter, PageRe
     q = parse_query(pairs, ACTION_PARAMS)
     flt = ActionFilter(action=q["action"], actor=q["actor"], target=q["target"])
     return flt, page(q, "a", (int,))
-
-
-# --- request bodies ----------------------------------------------------------------------
-
-
-def _rfc3339(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            return parse_time(value, "date-time")
-        except InvalidInput as exc:
-            raise ValueError(str(exc).split(": ", 1)[-1]) from None
-    return value
-
-
-def _address(value: str) -> str:
-    try:
-        return email_address(value)
-    except InvalidInput as exc:
-        raise ValueError(str(exc).split(": ", 1)[-1]) from None
-
-
-def _integral(value: Any) -> Any:
-    """JSON Schema counts 5.0 as an integer; so do we."""
-    if type(value) is float and value.is_integer():
-        return int(value)
-    return value
-
-
-Time = Annotated[datetime, BeforeValidator(_rfc3339), WithJsonSchema(TIME_SCHEMA)]
-Actor = Annotated[str, Field(min_length=1, max_length=200, pattern=ACTOR,
-                             description="Who acts (default: the X-Operator header, "
-                                         "else \"operator\").")]
-Reason = Annotated[str, Field(max_length=2000, pattern=FREE_TEXT,
-                              description="Why; kept in the audit trail.")]
-Source = Annotated[str, Field(min_length=1, max_length=64, pattern=SOURCE)]
-Address = Annotated[str, Field(min_length=3, max_length=254, pattern=ADDRESS),
-                    AfterValidator(_address)]
-
-
-class Body(BaseModel):
-    """Every action body: who acts and why (both optional)."""
-
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
-
-    actor: Actor | None = None
-    reason: Reason | None = None
-
-
-class DeliveryActionBody(Body):
-    """Requeue or cancel one delivery."""
-
-
-class ReviewBody(BaseModel):
-    """Mark a dead letter reviewed."""
-
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
-
-    note: Annotated[str, Field(min_length=1, max_length=2000, pattern=FREE_TEXT)]
-    actor: Actor | None = None
-
-
-class BulkRequeueBody(Body):
-    """Requeue the dead letters that match every filter given."""
-
-    source: Source | None = None
-    recipient_domain: Annotated[str, Field(min_length=1, max_length=253,
-                                           pattern=DOMAIN)] | None = None
-    reply_code: Annotated[int, Field(ge=200, le=599), BeforeValidator(_integral)] | None = None
-    reply_class: Literal["2xx", "3xx", "4xx", "5xx"] | None = None
-    created_after: Time | None = None
-    created_before: Time | None = None
-    dry_run: bool = False
-    rate_per_second: Annotated[float, Field(ge=0.001, le=100_000)] | None = Field(
-        default=None, description="Release the requeued deliveries at this rate "
-                                  "(default: all due now).")
-    limit: Annotated[int, Field(ge=1, le=10_000), BeforeValidator(_integral)] = 1000
-
-
-class ReplayBody(Body):
-    """Replay one malformed command."""
-
-
-class BulkReplayBody(Body):
-    """Replay the malformed commands with this failure code."""
-
-    failure_code: Literal[FAILURE_CODES]  # type: ignore[valid-type]
-    source: Annotated[str, Field(min_length=1, max_length=200,
-                                 pattern=r"^[^\x00]{1,200}$")] | None = None
-    dry_run: bool = False
-    limit: Annotated[int, Field(ge=1, le=1000), BeforeValidator(_integral)] = 100
-
-
-class PauseBody(Body):
-    """Pause or resume sending, for one source or (without ``source``) for all."""
-
-    source: Source | None = None
-
-
-class SuppressionAddBody(Body):
-    """Put an address on the suppression list (``reason`` is the suppression's reason)."""
-
-    address: Address
-    expires_at: Time | None = None
-
-
-class SuppressionRemoveBody(Body):
-    """Take an address off the suppression list."""
-
-    address: Address
-
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def parse_body(model: type[M], raw: bytes) -> M:
-    """Validate a JSON body; an empty body is ``{}``."""
-    if not raw.strip():
-        raw = b"{}"
-    try:
-        return model.model_validate_json(raw)
-    except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        loc = [str(part) for part in err["loc"]]
-        if err["type"] == "json_invalid":
-            raise InvalidInput(f"body: not a JSON document: {err['msg']}"[:300],
-                               field="body") from None
-        if err["type"] in ("model_type", "model_attributes_type") or not loc:
-            raise InvalidInput("body: must be a JSON object", field="body") from None
-        name = loc[0]
-        message = "unknown field" if err["type"] == "extra_forbidden" else \
-            "field required" if err["type"] == "missing" else \
-            str(err["msg"]).removeprefix("Value error, ")
-        raise InvalidInput(f"{name}: {message}"[:300], field=name) from None
-

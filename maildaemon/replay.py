@@ -21,8 +21,10 @@ from maildaemon.commands import (
 from maildaemon.models import IntakeEntry
 from maildaemon.operator_model import (
     Conflict,
-    MalformedCommand,
     NotFound,
+)
+from maildaemon.operator_views import (
+    MalformedCommand,
     Replay,
     ReplayItem,
 )
@@ -32,8 +34,12 @@ from maildaemon.store.operator import OperatorStore
 def revalidate(record: MalformedCommand, policy: CommandPolicy) -> DeliveryCommand | Rejection:
     """The stored entry checked again, as the consumer checks a fresh one."""
     if record.raw_truncated:
-        return Rejection("too_large", "the stored entry was truncated; it cannot be replayed",
-                         record.delivery_id, record.source)
+        return Rejection(
+            "too_large",
+            "the stored entry was truncated; it cannot be replayed",
+            record.delivery_id,
+            record.source,
+        )
     fields = _entry_fields(record.raw)
     if fields is not None:
         return parse_entry(fields, policy)
@@ -46,55 +52,101 @@ def _entry_fields(raw: str) -> dict[str, str] | None:
         document = json.loads(raw)
     except (ValueError, RecursionError):
         return None
-    if (isinstance(document, dict) and COMMAND_FIELD in document
-            and all(isinstance(v, str) for v in document.values())):
+    if (
+        isinstance(document, dict)
+        and COMMAND_FIELD in document
+        and all(isinstance(v, str) for v in document.values())
+    ):
         return document
     return None
 
 
-async def replay_one(store: OperatorStore, policy: CommandPolicy, window: float,
-                     malformed_id: int, actor: str, reason: str | None) -> Replay:
+async def replay_one(
+    store: OperatorStore,
+    policy: CommandPolicy,
+    window: float,
+    malformed_id: int,
+    actor: str,
+    reason: str | None,
+) -> Replay:
     """Replay one record; Conflict if it was replayed already or is still invalid."""
     record = await store.malformed_by_id(malformed_id)
     if record is None:
         raise NotFound(f"no malformed command {malformed_id}", field="id")
     if record.replayed_at is not None:
-        raise Conflict(f"malformed command {malformed_id} was replayed already (delivery "
-                       f"{record.replayed_delivery_id!r})", code="already_replayed")
+        raise Conflict(
+            f"malformed command {malformed_id} was replayed already (delivery "
+            f"{record.replayed_delivery_id!r})",
+            code="already_replayed",
+        )
     result = await _replay(store, policy, window, [record], 1, False, actor, reason)
     if not result.items:
-        raise Conflict(f"malformed command {malformed_id} was replayed meanwhile",
-                       code="already_replayed")
+        raise Conflict(
+            f"malformed command {malformed_id} was replayed meanwhile", code="already_replayed"
+        )
     item = result.items[0]
     if item.outcome == "still_invalid":
-        raise Conflict(f"still invalid: {item.failure_code}: {item.failure_detail}",
-                       code="still_invalid")
+        raise Conflict(
+            f"still invalid: {item.failure_code}: {item.failure_detail}", code="still_invalid"
+        )
     return result
 
 
-async def replay_bulk(store: OperatorStore, policy: CommandPolicy, window: float,
-                      failure_code: str, source: str | None, limit: int, dry_run: bool,
-                      actor: str, reason: str | None) -> Replay:
+async def replay_bulk(
+    store: OperatorStore,
+    policy: CommandPolicy,
+    window: float,
+    failure_code: str,
+    source: str | None,
+    limit: int,
+    dry_run: bool,
+    actor: str,
+    reason: str | None,
+) -> Replay:
     """Replay up to ``limit`` unreplayed records with this failure code, oldest first."""
     matched, records = await store.replayable(failure_code, source, limit)
-    return await _replay(store, policy, window, records, matched, dry_run, actor, reason,
-                         {"failure_code": failure_code, "source": source})
+    return await _replay(
+        store,
+        policy,
+        window,
+        records,
+        matched,
+        dry_run,
+        actor,
+        reason,
+        {"failure_code": failure_code, "source": source},
+    )
 
 
-async def _replay(store: OperatorStore, policy: CommandPolicy, window: float,
-                  records: list[MalformedCommand], matched: int, dry_run: bool, actor: str,
-                  reason: str | None, detail: dict[str, object] | None = None) -> Replay:
+async def _replay(
+    store: OperatorStore,
+    policy: CommandPolicy,
+    window: float,
+    records: list[MalformedCommand],
+    matched: int,
+    dry_run: bool,
+    actor: str,
+    reason: str | None,
+    detail: dict[str, object] | None = None,
+) -> Replay:
     items: dict[int, ReplayItem] = {}
     valid: list[tuple[int, IntakeEntry]] = []
     for record in records:
         parsed = revalidate(record, policy)
         if isinstance(parsed, Rejection):
-            items[record.id] = ReplayItem(record.id, record.stream_entry_id, "still_invalid",
-                                          None, parsed.failure_code, parsed.failure_detail)
+            items[record.id] = ReplayItem(
+                record.id,
+                record.stream_entry_id,
+                "still_invalid",
+                None,
+                parsed.failure_code,
+                parsed.failure_detail,
+            )
             continue
         valid.append((record.id, IntakeEntry(record.stream_entry_id, parsed, None, "")))
-        items[record.id] = ReplayItem(record.id, record.stream_entry_id, "accepted",
-                                      parsed.delivery_id, None, None)
+        items[record.id] = ReplayItem(
+            record.id, record.stream_entry_id, "accepted", parsed.delivery_id, None, None
+        )
     action_id = None
     if valid and not dry_run:
         outcome, action_id = await store.replay(valid, window, actor, reason, detail or {})
@@ -104,10 +156,20 @@ async def _replay(store: OperatorStore, policy: CommandPolicy, window: float,
                 continue  # replayed by someone else meanwhile
             kind, delivery_id, rejection = outcome[malformed_id]
             items[malformed_id] = ReplayItem(
-                malformed_id, entry.stream_entry_id, kind, delivery_id,
+                malformed_id,
+                entry.stream_entry_id,
+                kind,
+                delivery_id,
                 rejection.failure_code if rejection else None,
-                rejection.failure_detail if rejection else None)
+                rejection.failure_detail if rejection else None,
+            )
     ordered = [items[r.id] for r in records if r.id in items]
     accepted = sum(1 for i in ordered if i.outcome != "still_invalid")
-    return Replay(dry_run=dry_run, matched=matched, accepted=accepted,
-                  still_invalid=len(ordered) - accepted, items=ordered, action_id=action_id)
+    return Replay(
+        dry_run=dry_run,
+        matched=matched,
+        accepted=accepted,
+        still_invalid=len(ordered) - accepted,
+        items=ordered,
+        action_id=action_id,
+    )

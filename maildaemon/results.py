@@ -1,8 +1,11 @@
 """Result writer: attempt results into PostgreSQL in batches, then outcome events to Redis.
 
-Workers hand over a result and wait for its commit. The wait is shielded: a worker that is
-cancelled during shutdown still gets its result written, because the writer is the last
-component to stop and flushes everything handed to it. Writes are fenced by claim token.
+Workers hand a result over and go on with the next job; the writer commits whatever has
+accumulated while its previous transaction ran (group commit, so a busy daemon writes
+hundreds of results per transaction). A worker's queue slot is released only when its
+result is committed, which bounds what can be waiting. A worker cancelled during shutdown
+still gets its result written: the writer is the last component to stop and flushes
+everything handed to it. Writes are fenced by claim token.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ _EVENT_NAMES = {
     "expired": "delivery expired",
 }
 _MAX_BATCH = 500
+_GATHER = 0.002  # seconds a flush waits for company; bounds the latency it adds
 
 
 class ResultWriter:
@@ -52,15 +56,18 @@ class ResultWriter:
         self._wake = asyncio.Event()
         self._closing = False
 
-    async def submit(self, result: AttemptResult) -> bool:
-        """Hand a result over; returns True once committed, False if the fence refused it."""
-        return (await self.submit_many([result]))[0]
-
-    async def submit_many(self, results: Sequence[AttemptResult]) -> list[bool]:
-        loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in results]
-        self._pending.extend(zip(results, futures, strict=True))
+    def submit(self, result: AttemptResult) -> asyncio.Future[bool]:
+        """Hand a result over. The future resolves once the result's transaction has
+        committed: True if recorded, False if the fence refused it. The result is written
+        whatever happens to the caller (the writer stops last and flushes everything)."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append((result, future))
         self._wake.set()
+        return future
+
+    async def record(self, results: Sequence[AttemptResult]) -> list[bool]:
+        """Hand results over and wait (shielded) until they are committed."""
+        futures = [self.submit(r) for r in results]
         return list(await asyncio.shield(asyncio.gather(*futures)))
 
     def close(self) -> None:
@@ -72,6 +79,8 @@ class ResultWriter:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            if len(self._pending) < _MAX_BATCH and not self._closing:
+                await asyncio.sleep(_GATHER)  # let more results join this transaction
             while self._pending:
                 batch, self._pending = self._pending[:_MAX_BATCH], self._pending[_MAX_BATCH:]
                 await self._flush(batch)

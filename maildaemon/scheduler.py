@@ -45,42 +45,54 @@ class Job:
 
 
 class JobQueue:
-    """Claimed jobs waiting for a worker; bounded by the number of open slots."""
+    """Claimed jobs waiting for a worker; bounded by the number of open slots.
+
+    A slot is taken when a job is claimed and given back when its result is committed,
+    so claims never run ahead of what the workers and the writer can absorb.
+    """
 
     def __init__(self, slots: int) -> None:
         self._jobs: deque[Job | None] = deque()
-        self._ready = asyncio.Condition()
+        self._has_jobs = asyncio.Event()
+        self._has_space = asyncio.Event()
+        self._has_space.set()
         self._free = slots
+        self.slots = slots
 
-    async def wait_for_slots(self) -> int:
-        async with self._ready:
-            await self._ready.wait_for(lambda: self._free > 0)
-            return self._free
+    async def wait_for_slots(self, enough: int) -> int:
+        """Wait until ``enough`` slots are free, or any slot while the workers starve."""
+        while self._free <= 0 or (self._free < enough and self._jobs):
+            self._has_space.clear()
+            await self._has_space.wait()
+        return self._free
 
-    async def put(self, jobs: list[Job]) -> None:
-        async with self._ready:
-            self._free -= len(jobs)
-            self._jobs.extend(jobs)
-            self._ready.notify_all()
+    def put(self, jobs: list[Job]) -> None:
+        self._free -= len(jobs)
+        self._jobs.extend(jobs)
+        if self._jobs:
+            self._has_jobs.set()
 
     async def get(self) -> Job | None:
-        async with self._ready:
-            await self._ready.wait_for(lambda: bool(self._jobs))
-            return self._jobs.popleft()
+        while not self._jobs:
+            self._has_jobs.clear()
+            await self._has_jobs.wait()
+        return self._jobs.popleft()
 
-    async def done(self) -> None:
-        async with self._ready:
-            self._free += 1
-            self._ready.notify_all()
+    def release(self) -> None:
+        """A job is finished with (its result committed): its slot is free again."""
+        self._free += 1
+        self._has_space.set()
 
-    async def close(self, workers: int) -> list[Job]:
+    def release_after(self, _: asyncio.Future[bool]) -> None:
+        self.release()
+
+    def close(self, workers: int) -> list[Job]:
         """Take back every job not yet started and tell each worker to stop."""
-        async with self._ready:
-            left = [j for j in self._jobs if j is not None]
-            self._jobs.clear()
-            self._jobs.extend([None] * workers)
-            self._ready.notify_all()
-            return left
+        left = [j for j in self._jobs if j is not None]
+        self._jobs.clear()
+        self._jobs.extend([None] * workers)
+        self._has_jobs.set()
+        return left
 
 
 class Scheduler:
@@ -103,6 +115,8 @@ class Scheduler:
         self._worker = worker_name
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        # Claim in useful batches: wait for this many free slots unless workers starve.
+        self._claim_size = max(1, min(settings.scheduler_batch_size, queue.slots // 2))
 
     def wake(self) -> None:
         self._wake.set()
@@ -129,7 +143,7 @@ class Scheduler:
     async def _loop(self) -> None:
         delay = 0.1
         while not self._stopping.is_set():
-            free = await self._queue.wait_for_slots()
+            free = await self._queue.wait_for_slots(self._claim_size)
             if self._stopping.is_set():
                 break
             self._wake.clear()
@@ -177,9 +191,10 @@ class Scheduler:
             return 0
         self._inst.claims.add(len(claims))
         jobs, finished = await self._prepare(claims)
-        await self._queue.put(jobs)
+        self._queue.put(jobs)
         if finished:
-            await self._results.submit_many(finished)
+            for result in finished:
+                self._results.submit(result)
         return len(claims)
 
     async def _prepare(

@@ -58,6 +58,15 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
     return ctx
 
 
+def envelope(address: str) -> bytes:
+    """An address as it goes in MAIL FROM / RCPT TO: the domain IDNA-encoded."""
+    local, _, domain = address.rpartition("@")
+    try:
+        return local.encode("ascii") + b"@" + domain.encode("idna")
+    except UnicodeError as exc:
+        raise PermanentTransportError(f"address cannot be sent over SMTP: {address!r}") from exc
+
+
 def _reply(exc: aiosmtplib.SMTPResponseException) -> Reply:
     return Reply(exc.code, exc.message)
 
@@ -179,19 +188,21 @@ class SmtpConnection:
             if self._dirty:
                 await client.rset()
             self._dirty = True
-            try:
-                await client.mail(sender)
-            except aiosmtplib.SMTPSenderRefused as exc:
+            # MAIL and RCPT through execute_command with pre-encoded addresses: the
+            # client's own mail()/rcpt() re-parse every address with email.utils.
+            resp = await client.execute_command(b"MAIL", b"FROM:<" + envelope(sender) + b">")
+            if resp.code != 250:
                 await self._reset(client)
-                report.data_refused = _reply(exc)
+                report.data_refused = Reply(resp.code, resp.message)
                 return report
             for rcpt in recipients:
-                try:
-                    resp = await client.rcpt(rcpt)
+                resp = await client.execute_command(b"RCPT", b"TO:<" + envelope(rcpt) + b">")
+                if resp.code in (250, 251):
                     report.accepted[rcpt] = Reply(resp.code, resp.message)
-                except aiosmtplib.SMTPRecipientRefused as exc:
-                    target = report.refused if exc.code >= 500 else report.deferred
-                    target[rcpt] = _reply(exc)
+                elif resp.code >= 500:
+                    report.refused[rcpt] = Reply(resp.code, resp.message)
+                else:
+                    report.deferred[rcpt] = Reply(resp.code, resp.message)
             if not report.accepted:
                 await self._reset(client)
                 return report

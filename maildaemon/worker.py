@@ -56,9 +56,11 @@ class AttemptWorker:
                     return
                 try:
                     result = await self.attempt(job)
-                    await self._results.submit(result)
-                finally:
-                    await self._queue.done()
+                except BaseException:
+                    self._queue.release()
+                    raise
+                # The slot frees up when the result is committed, not before.
+                self._results.submit(result).add_done_callback(self._queue.release_after)
         finally:
             await asyncio.shield(self._conn.close())
 

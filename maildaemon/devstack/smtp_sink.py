@@ -308,7 +308,7 @@ class SmtpSink:
     async def wait_for(
         self,
         count: int,
-        timeout: float = 10.0,  # noqa: ASYNC109 - part of the test helper's contract
+        timeout: float = 10.0,
     ) -> list[ReceivedMessage]:
         """Wait until at least ``count`` messages were accepted; returns all of them."""
         if self._changed is None:

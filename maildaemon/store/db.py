@@ -82,7 +82,8 @@ class Store:
                 min_size=min_size,
                 max_size=max_size,
                 command_timeout=60,
-                server_settings={"application_name": "maildaemon"},
+                # JIT compilation costs far more than these short statements save.
+                server_settings={"application_name": "maildaemon", "jit": "off"},
             )
         return cls(pool)
 
@@ -236,8 +237,12 @@ class Store:
     async def claim_due(
         self, limit: int, lease_seconds: float, worker: str
     ) -> list[ClaimedDelivery]:
+        """Lease up to ``limit`` due deliveries, skipping paused scopes."""
         async with translate_errors("claim"):
-            rows = await self.pool.fetch(q.CLAIM_DUE, limit, lease_seconds, worker)
+            paused = [r["scope"] for r in await self.pool.fetch(q.PAUSED_SCOPES)]
+            if "*" in paused:
+                return []
+            rows = await self.pool.fetch(q.CLAIM_DUE, limit, lease_seconds, worker, paused)
         return [_claimed(r) for r in rows]
 
     async def release(self, claims: Iterable[ClaimedDelivery]) -> int:

@@ -157,7 +157,8 @@ WITH picked AS (
     FROM picked
 ), upd AS (
     UPDATE mail.deliveries d
-    SET status = 'queued', next_attempt_at = now() + make_interval(secs => numbered.n * $10),
+    SET status = 'queued',
+        next_attempt_at = now() + make_interval(secs => numbered.n * $10::float8),
         finished_at = NULL, claimed_by = NULL, ladder_base = d.attempt_count,
         status_reason = $11, updated_at = now()
     FROM numbered

@@ -81,21 +81,21 @@ NOTIFY_DUE = "SELECT pg_notify('mail_due', '')"
 
 # Claim up to $1 due deliveries: highest priority first, then the longest due. Each
 # priority is a bounded range scan of the partial index, so the claim costs O(batch)
-# whatever the size of the table or of a not-yet-due retry backlog. The lease is the
-# new next_attempt_at: a claim whose holder died becomes due again when it expires.
+# whatever the size of the table or of a not-yet-due retry backlog. Sources in $4 are
+# paused and skipped (a global pause never gets here). The lease is the new
+# next_attempt_at: a claim whose holder died becomes due again when it expires.
 # A delivery still `sending` when claimed again was interrupted mid-attempt: it may
 # already have reached the recipient, so the new attempt counts as a possible duplicate.
 CLAIM_DUE = """
 WITH due AS (
     SELECT c.delivery_id
-    FROM unnest('{0,1,2,3}'::smallint[]) WITH ORDINALITY AS p(prio, ord)
+    FROM unnest('{0,1,2,3}'::smallint[]) AS p(prio)
     CROSS JOIN LATERAL (
         SELECT d.delivery_id
         FROM mail.deliveries d
         WHERE d.priority = p.prio
           AND d.next_attempt_at <= now()
-          AND NOT EXISTS (
-              SELECT 1 FROM mail.sending_pauses s WHERE s.scope = '*' OR s.scope = d.source)
+          AND d.source <> ALL ($4::text[])
         ORDER BY d.next_attempt_at
         LIMIT $1
         FOR UPDATE OF d SKIP LOCKED
@@ -154,6 +154,8 @@ WITH r AS (
 )
 SELECT delivery_id FROM upd
 """
+
+PAUSED_SCOPES = "SELECT scope FROM mail.sending_pauses"
 
 ACTIVE_SUPPRESSIONS = """
 SELECT address, reason FROM mail.suppressions

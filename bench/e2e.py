@@ -1,0 +1,429 @@
+"""End-to-end benchmark: the real daemon process, durable PostgreSQL, Redis, a STARTTLS sink.
+
+    python -m bench.e2e --messages 20000
+
+Phases (each on a fresh database and stream):
+  sink       the sink's own ceiling, driven by client processes without the daemon
+  throughput N template commands XADDed as fast as a producer can; first XADD → last
+             acceptance, every delivery `sent` and every attempt committed
+  latency    commands at a fixed rate; XADD → SMTP acceptance per message
+  intake     sending paused: commands/s into PostgreSQL
+  send       the paused backlog released: deliveries/s out of PostgreSQL
+  backlog    claim latency with 10k vs 1M queued rows, and with a large retry backlog
+             that is not yet due (see bench/claims.py)
+
+Prints a short table and one JSON line (`BENCH_JSON {...}`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from bench.sink import SinkCluster
+from maildaemon.devstack.postgres import EmbeddedPostgres, ensure_database, pick_free_port
+from maildaemon.devstack.redis import EmbeddedRedis
+from maildaemon.mime import make_message_id
+
+REPO = Path(__file__).resolve().parent.parent
+SENDER_DOMAIN = "bench.example"
+
+
+@dataclass
+class Proc:
+    """A daemon process and its resource figures (from /proc)."""
+
+    popen: subprocess.Popen[bytes]
+    peak_rss_kb: int = 0
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+    def sample_rss(self) -> None:
+        for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                self.peak_rss_kb = max(self.peak_rss_kb, int(line.split()[1]))
+
+
+@dataclass
+class Servers:
+    pg_admin: str
+    redis_addr: str
+    sink: SinkCluster
+    workdir: Path
+    databases: int = 0
+    results: dict[str, Any] = field(default_factory=dict)
+
+    async def fresh_database(self) -> str:
+        self.databases += 1
+        dsn = ensure_database(self.pg_admin, f"bench_{self.databases}")
+        host, port = self.redis_addr.split(":")
+        client = aioredis.Redis(host=host, port=int(port))
+        await client.flushall()
+        await client.aclose()
+        return dsn
+
+
+def command(i: int, run: str) -> str:
+    return json.dumps(
+        {
+            "delivery_id": f"{run}-{i}",
+            "source": "notification",
+            "idempotency_key": f"{run}-{i}",
+            "to": [f"user{i % 1000}@example.com"],
+            "payload_mode": "template",
+            "template_id": "signin_code",
+            "locale": "en" if i % 2 else "de",
+            "variables": {"code": f"{i % 1000000:06d}", "expires_minutes": 10},
+        },
+        separators=(",", ":"),
+    )
+
+
+def daemon_env(dsn: str, servers: Servers, http_port: int, concurrency: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAIL_", "OTEL_"))}
+    env.update(
+        {
+            "MAIL_POSTGRES_PRIMARY_DSN": dsn,
+            "MAIL_REDIS_MASTER_ADDR": servers.redis_addr,
+            "MAIL_SMTP_MODE": "smtp",
+            "MAIL_SMTP_ADDR": f"localhost:{servers.sink.port}",
+            "MAIL_SMTP_FROM": f"Bench <noreply@{SENDER_DOMAIN}>",
+            "MAIL_SMTP_CA_FILE": str(servers.sink.ca_file),
+            "MAIL_TEMPLATE_DIR": str(REPO / "templates"),
+            "MAIL_INTERNAL_HTTP_ADDR": f"127.0.0.1:{http_port}",
+            "MAIL_ATTEMPT_WORKER_CONCURRENCY": str(concurrency),
+            "MAIL_ALLOWED_SOURCES": "notification,authsession",
+            "MAIL_LOG_LEVEL": "WARNING",
+            "MAIL_SHUTDOWN_TIMEOUT": "10s",
+        }
+    )
+    return env
+
+
+async def start_daemon(env: dict[str, str], http_port: int) -> Proc:
+    profile = os.environ.get("BENCH_PROFILE")  # a path: run the daemon under cProfile
+    prefix = ["-m", "cProfile", "-o", profile] if profile else []
+    popen = subprocess.Popen(
+        [sys.executable, *prefix, "-m", "maildaemon.cli", "run"],
+        env=env,
+        cwd=str(REPO),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if popen.poll() is not None:
+            raise RuntimeError(f"daemon exited: {popen.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
+            writer.write(b"GET /readyz HTTP/1.0\r\n\r\n")
+            status = await reader.readline()
+            writer.close()
+            if b" 200 " in status:
+                return Proc(popen)
+        except OSError:
+            pass
+        await asyncio.sleep(0.1)
+    raise RuntimeError("daemon did not become ready")
+
+
+def stop_daemon(proc: Proc) -> None:
+    proc.sample_rss()
+    proc.popen.send_signal(signal.SIGTERM)
+    try:
+        proc.popen.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.popen.kill()
+
+
+async def xadd_all(
+    redis_addr: str, docs: list[str], stream: str = "mail:delivery_commands", chunk: int = 500
+) -> float:
+    """XADD as fast as one producer can (pipelined); returns the first XADD's time."""
+    host, port = redis_addr.split(":")
+    client = aioredis.Redis(host=host, port=int(port))
+    first = time.monotonic()
+    for start in range(0, len(docs), chunk):
+        async with client.pipeline(transaction=False) as pipe:
+            for doc in docs[start : start + chunk]:
+                pipe.xadd(stream, {"command": doc})
+            await pipe.execute()
+    await client.aclose()
+    return first
+
+
+async def count(dsn: str, sql: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval(sql))
+    finally:
+        await conn.close()
+
+
+async def wait_count(
+    dsn: str, sql: str, target: int, proc: Proc | None, timeout: float = 600
+) -> float:
+    deadline = time.monotonic() + timeout
+    conn = await asyncpg.connect(dsn)
+    try:
+        while True:
+            n = int(await conn.fetchval(sql))
+            if proc is not None:
+                proc.sample_rss()
+            if n >= target:
+                return time.monotonic()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {n}/{target} after {timeout}s: {sql}")
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+
+
+SENT = "SELECT count(*) FROM mail.deliveries WHERE status = 'sent'"
+ALL = "SELECT count(*) FROM mail.deliveries"
+
+
+async def phase_throughput(servers: Servers, n: int, concurrency: int) -> dict[str, Any]:
+    dsn = await servers.fresh_database()
+    port = pick_free_port()
+    proc = await start_daemon(daemon_env(dsn, servers, port, concurrency), port)
+    cpu0 = proc.cpu_seconds()
+    docs = [command(i, "tp") for i in range(n)]
+    first = await xadd_all(servers.redis_addr, docs)
+    produced = time.monotonic()
+    done = await wait_count(dsn, SENT, n, proc)
+    cpu = proc.cpu_seconds() - cpu0
+    stop_daemon(proc)
+    attempts = await count(dsn, "SELECT count(*) FROM mail.attempts WHERE status = 'sent'")
+    elapsed = done - first
+    return {
+        "messages": n,
+        "elapsed_s": round(elapsed, 3),
+        "deliveries_per_s": round(n / elapsed, 1),
+        "producer_per_s": round(n / (produced - first), 1),
+        "daemon_cpu_s": round(cpu, 2),
+        "daemon_cpu_ms_per_delivery": round(cpu * 1000 / n, 3),
+        "daemon_peak_rss_mb": round(proc.peak_rss_kb / 1024, 1),
+        "sent_attempts_recorded": attempts,
+    }
+
+
+async def phase_latency(servers: Servers, n: int, rate: float, concurrency: int) -> dict[str, Any]:
+    dsn = await servers.fresh_database()
+    port = pick_free_port()
+    proc = await start_daemon(daemon_env(dsn, servers, port, concurrency), port)
+    host, rport = servers.redis_addr.split(":")
+    client = aioredis.Redis(host=host, port=int(rport))
+    sent_at: dict[str, int] = {}
+    start = time.monotonic()
+    for i in range(n):
+        target = start + i / rate
+        delay = target - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        delivery_id = f"lat-{i}"
+        sent_at[make_message_id(delivery_id, SENDER_DOMAIN)] = time.monotonic_ns()
+        await client.xadd("mail:delivery_commands", {"command": command(i, "lat")})
+    await client.aclose()
+    await wait_count(dsn, SENT, n, proc)
+    stop_daemon(proc)
+    await asyncio.sleep(1.0)  # let the sink flush its arrival log
+    arrivals = servers.sink.arrivals()
+    lat = sorted((arrivals[m] - t) / 1e6 for m, t in sent_at.items() if m in arrivals)
+    if not lat:
+        raise RuntimeError("no arrivals matched")
+
+    def pct(p: float) -> float:
+        return round(lat[min(len(lat) - 1, int(p * len(lat)))], 2)
+
+    return {
+        "messages": n,
+        "rate_per_s": rate,
+        "matched": len(lat),
+        "p50_ms": pct(0.50),
+        "p95_ms": pct(0.95),
+        "p99_ms": pct(0.99),
+        "max_ms": round(lat[-1], 2),
+        "mean_ms": round(statistics.fmean(lat), 2),
+    }
+
+
+async def phase_intake_then_send(servers: Servers, n: int, concurrency: int) -> dict[str, Any]:
+    dsn = await servers.fresh_database()
+    port = pick_free_port()
+    proc = await start_daemon(daemon_env(dsn, servers, port, concurrency), port)
+    conn = await asyncpg.connect(dsn)
+    await conn.execute("INSERT INTO mail.sending_pauses (scope, paused_by) VALUES ('*', 'bench')")
+    await conn.close()
+    cpu0 = proc.cpu_seconds()
+    first = await xadd_all(servers.redis_addr, [command(i, "in") for i in range(n)])
+    taken = await wait_count(dsn, ALL, n, proc)
+    intake_cpu = proc.cpu_seconds() - cpu0
+    conn = await asyncpg.connect(dsn)
+    cpu1 = proc.cpu_seconds()
+    released = time.monotonic()
+    await conn.execute("DELETE FROM mail.sending_pauses; SELECT pg_notify('mail_due', '')")
+    await conn.close()
+    done = await wait_count(dsn, SENT, n, proc)
+    send_cpu = proc.cpu_seconds() - cpu1
+    stop_daemon(proc)
+    return {
+        "messages": n,
+        "intake_per_s": round(n / (taken - first), 1),
+        "intake_cpu_ms_per_command": round(intake_cpu * 1000 / n, 3),
+        "send_per_s": round(n / (done - released), 1),
+        "send_cpu_ms_per_delivery": round(send_cpu * 1000 / n, 3),
+    }
+
+
+def phase_sink(servers: Servers, seconds: float, procs: int, connections: int) -> dict[str, Any]:
+    """The sink alone, driven by ``procs`` client processes with ``connections`` each."""
+    before = servers.sink.count()
+    args = [
+        sys.executable,
+        "-m",
+        "bench.sink_client",
+        "--port",
+        str(servers.sink.port),
+        "--ca",
+        str(servers.sink.ca_file),
+        "--seconds",
+        str(seconds),
+        "--connections",
+        str(connections),
+    ]
+    clients = [subprocess.Popen(args, cwd=str(REPO), stdout=subprocess.PIPE) for _ in range(procs)]
+    sent = sum(int(c.communicate()[0].decode().strip() or 0) for c in clients)
+    time.sleep(1.0)
+    received = servers.sink.count() - before
+    return {
+        "seconds": seconds,
+        "client_procs": procs,
+        "connections": procs * connections,
+        "messages_per_s": round(sent / seconds, 1),
+        "received": received,
+    }
+
+
+def machine() -> dict[str, Any]:
+    import aiosmtplib
+    import asyncpg as apg
+    import redis as rp
+
+    return {
+        "cores": os.cpu_count(),
+        "cpu": next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        ),
+        "python": platform.python_version(),
+        "asyncpg": apg.__version__,
+        "redis_py": rp.__version__,
+        "aiosmtplib": aiosmtplib.__version__,
+    }
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = []
+    for phase, values in results.items():
+        if phase == "machine" or not isinstance(values, dict):
+            continue
+        lines.append(f"{phase}:")
+        lines.extend(f"  {k:<32} {v}" for k, v in values.items())
+    return "\n".join(lines)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix="maildaemon-bench-"))
+    pg = EmbeddedPostgres(workdir / "pg", fast=False)  # fsync on: every commit is durable
+    rd = EmbeddedRedis(workdir / "redis")
+    sink = SinkCluster(workdir / "sink", procs=args.sink_procs, log=workdir / "arrivals")
+    results: dict[str, Any] = {"machine": machine()}
+    try:
+        admin = pg.start()
+        redis_addr = rd.start()
+        sink.start()
+        servers = Servers(admin, redis_addr, sink, workdir)
+        if "sink" in args.phases:
+            results["sink_alone"] = phase_sink(servers, args.sink_seconds, 2, 8)
+        if "throughput" in args.phases:
+            results["throughput"] = await phase_throughput(servers, args.messages, args.concurrency)
+        if "latency" in args.phases:
+            results["latency"] = await phase_latency(
+                servers, args.latency_messages, args.rate, args.concurrency
+            )
+        if "intake" in args.phases:
+            results["intake_then_send"] = await phase_intake_then_send(
+                servers, args.messages, args.concurrency
+            )
+        if "backlog" in args.phases:
+            from bench.claims import claim_scaling
+
+            results["backlog"] = await claim_scaling(
+                ensure_database(admin, "bench_claims"), args.backlog_rows
+            )
+    finally:
+        sink.stop()
+        rd.stop()
+        pg.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+        if pg.data_dir != workdir / "pg":
+            shutil.rmtree(pg.data_dir, ignore_errors=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.e2e",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--messages", type=int, default=20000)
+    parser.add_argument("--latency-messages", type=int, default=2000)
+    parser.add_argument("--rate", type=float, default=200.0)
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=16,
+        help="MAIL_ATTEMPT_WORKER_CONCURRENCY (SMTP connections)",
+    )
+    parser.add_argument("--sink-procs", type=int, default=2)
+    parser.add_argument("--sink-seconds", type=float, default=5.0)
+    parser.add_argument("--backlog-rows", type=int, default=1_000_000)
+    parser.add_argument(
+        "--phases",
+        default="sink,throughput,latency,intake,backlog",
+        type=lambda s: set(s.split(",")),
+    )
+    args = parser.parse_args(argv)
+    results = asyncio.run(run(args))
+    print(table(results))
+    print("BENCH_JSON " + json.dumps(results, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Settings: defaults, parsing, and one readable line for every invalid value."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from unittest import mock
+
+import pytest
+
+from maildaemon.config import load_settings, parse_duration, redact_dsn, split_host_port
+from maildaemon.errors import ConfigError
+
+DSN = "postgresql://mail:s3cret@db.example:5432/mail"
+
+
+@pytest.fixture(autouse=True)
+def clean_env() -> Iterator[None]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAIL_")}
+    with mock.patch.dict(os.environ, env, clear=True):
+        yield
+
+
+def settings(**env: str) -> object:
+    os.environ.update({"MAIL_POSTGRES_PRIMARY_DSN": DSN, "MAIL_SMTP_MODE": "stub", **env})
+    return load_settings(_env_file=None)
+
+
+def problem(**env: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        settings(**env)
+    return str(info.value)
+
+
+def test_defaults() -> None:
+    s = settings()
+    assert s.command_stream == "mail:delivery_commands"  # type: ignore[attr-defined]
+    assert s.retry_ladder == (30.0, 120.0, 600.0, 1800.0, 7200.0, 21600.0)  # type: ignore[attr-defined]
+
+
+def test_durations_and_lists() -> None:
+    s = settings(
+        MAIL_RETRY_LADDER="1s, 2m,1.5h",
+        MAIL_SHUTDOWN_TIMEOUT="250ms",
+        MAIL_ALLOWED_SOURCES="a,b , c",
+    )
+    assert s.retry_ladder == (1.0, 120.0, 5400.0)  # type: ignore[attr-defined]
+    assert s.shutdown_timeout == 0.25  # type: ignore[attr-defined]
+    assert s.allowed_sources == ("a", "b", "c")  # type: ignore[attr-defined]
+    assert parse_duration("7d") == 604800.0
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"MAIL_SMTP_MODE": "smtp"}, "MAIL_SMTP_ADDR"),
+        ({"MAIL_SMTP_MODE": "smtp", "MAIL_SMTP_ADDR": "smtp.example:587"}, "MAIL_SMTP_FROM"),
+        ({"MAIL_SMTP_USERNAME": "u"}, "MAIL_SMTP_PASSWORD"),
+        ({"MAIL_SMTP_PASSWORD": "p"}, "MAIL_SMTP_USERNAME"),
+        ({"MAIL_REDIS_DB": "x"}, "MAIL_REDIS_DB"),
+        ({"MAIL_RETRY_LADDER": "1s,soon"}, "MAIL_RETRY_LADDER"),
+        ({"MAIL_SMTP_MODE": "carrier-pigeon"}, "MAIL_SMTP_MODE"),
+        ({"MAIL_POSTGRES_PRIMARY_DSN": "mysql://x"}, "MAIL_POSTGRES_PRIMARY_DSN"),
+        ({"MAIL_INTERNAL_HTTP_ADDR": "host:99999"}, "MAIL_INTERNAL_HTTP_ADDR"),
+        ({"MAIL_LEASE_DURATION": "5s", "MAIL_SMTP_TIMEOUT": "10s"}, "MAIL_LEASE_DURATION"),
+    ],
+)
+def test_invalid_values_name_the_variable(env: dict[str, str], names: str) -> None:
+    message = problem(**env)
+    assert names in message and "\n" not in message
+
+
+def test_missing_dsn() -> None:
+    os.environ["MAIL_SMTP_MODE"] = "stub"
+    with pytest.raises(ConfigError, match="MAIL_POSTGRES_PRIMARY_DSN: required"):
+        load_settings(_env_file=None)
+
+
+def test_secrets_never_in_messages_or_redacted_view() -> None:
+    message = problem(MAIL_SMTP_PASSWORD="hunter2-secret")
+    assert "hunter2-secret" not in message
+    s = settings(
+        MAIL_SMTP_USERNAME="u",
+        MAIL_SMTP_PASSWORD="hunter2-secret",
+        MAIL_REDIS_PASSWORD="redis-secret",
+    )
+    text = repr(s) + str(s.redacted())  # type: ignore[attr-defined]
+    assert "hunter2-secret" not in text and "redis-secret" not in text
+    assert "s3cret" not in text
+    assert redact_dsn(DSN) == "postgresql://mail@db.example:5432/mail"
+
+
+def test_host_port_forms() -> None:
+    assert split_host_port("[::1]:25", 0) == ("::1", 25)
+    assert split_host_port("smtp.example", 587) == ("smtp.example", 587)
+    with pytest.raises(ValueError):
+        split_host_port(":25", 0)
