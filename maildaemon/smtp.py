@@ -206,20 +206,24 @@ class SmtpConnection:
             if not report.accepted:
                 await self._reset(client)
                 return report
+            start = await client.execute_command(b"DATA")
+            if start.code != 354:
+                await self._reset(client)
+                report.data_refused = Reply(start.code, start.message)
+                return report
             self.in_data = True
             try:
-                resp2: SMTPResponse = await client.data(message)
-            except aiosmtplib.SMTPDataError as exc:
-                self.in_data = False
-                await self._reset(client)
-                report.data_refused = _reply(exc)
-                return report
+                resp2: SMTPResponse = await self._transfer(client, message)
             except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
                 self.abort()
                 raise UnknownOutcome(
                     f"link lost during DATA, before the server's reply: {exc}"
                 ) from exc
             self.in_data = False
+            if resp2.code != 250:
+                await self._reset(client)
+                report.data_refused = Reply(resp2.code, resp2.message)
+                return report
             report.data_reply = Reply(resp2.code, resp2.message)
             self._dirty = False
             return report
@@ -241,6 +245,24 @@ class SmtpConnection:
             raise TransientTransportError(str(exc)) from exc
         finally:
             report.duration_ms = (time.perf_counter() - started) * 1000
+
+    async def _transfer(self, client: aiosmtplib.SMTP, message: bytes) -> SMTPResponse:
+        """Send the message data after a 354 and read the final reply.
+
+        The message is pinned with CRLF line endings already (the MIME builder writes
+        nothing else), so only dot-stuffing is needed, done with bytes.replace; the
+        client's data() would run two regular expressions over every message again.
+        """
+        protocol = client.protocol
+        if protocol is None:
+            raise aiosmtplib.SMTPServerDisconnected("connection lost before the data")
+        payload = message.replace(b"\r\n.", b"\r\n..")
+        if payload.startswith(b"."):
+            payload = b"." + payload
+        if not payload.endswith(b"\r\n"):
+            payload += b"\r\n"
+        protocol.write(payload + b".\r\n")
+        return await protocol.read_response(timeout=self._settings.smtp_timeout)
 
     async def _reset(self, client: aiosmtplib.SMTP) -> None:
         try:
