@@ -22,7 +22,7 @@ INSERT INTO mail.deliveries (delivery_id, source, idempotency_key, command_hash,
     payload_mode, template_id, locale, to_addrs, next_attempt_at, created_at)
 SELECT $1 || g, 'notification', $1 || g, '\\x00', (g % 4)::smallint, 'template',
     'signin_code', 'en', ARRAY['user' || (g % 1000) || '@example.com'],
-    now() + make_interval(secs => $3) + make_interval(secs => (g % 1000)), now()
+    now() + make_interval(secs => $3) - make_interval(secs => (g % 1000)), now()
 FROM generate_series(1, $2) AS g
 """
 _RELEASE = """

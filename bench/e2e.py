@@ -51,6 +51,7 @@ class Proc:
 
     popen: subprocess.Popen[bytes]
     peak_rss_kb: int = 0
+    log_path: Path | None = None
 
     def cpu_seconds(self) -> float:
         fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -120,26 +121,29 @@ def daemon_env(dsn: str, servers: Servers, http_port: int, concurrency: int) -> 
 
 
 async def start_daemon(env: dict[str, str], http_port: int) -> Proc:
+    """Start `maildaemon run`; its log goes to a file (a pipe nobody reads would fill)."""
     profile = os.environ.get("BENCH_PROFILE")  # a path: run the daemon under cProfile
     prefix = ["-m", "cProfile", "-o", profile] if profile else []
-    popen = subprocess.Popen(
-        [sys.executable, *prefix, "-m", "maildaemon.cli", "run"],
-        env=env,
-        cwd=str(REPO),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    log_path = Path(tempfile.mkstemp(prefix="maildaemon-bench-daemon-", suffix=".log")[1])
+    with log_path.open("ab") as log:
+        popen = subprocess.Popen(
+            [sys.executable, *prefix, "-m", "maildaemon.cli", "run"],
+            env=env,
+            cwd=str(REPO),
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if popen.poll() is not None:
-            raise RuntimeError(f"daemon exited: {popen.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+            raise RuntimeError(f"daemon exited: {log_path.read_text()[-2000:]}")
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
             writer.write(b"GET /readyz HTTP/1.0\r\n\r\n")
             status = await reader.readline()
             writer.close()
             if b" 200 " in status:
-                return Proc(popen)
+                return Proc(popen, log_path=log_path)
         except OSError:
             pass
         await asyncio.sleep(0.1)
@@ -153,6 +157,8 @@ def stop_daemon(proc: Proc) -> None:
         proc.popen.wait(30)
     except subprocess.TimeoutExpired:
         proc.popen.kill()
+    if proc.log_path is not None:
+        proc.log_path.unlink(missing_ok=True)
 
 
 async def xadd_all(
@@ -295,6 +301,32 @@ async def phase_intake_then_send(servers: Servers, n: int, concurrency: int) -> 
     }
 
 
+async def phase_behind_backlog(
+    servers: Servers, dsn: str, n: int, concurrency: int
+) -> dict[str, Any]:
+    """New mail through the daemon while the table holds a large retry backlog not yet
+    due: it must go out at full speed, and the daemon's memory must not grow with it."""
+    conn = await asyncpg.connect(dsn)
+    await conn.execute("DELETE FROM mail.deliveries WHERE next_attempt_at <= now()")
+    backlog = int(await conn.fetchval(ALL))
+    await conn.close()
+    host, port = servers.redis_addr.split(":")
+    client = aioredis.Redis(host=host, port=int(port))
+    await client.flushall()
+    await client.aclose()
+    http = pick_free_port()
+    proc = await start_daemon(daemon_env(dsn, servers, http, concurrency), http)
+    first = await xadd_all(servers.redis_addr, [command(i, "new") for i in range(n)])
+    done = await wait_count(dsn, SENT, n, proc)
+    stop_daemon(proc)
+    return {
+        "backlog_rows_not_due": backlog,
+        "new_messages": n,
+        "new_deliveries_per_s": round(n / (done - first), 1),
+        "daemon_peak_rss_mb": round(proc.peak_rss_kb / 1024, 1),
+    }
+
+
 def phase_sink(servers: Servers, seconds: float, procs: int, connections: int) -> dict[str, Any]:
     """The sink alone, driven by ``procs`` client processes with ``connections`` each."""
     before = servers.sink.count()
@@ -382,8 +414,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if "backlog" in args.phases:
             from bench.claims import claim_scaling
 
-            results["backlog"] = await claim_scaling(
-                ensure_database(admin, "bench_claims"), args.backlog_rows
+            claims_dsn = ensure_database(admin, "bench_claims")
+            results["backlog"] = await claim_scaling(claims_dsn, args.backlog_rows)
+            results["backlog"]["daemon_with_retry_backlog"] = await phase_behind_backlog(
+                servers, claims_dsn, 1000, args.concurrency
             )
     finally:
         sink.stop()

@@ -215,7 +215,14 @@ class Scheduler:
                 continue
             message = claim.rendered
             if message is None:
-                assert claim.command is not None
+                if claim.command is None:  # nothing to render from: never retried
+                    finished.append(
+                        without_attempt(
+                            claim, "failed", "the delivery has no stored payload", now,
+                            "failed", record_attempt=True,
+                        )
+                    )
+                    continue
                 try:
                     message_id, content_hash, message = self._composer.compose(
                         claim.delivery_id, claim.command, now
