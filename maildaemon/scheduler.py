@@ -218,8 +218,12 @@ class Scheduler:
                 if claim.command is None:  # nothing to render from: never retried
                     finished.append(
                         without_attempt(
-                            claim, "failed", "the delivery has no stored payload", now,
-                            "failed", record_attempt=True,
+                            claim,
+                            "failed",
+                            "the delivery has no stored payload",
+                            now,
+                            "failed",
+                            record_attempt=True,
                         )
                     )
                     continue

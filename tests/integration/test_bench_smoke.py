@@ -36,7 +36,7 @@ def test_benchmark_runs_end_to_end() -> None:
         check=False,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    line = next(l for l in out.stdout.splitlines() if l.startswith("BENCH_JSON "))
+    line = next(x for x in out.stdout.splitlines() if x.startswith("BENCH_JSON "))
     results = json.loads(line.removeprefix("BENCH_JSON "))
     assert results["throughput"]["sent_attempts_recorded"] == 60
     assert results["latency"]["matched"] == 20
