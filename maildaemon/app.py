@@ -206,7 +206,7 @@ class App:
         composer = Composer(
             catalog, s.smtp_from or "maildaemon <noreply@maildaemon.localhost>", signer
         )
-        queue = JobQueue(max(s.attempt_worker_concurrency * 4, 8))
+        queue = JobQueue(max(s.attempt_worker_concurrency * 8, 16))
         results = ResultWriter(s, store, redis, inst, name)
         scheduler = Scheduler(s, store, composer, queue, results, inst, name)
         consumer = StreamConsumer(s, redis, store, command_policy(s, catalog), inst, scheduler.wake)

@@ -13,7 +13,10 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from maildaemon.app import App
+from maildaemon.commands import DeliveryCommand, parse_command
 from maildaemon.config import Settings, split_host_port
+from maildaemon.models import IntakeEntry
+from maildaemon.store.db import Store
 
 
 @contextlib.asynccontextmanager
@@ -83,6 +86,14 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s (last: {value!r})")
         await asyncio.sleep(interval)
+
+
+async def ingest_one(store: Store, doc: dict[str, Any]) -> None:
+    """Take one command in directly (no stream), as the consumer would."""
+    parsed = parse_command(json.dumps(doc), None)
+    assert isinstance(parsed, DeliveryCommand), parsed
+    result = await store.ingest([IntakeEntry("0-1", parsed, None, "")], 3600)
+    assert len(result.created) == 1
 
 
 class Db:

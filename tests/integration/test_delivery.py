@@ -11,7 +11,7 @@ from typing import Any
 
 from maildaemon.config import Settings
 from maildaemon.devstack.smtp_sink import SmtpSink
-from tests.support import Db, command, redis_client, running_app, wait_for, xadd
+from tests.support import Db, command, ingest_one, redis_client, running_app, wait_for, xadd
 
 MakeSettings = Callable[..., Settings]
 REPO = Path(__file__).resolve().parents[2]
@@ -325,3 +325,93 @@ async def test_event_stream_carries_every_outcome(
     assert seen["e-supp"]["status"] == "suppressed" and seen["e-supp"]["reply_code"] == "550"
     assert seen["e-fail"]["status"] == "failed"
     assert seen["e-sent"]["source"] == "authsession" and seen["e-sent"]["attempt"] == "1"
+
+
+async def test_two_daemons_never_attempt_the_same_delivery_twice(
+    make_settings: MakeSettings, smtp_sink: SmtpSink
+) -> None:
+    base = make_settings(scheduler_batch_size=20, attempt_worker_concurrency=4)
+    a = base.model_copy(update={"consumer_name": "replica-a"})
+    b = base.model_copy(update={"consumer_name": "replica-b", "internal_http_addr": "127.0.0.1:0"})
+    db = Db(base.dsn)
+    async with running_app(a), running_app(b):
+        await xadd(base, *[command(f"pair-{i}") for i in range(300)])
+        await wait_for(
+            lambda: db.fetchval("SELECT count(*) = 300 FROM mail.deliveries WHERE status = 'sent'"),
+            timeout=60,
+        )
+    per_delivery = await db.fetch(
+        "SELECT delivery_id, count(*) AS n, min(worker) AS w1, max(worker) AS w2 "
+        "FROM mail.attempts GROUP BY delivery_id"
+    )
+    assert len(per_delivery) == 300 and all(r["n"] == 1 for r in per_delivery)
+    assert {r["w1"] for r in per_delivery} == {"replica-a", "replica-b"}  # both took part
+    ids = [m.parse()["Message-ID"] for m in smtp_sink.messages]
+    assert len(ids) == 300 and len(set(ids)) == 300
+
+
+async def test_a_worker_past_its_lease_cannot_overwrite_the_newer_attempt(
+    make_settings: MakeSettings,
+) -> None:
+    from maildaemon.outcomes import without_attempt
+    from maildaemon.store.db import Store
+
+    settings = make_settings(smtp_mode="stub")
+    db = Db(settings.dsn)
+    store = await Store.open(settings.dsn)
+    try:
+        await ingest_one(store, command("fence"))
+        [old] = await store.claim_due(10, 0.3, "slow-worker")
+        await asyncio.sleep(0.5)  # the lease expires
+        [new] = await store.claim_due(10, 60, "fast-worker")
+        assert new.claim_token == old.claim_token + 1
+        now = datetime.now(UTC)
+        fresh = without_attempt(new, "sent", "delivered", now, "sent", record_attempt=True)
+        stale = without_attempt(old, "failed", "late result", now, "failed", record_attempt=True)
+        assert await store.record_results([fresh], "fast-worker", 60) == {"fence"}
+        assert await store.record_results([stale], "slow-worker", 60) == set()
+    finally:
+        await store.close()
+    assert await db.status("fence") == "sent"
+    attempts = await db.attempts("fence")
+    assert [(a["attempt_no"], a["worker"]) for a in attempts] == [(2, "fast-worker")]
+    assert (await db.fetch("SELECT possible_duplicate FROM mail.deliveries"))[0][0] is True
+
+
+async def test_dkim_signature_covers_the_pinned_bytes(
+    make_settings: MakeSettings, smtp_sink: SmtpSink, tmp_path: Path
+) -> None:
+    import dkim
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    key_file = tmp_path / "dkim.pem"
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    settings = make_settings(
+        dkim_domain="test.example", dkim_selector="s1", dkim_private_key_file=key_file
+    )
+    db = Db(settings.dsn)
+    async with running_app(settings):
+        await xadd(settings, command("d-dkim"))
+        await db.wait_status("d-dkim", "sent")
+    data = smtp_sink.messages[0].data
+    assert data.startswith(b"DKIM-Signature:")
+    import base64 as b64
+
+    record = b"v=DKIM1; k=rsa; p=" + b64.b64encode(public)
+
+    def dns(name: bytes, timeout: int = 5) -> bytes:
+        assert name == b"s1._domainkey.test.example."
+        return record
+
+    assert dkim.verify(data, dnsfunc=dns)
