@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--concurrency",
         type=int,
-        default=16,
+        default=32,
         help="MAIL_ATTEMPT_WORKER_CONCURRENCY (SMTP connections)",
     )
     parser.add_argument("--sink-procs", type=int, default=2)
