@@ -124,10 +124,11 @@ async def start_daemon(env: dict[str, str], http_port: int) -> Proc:
     """Start `maildaemon run`; its log goes to a file (a pipe nobody reads would fill)."""
     profile = os.environ.get("BENCH_PROFILE")  # a path: run the daemon under cProfile
     prefix = ["-m", "cProfile", "-o", profile] if profile else []
+    extra = ["--no-uvloop"] if os.environ.get("BENCH_NO_UVLOOP") else []
     log_path = Path(tempfile.mkstemp(prefix="maildaemon-bench-daemon-", suffix=".log")[1])
     with log_path.open("ab") as log:
         popen = subprocess.Popen(
-            [sys.executable, *prefix, "-m", "maildaemon.cli", "run"],
+            [sys.executable, *prefix, "-m", "maildaemon.cli", "run", *extra],
             env=env,
             cwd=str(REPO),
             stdout=subprocess.DEVNULL,
