@@ -11,34 +11,15 @@ import binascii
 import json
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, get_args
 
 from maildaemon.errors import MailDaemonError
-from maildaemon.models import TERMINAL_STATUSES
+from maildaemon.models import TERMINAL_STATUSES, AttemptStatus, DeliveryStatus
 from maildaemon.operator_views import DeliveryDetail, DeliveryRecord, LastError, RetryPlan
 from maildaemon.outcomes import RetryPolicy
 
-DELIVERY_STATUSES = (
-    "queued",
-    "rendered",
-    "sending",
-    "sent",
-    "suppressed",
-    "failed",
-    "dead_letter",
-    "expired",
-    "cancelled",
-)
-ATTEMPT_STATUSES = (
-    "sent",
-    "transport_failed",
-    "timed_out",
-    "provider_rejected",
-    "unknown",
-    "suppressed",
-    "failed",
-    "expired",
-)
+DELIVERY_STATUSES: tuple[str, ...] = get_args(DeliveryStatus)
+ATTEMPT_STATUSES: tuple[str, ...] = get_args(AttemptStatus)
 REQUEUEABLE = frozenset({"dead_letter", "failed"})
 CANCELLABLE = frozenset({"queued"})
 GLOBAL_SCOPE = "*"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,6 +33,7 @@ from maildaemon.store.db import Store
 from maildaemon.telemetry import Instruments
 
 log = logging.getLogger("maildaemon.scheduler")
+_OBSERVE_EVERY = 5.0  # seconds between backlog gauge refreshes
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +119,7 @@ class Scheduler:
         self._stopping = asyncio.Event()
         # Claim in useful batches: wait for this many free slots unless workers starve.
         self._claim_size = max(1, min(settings.scheduler_batch_size, queue.slots // 2))
+        self._observed_at = -_OBSERVE_EVERY
 
     def wake(self) -> None:
         self._wake.set()
@@ -163,15 +166,26 @@ class Scheduler:
                 await self._sleep(delay)
                 delay = min(delay * 2, 10.0)
                 continue
+            await self._observe_backlog()
             if claimed < min(free, self._s.scheduler_batch_size):
                 await self._sleep(await self._idle_for())
+
+    async def _observe_backlog(self) -> None:
+        """Refresh the backlog gauges (mail.attempt_schedule.*) every few seconds."""
+        now = time.monotonic()
+        if now - self._observed_at < _OBSERVE_EVERY:
+            return
+        self._observed_at = now
+        try:
+            depth, oldest = await self._store.schedule_depth()
+        except StoreUnavailable:
+            return
+        self._inst.schedule_depth, self._inst.schedule_oldest_age_ms = depth, oldest
 
     async def _idle_for(self) -> float:
         """Sleep until the next delivery is due, at most one poll interval."""
         poll = self._s.scheduler_poll_interval
         try:
-            depth, oldest = await self._store.schedule_depth()
-            self._inst.schedule_depth, self._inst.schedule_oldest_age_ms = depth, oldest
             nxt = await self._store.next_due_at()
         except StoreUnavailable:
             return poll
