@@ -137,7 +137,8 @@ def _pair(text: str) -> tuple[str, str]:
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
     from maildaemon.app import command_policy, redis_client
-    from maildaemon.commands import COMMAND_FIELD, Rejection, parse_command
+    from maildaemon.commands import COMMAND_FIELD
+    from maildaemon.parsing import Rejection, parse_command
     from maildaemon.render import TemplateCatalog
 
     settings = _settings()

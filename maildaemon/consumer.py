@@ -18,17 +18,12 @@ from typing import Any, cast
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from maildaemon.commands import (
-    CommandPolicy,
-    DeliveryCommand,
-    Rejection,
-    parse_entry,
-    raw_entry_text,
-)
+from maildaemon.commands import CommandPolicy, DeliveryCommand
 from maildaemon.config import Settings
 from maildaemon.errors import StoreRejected, StoreUnavailable
 from maildaemon.logs import event
 from maildaemon.models import IntakeEntry, IntakeResult
+from maildaemon.parsing import Rejection, parse_entry, raw_entry_text
 from maildaemon.store.db import RETRYABLE, Store
 from maildaemon.telemetry import Instruments
 

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from maildaemon.commands import DeliveryCommand, Rejection
+from maildaemon.commands import DeliveryCommand
+from maildaemon.parsing import Rejection
 
 DeliveryStatus = Literal[
     "queued",

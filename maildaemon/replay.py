@@ -10,14 +10,7 @@ from __future__ import annotations
 
 import json
 
-from maildaemon.commands import (
-    COMMAND_FIELD,
-    CommandPolicy,
-    DeliveryCommand,
-    Rejection,
-    parse_command,
-    parse_entry,
-)
+from maildaemon.commands import COMMAND_FIELD, CommandPolicy, DeliveryCommand
 from maildaemon.models import IntakeEntry
 from maildaemon.operator_model import (
     Conflict,
@@ -28,6 +21,7 @@ from maildaemon.operator_views import (
     Replay,
     ReplayItem,
 )
+from maildaemon.parsing import Rejection, parse_command, parse_entry
 from maildaemon.store.operator import OperatorStore
 
 

@@ -13,9 +13,10 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from maildaemon.app import App
-from maildaemon.commands import DeliveryCommand, parse_command
+from maildaemon.commands import DeliveryCommand
 from maildaemon.config import Settings, split_host_port
 from maildaemon.models import IntakeEntry
+from maildaemon.parsing import parse_command
 from maildaemon.store.db import Store
 
 

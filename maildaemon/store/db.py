@@ -12,7 +12,6 @@ from typing import Any
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from maildaemon.commands import Rejection
 from maildaemon.errors import StoreRejected, StoreUnavailable
 from maildaemon.models import (
     TERMINAL_STATUSES,
@@ -22,6 +21,7 @@ from maildaemon.models import (
     IntakeResult,
     RenderedPin,
 )
+from maildaemon.parsing import Rejection
 from maildaemon.store import queries as q
 
 log = logging.getLogger("maildaemon.store")

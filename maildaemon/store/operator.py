@@ -16,7 +16,6 @@ from typing import Any, Literal, TypeVar, cast
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from maildaemon.commands import Rejection
 from maildaemon.logs import event
 from maildaemon.models import IntakeEntry
 from maildaemon.operator_model import (
@@ -58,6 +57,7 @@ from maildaemon.operator_views import (
     SuppressionChange,
     SuppressionPage,
 )
+from maildaemon.parsing import Rejection
 from maildaemon.store import operator_queries as q
 from maildaemon.store import operator_rows as views
 from maildaemon.store.db import RETRYABLE, Store, translate_errors

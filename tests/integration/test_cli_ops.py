@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from maildaemon import cli
-from maildaemon.commands import Rejection, parse_command
 from maildaemon.models import AttemptResult, IntakeEntry
+from maildaemon.parsing import Rejection, parse_command
 from maildaemon.store.db import Store
 from tests.support import command
 

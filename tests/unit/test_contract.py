@@ -42,13 +42,11 @@ from maildaemon.commands import (
     CommandPolicy,
     DeliveryCommand,
     Recipient,
-    Rejection,
     json_schema,
-    parse_command,
-    parse_entry,
 )
 from maildaemon.config import Settings, parse_duration
 from maildaemon.models import AttemptResult, AttemptStatus
+from maildaemon.parsing import Rejection, parse_command, parse_entry
 from maildaemon.render import TemplateCatalog
 from maildaemon.results import ResultWriter
 
