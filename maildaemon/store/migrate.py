@@ -17,8 +17,9 @@ _LOCK_KEY = 0x6D61696C64616D6E
 
 
 def migrations_dir() -> Path:
-    """The ``migrations/`` folder next to the package (a source checkout or editable install)."""
-    here = Path(__file__).resolve().parent.parent.parent / "migrations"
+    """The migrations shipped with the package (``maildaemon/migrations`` links to the
+    top-level ``migrations/`` in a checkout; a built wheel carries the files themselves)."""
+    here = Path(__file__).resolve().parent.parent / "migrations"
     if here.is_dir():
         return here
     cwd = Path.cwd() / "migrations"

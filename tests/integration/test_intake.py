@@ -323,3 +323,35 @@ async def test_consumer_keeps_reading_when_redis_blips(make_settings: MakeSettin
     await client.aclose()
     await store.close()
     assert woken
+
+
+async def test_departed_consumers_are_forgotten(make_settings: MakeSettings) -> None:
+    settings = make_settings(
+        smtp_mode="stub",
+        consumer_reclaim_idle="0.5s",
+        consumer_forget_idle="0.5s",
+        consumer_name="current",
+    )
+    client = redis_client(settings.redis_master_addr)
+    await client.xgroup_create(
+        settings.command_stream, settings.consumer_group, id="0", mkstream=True
+    )
+    await client.xgroup_createconsumer(
+        settings.command_stream, settings.consumer_group, "gone-replica"
+    )
+    await asyncio.sleep(0.6)
+    async with running_app(settings):
+
+        async def names() -> set[str]:
+            infos = await client.xinfo_consumers(settings.command_stream, settings.consumer_group)
+            return {i["name"].decode() for i in infos}
+
+        await wait_for(lambda: _without(names, "gone-replica"), timeout=10)
+        await xadd(settings, command("after-cleanup"))
+        await wait_for(lambda: _zero(settings), timeout=10)
+        assert "current" in await names()
+    await client.aclose()
+
+
+async def _without(names: Any, name: str) -> bool:
+    return name not in await names()

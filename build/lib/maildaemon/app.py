@@ -1,0 +1,313 @@
+"""Wiring and lifecycle: start in a fixed order, supervise every task, stop in reverse.
+
+Startup: Redis ping → PostgreSQL pool → migrations → template catalog → HTTP listener →
+background components. Shutdown (SIGTERM/SIGINT, bounded by MAIL_SHUTDOWN_TIMEOUT): HTTP
+listener → intake and claiming → unstarted claims released → in-flight sends until the
+deadline → results flushed → Redis and PostgreSQL closed → telemetry flushed. A component
+that dies unexpectedly stops the whole process with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from maildaemon.api import Readiness, build_app
+from maildaemon.commands import CommandPolicy
+from maildaemon.compose import Composer
+from maildaemon.config import Settings, redact_dsn
+from maildaemon.consumer import StreamConsumer
+from maildaemon.dkim import DkimSigner
+from maildaemon.errors import MailDaemonError, StartupError
+from maildaemon.logs import event
+from maildaemon.outcomes import RetryPolicy
+from maildaemon.ratelimit import RateLimiter
+from maildaemon.render import TemplateCatalog
+from maildaemon.results import ResultWriter
+from maildaemon.retention import RetentionWorker
+from maildaemon.scheduler import JobQueue, Scheduler
+from maildaemon.smtp import tls_context
+from maildaemon.store.db import Store
+from maildaemon.store.migrate import apply_migrations
+from maildaemon.telemetry import Telemetry
+from maildaemon.worker import AttemptWorker
+
+log = logging.getLogger("maildaemon.app")
+T = TypeVar("T")
+
+
+def redis_client(settings: Settings) -> aioredis.Redis:
+    host, port = settings.redis_host_port
+    password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    return aioredis.Redis(
+        host=host,
+        port=port,
+        db=settings.redis_db,
+        password=password,
+        socket_connect_timeout=5,
+        socket_keepalive=True,
+        health_check_interval=30,
+    )
+
+
+def command_policy(settings: Settings, catalog: TemplateCatalog) -> CommandPolicy:
+    return CommandPolicy(
+        allowed_sources=frozenset(settings.allowed_sources),
+        allowed_headers=frozenset(h.lower() for h in settings.allowed_headers),
+        known_templates=catalog.template_ids,
+        attachment_max_bytes=settings.attachment_max_bytes,
+        attachments_total_max_bytes=settings.attachments_total_max_bytes,
+        max_recipients=settings.max_recipients,
+        command_max_bytes=settings.command_max_bytes,
+    )
+
+
+async def _step(name: str, action: Callable[[], Awaitable[T]], timeout: float, **fields: Any) -> T:
+    """Run one startup step: logged once, bounded, any failure a StartupError naming it."""
+    started = time.monotonic()
+    try:
+        result = await asyncio.wait_for(action(), timeout)
+    except StartupError as exc:
+        raise StartupError(f"{name}: {exc}") from None
+    except TimeoutError:
+        raise StartupError(f"{name}: no answer within {timeout:.0f}s") from None
+    except (MailDaemonError, RedisError, OSError) as exc:
+        raise StartupError(f"{name}: {exc}") from None
+    except Exception as exc:
+        log.exception("startup step failed", extra={"step": name})
+        raise StartupError(f"{name}: {type(exc).__name__}: {exc}") from None
+    event(
+        log, f"startup: {name}", duration_ms=round((time.monotonic() - started) * 1000, 1), **fields
+    )
+    return result
+
+
+class App:
+    """The daemon: owns every resource and task from start to exit."""
+
+    def __init__(self, settings: Settings, telemetry: Telemetry | None = None) -> None:
+        self.settings = settings
+        self.telemetry = telemetry or Telemetry()
+        self.readiness = Readiness()
+        self._stop = asyncio.Event()
+        self._crashed: list[str] = []
+        self._signals = 0
+        self.http_port: int | None = None
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            event(log, "second signal: exiting at once", logging.ERROR, signal=signum)
+            os._exit(130)
+        event(log, "shutdown requested", signal=signal.Signals(signum).name)
+        self._stop.set()
+
+    async def run(self) -> int:
+        """Run until stopped; returns the process exit code."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+        if s.smtp_mode == "smtp" and not s.smtp_tls_verify:
+            event(
+                log,
+                "smtp certificate verification is OFF (MAIL_SMTP_TLS_VERIFY=false)",
+                logging.WARNING,
+            )
+        if s.smtp_mode == "stub":
+            event(
+                log,
+                "stub mode: deliveries are rendered and recorded, nothing is sent",
+                logging.WARNING,
+            )
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(self.telemetry.shutdown)
+            redis = redis_client(s)
+            stack.push_async_callback(redis.aclose)
+            await _step("redis ping", redis.ping, 10, addr=s.redis_master_addr)
+            store = await _step(
+                "postgres pool",
+                lambda: Store.open(
+                    s.dsn, min_size=s.postgres_pool_min, max_size=s.postgres_pool_max
+                ),
+                15,
+                dsn=redact_dsn(s.postgres_primary_dsn),
+            )
+            stack.push_async_callback(store.close)
+            applied = await _step(
+                "migrations", lambda: asyncio.to_thread(apply_migrations, s.dsn), 120
+            )
+            event(log, "migrations applied", applied=applied)
+            self.readiness.migrations_applied = True
+            catalog = await _step(
+                "template catalog",
+                lambda: asyncio.to_thread(TemplateCatalog.load, s.template_dir, s.default_locale),
+                60,
+                template_dir=str(s.template_dir),
+            )
+            self.readiness.checks = {"postgres": store.ping, "redis": redis.ping}
+            signer = (
+                DkimSigner(s.dkim_domain, s.dkim_selector, s.dkim_private_key_file)
+                if s.dkim_domain and s.dkim_selector and s.dkim_private_key_file
+                else None
+            )
+            runner = await _step(
+                "internal http listener",
+                lambda: self._start_http(store, catalog),
+                10,
+                addr=s.internal_http_addr,
+            )
+            code = await self._run_components(store, redis, catalog, signer, runner)
+        event(log, "stopped", exit_code=code)
+        return code
+
+    async def _start_http(self, store: Store, catalog: TemplateCatalog) -> web.AppRunner:
+        host, port = self.settings.http_host_port
+        runner = web.AppRunner(
+            build_app(self.settings, store, self.readiness, command_policy(self.settings, catalog)),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=1.0,
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        addresses = runner.addresses
+        if addresses:
+            self.http_port = int(addresses[0][1])
+        event(log, "internal http listening", host=host, port=self.http_port)
+        return runner
+
+    async def _run_components(
+        self,
+        store: Store,
+        redis: aioredis.Redis,
+        catalog: TemplateCatalog,
+        signer: DkimSigner | None,
+        runner: web.AppRunner,
+    ) -> int:
+        s = self.settings
+        inst = self.telemetry.instruments
+        name = s.consumer_name
+        composer = Composer(
+            catalog, s.smtp_from or "maildaemon <noreply@maildaemon.localhost>", signer
+        )
+        queue = JobQueue(max(s.attempt_worker_concurrency * 8, 16))
+        results = ResultWriter(s, store, redis, inst, name)
+        scheduler = Scheduler(s, store, composer, queue, results, inst, name)
+        consumer = StreamConsumer(s, redis, store, command_policy(s, catalog), inst, scheduler.wake)
+        retention = RetentionWorker(s, store)
+        policy = RetryPolicy(s.retry_ladder, s.retry_jitter, s.unknown_outcome_policy)
+        limiter = RateLimiter(s.global_rate_limit, s.domain_rate_limit, s.domain_backoff)
+        context = tls_context(s)
+        workers = [
+            AttemptWorker(
+                i, s, context, composer.sender_address, queue, results, policy, limiter, inst
+            )
+            for i in range(s.attempt_worker_concurrency)
+        ]
+
+        tasks: dict[str, asyncio.Task[None]] = {}
+
+        def spawn(task_name: str, coro: Awaitable[None]) -> None:
+            task: asyncio.Task[None] = asyncio.ensure_future(coro)
+            task.set_name(task_name)
+            task.add_done_callback(self._watch)
+            tasks[task_name] = task
+
+        spawn("result-writer", results.run())
+        for w in workers:
+            spawn(f"attempt-worker-{w.index}", w.run())
+        event(
+            log,
+            "attempt worker pool started",
+            concurrency=len(workers),
+            smtp_mode=s.smtp_mode,
+            smtp_addr=s.smtp_addr,
+            smtp_security=s.smtp_security,
+        )
+        spawn("scheduler", scheduler.run())
+        spawn("command-consumer", consumer.run())
+        spawn("retention-worker", retention.run())
+        self.readiness.workers_running = True
+        event(log, "started", http_port=self.http_port, consumer=name)
+
+        await self._stop.wait()
+        deadline = time.monotonic() + s.shutdown_timeout
+        self.readiness.shutting_down = True
+        self.readiness.workers_running = False
+        event(log, "shutting down", timeout_s=s.shutdown_timeout, crashed=self._crashed or None)
+
+        def left() -> float:
+            return max(0.05, deadline - time.monotonic())
+
+        await runner.cleanup()
+        event(log, "internal http listener stopped")
+        consumer.stop()
+        scheduler.stop()
+        retention.stop()
+        await self._finish(tasks, ("command-consumer", "scheduler", "retention-worker"), left())
+        unstarted = queue.close(len(workers))
+        if unstarted:
+            with contextlib.suppress(MailDaemonError):
+                released = await store.release(j.claim for j in unstarted)
+                event(log, "unstarted claims released", count=released)
+        await self._finish(tasks, tuple(f"attempt-worker-{w.index}" for w in workers), left())
+        results.close()
+        # The writer gets a few seconds beyond the deadline: it holds results of sends
+        # that already happened, and losing them would mean sending again.
+        await self._finish(tasks, ("result-writer",), left() + 5.0)
+        event(log, "components stopped")
+        return 1 if self._crashed else 0
+
+    async def _finish(
+        self, tasks: dict[str, asyncio.Task[None]], names: tuple[str, ...], timeout: float
+    ) -> None:
+        waiting = [tasks[n] for n in names if n in tasks]
+        if not waiting:
+            return
+        _, pending = await asyncio.wait(waiting, timeout=timeout)
+        for task in pending:
+            event(
+                log,
+                "component did not stop in time; cancelled",
+                logging.WARNING,
+                component=task.get_name(),
+            )
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=2.0)
+
+    def _watch(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None and self._stop.is_set():
+            return
+        self._crashed.append(task.get_name())
+        if exc is not None:
+            event(
+                log,
+                "component crashed",
+                logging.ERROR,
+                component=task.get_name(),
+                error=repr(exc),
+                exc_info=exc,
+            )
+        else:
+            event(log, "component exited unexpectedly", logging.ERROR, component=task.get_name())
+        self._stop.set()

@@ -1,0 +1,76 @@
+"""The project's exceptions. Driver errors are translated into these at each boundary."""
+
+from __future__ import annotations
+
+
+class MailDaemonError(Exception):
+    """maildaemon failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class ConfigError(MailDaemonError):
+    """The configuration is invalid."""
+
+
+class StartupError(MailDaemonError):
+    """A startup step failed."""
+
+
+class StoreUnavailable(MailDaemonError):
+    """PostgreSQL is unreachable or refused the operation; retry later."""
+
+
+class StoreRejected(MailDaemonError):
+    """PostgreSQL refused the data itself (not a connection problem)."""
+
+
+class TemplateError(MailDaemonError):
+    """A template could not be parsed or rendered."""
+
+
+class RenderError(TemplateError):
+    """Rendering a delivery failed permanently (missing variable, bad template)."""
+
+
+class CatalogError(TemplateError):
+    """The template catalog is broken."""
+
+
+class TransportError(MailDaemonError):
+    """An SMTP exchange failed.
+
+    ``code`` and ``text`` carry the server's reply when there was one.
+    """
+
+    permanent = False
+
+    def __init__(
+        self, message: str | None = None, *, code: int | None = None, text: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.text = text
+
+
+class TransientTransportError(TransportError):
+    """The SMTP server or the link failed in a way worth retrying."""
+
+
+class PermanentTransportError(TransportError):
+    """The SMTP server refused the message for good (5xx)."""
+
+    permanent = True
+
+
+class InsecureTransportError(TransientTransportError):
+    """The server did not offer STARTTLS or the TLS handshake failed; nothing was sent."""
+
+
+class TransportTimeout(TransientTransportError):
+    """The SMTP exchange did not finish within MAIL_SMTP_TIMEOUT."""
+
+
+class UnknownOutcome(TransientTransportError):
+    """The link was lost after the message data was sent, before the server's reply."""

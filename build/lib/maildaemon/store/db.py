@@ -1,0 +1,456 @@
+"""PostgreSQL access for the delivery pipeline. Only this package sees SQL and asyncpg."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from maildaemon.errors import StoreRejected, StoreUnavailable
+from maildaemon.models import (
+    TERMINAL_STATUSES,
+    AttemptResult,
+    ClaimedDelivery,
+    IntakeEntry,
+    IntakeResult,
+    RenderedPin,
+)
+from maildaemon.parsing import Rejection
+from maildaemon.store import queries as q
+
+log = logging.getLogger("maildaemon.store")
+
+# Errors that mean "the database is not there right now", as opposed to a bug.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.ConnectionFailureError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+)
+# Conflicts between concurrent transactions: the whole batch is simply tried again.
+RETRYABLE: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.UniqueViolationError,
+)
+
+
+@contextlib.asynccontextmanager
+async def translate_errors(what: str) -> AsyncIterator[None]:
+    try:
+        yield
+    except _UNAVAILABLE as exc:
+        raise StoreUnavailable(f"{what}: PostgreSQL unavailable: {exc!r}") from exc
+    except (asyncpg.exceptions.DataError, UnicodeError) as exc:
+        raise StoreRejected(f"{what}: PostgreSQL refused the data: {exc}") from exc
+
+
+def clean_text(value: str | None) -> str | None:
+    """Text PostgreSQL accepts: no NUL, no unpaired surrogates (escaped instead)."""
+    if value is None:
+        return None
+    return value.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+class Store:
+    """The daemon's PostgreSQL state behind typed methods."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    @classmethod
+    async def open(cls, dsn: str, *, min_size: int = 2, max_size: int = 10) -> Store:
+        async with translate_errors("open pool"):
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                command_timeout=60,
+                # JIT compilation costs far more than these short statements save.
+                server_settings={"application_name": "maildaemon", "jit": "off"},
+            )
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def ping(self) -> None:
+        async with translate_errors("ping"):
+            await self.pool.fetchval("SELECT 1")
+
+    # --- intake -------------------------------------------------------------------------
+
+    async def ingest(
+        self, entries: Sequence[IntakeEntry], idempotency_window: float
+    ) -> IntakeResult:
+        """Take a batch of validated stream entries in, in one transaction."""
+        result = IntakeResult()
+        fresh: dict[str, tuple[IntakeEntry, bytes]] = {}  # delivery_id -> (entry, fingerprint)
+        by_key: dict[tuple[str, str], str] = {}
+        malformed: list[tuple[IntakeEntry, Rejection]] = []
+        for entry in entries:
+            cmd = entry.command
+            if cmd is None:
+                assert entry.rejection is not None
+                malformed.append((entry, entry.rejection))
+                continue
+            fp = cmd.fingerprint()
+            key = (cmd.source, cmd.idempotency_key)
+            prior_id = by_key.get(key) or (cmd.delivery_id if cmd.delivery_id in fresh else None)
+            if prior_id is None:
+                fresh[cmd.delivery_id] = (entry, fp)
+                by_key[key] = cmd.delivery_id
+                continue
+            _prior_entry, prior_fp = fresh[prior_id]
+            if prior_fp == fp and prior_id == cmd.delivery_id:
+                result.replays.append((entry, prior_id))
+            else:
+                malformed.append((entry, _conflict(entry, prior_id, key in by_key)))
+
+        async with translate_errors("ingest"), self.pool.acquire() as conn, conn.transaction():
+            if fresh:
+                await self._insert_fresh(conn, fresh, idempotency_window, result, malformed)
+            if result.replays:
+                await conn.execute(
+                    q.RECORD_REPLAYS,
+                    [e.stream_entry_id for e, _ in result.replays],
+                    [d for _, d in result.replays],
+                )
+            if malformed:
+                await conn.execute(
+                    q.RECORD_MALFORMED,
+                    [e.stream_entry_id for e, _ in malformed],
+                    [r.failure_code for _, r in malformed],
+                    [clean_text(r.failure_detail) for _, r in malformed],
+                    [clean_text(r.delivery_id) for _, r in malformed],
+                    [clean_text(r.source) for _, r in malformed],
+                    [clean_text(e.raw) for e, _ in malformed],
+                    [e.raw_truncated for e, _ in malformed],
+                )
+            if result.created:
+                await conn.execute(q.NOTIFY_DUE)
+        result.rejected.extend(malformed)
+        return result
+
+    async def _insert_fresh(
+        self,
+        conn: PoolConnectionProxy,
+        fresh: dict[str, tuple[IntakeEntry, bytes]],
+        window: float,
+        result: IntakeResult,
+        malformed: list[tuple[IntakeEntry, Rejection]],
+    ) -> None:
+        cmds = {did: e.command for did, (e, _) in fresh.items() if e.command is not None}
+        reserved_rows = await conn.fetch(
+            q.RESERVE_KEYS,
+            [c.source for c in cmds.values()],
+            [c.idempotency_key for c in cmds.values()],
+            list(cmds),
+            [fp for _, fp in fresh.values()],
+            window,
+        )
+        reserved = {(r["source"], r["idempotency_key"]) for r in reserved_rows}
+        to_insert: list[str] = []
+        taken: list[str] = []
+        for did, cmd in cmds.items():
+            (to_insert if (cmd.source, cmd.idempotency_key) in reserved else taken).append(did)
+        if taken:
+            rows = await conn.fetch(
+                q.EXISTING_RESERVATIONS,
+                [cmds[d].source for d in taken],
+                [cmds[d].idempotency_key for d in taken],
+            )
+            holders = {(r["source"], r["idempotency_key"]): r for r in rows}
+            for did in taken:
+                entry, fp = fresh[did]
+                holder = holders.get((cmds[did].source, cmds[did].idempotency_key))
+                if (
+                    holder is not None
+                    and holder["delivery_id"] == did
+                    and bytes(holder["command_hash"]) == fp
+                ):
+                    result.replays.append((entry, did))
+                else:
+                    malformed.append(
+                        (entry, _conflict(entry, holder["delivery_id"] if holder else None, True))
+                    )
+        if not to_insert:
+            return
+        payload = json.dumps(
+            [_delivery_row(fresh[d][0], fresh[d][1]) for d in to_insert], ensure_ascii=False
+        )
+        inserted = {r["delivery_id"] for r in await conn.fetch(q.INSERT_DELIVERIES, payload)}
+        missing = [d for d in to_insert if d not in inserted]
+        for did in to_insert:
+            if did in inserted:
+                result.created.append(fresh[did][0])
+        if not missing:
+            return
+        # The delivery id exists already (its reservation had expired, or another key).
+        existing = {
+            r["delivery_id"]: bytes(r["command_hash"])
+            for r in await conn.fetch(q.EXISTING_DELIVERY_HASHES, missing)
+        }
+        dropped: list[str] = []
+        for did in missing:
+            entry, fp = fresh[did]
+            if existing.get(did) == fp:
+                result.replays.append((entry, did))
+            else:
+                dropped.append(did)
+                malformed.append(
+                    (
+                        entry,
+                        Rejection(
+                            "delivery_id_conflict",
+                            f"delivery_id {did!r} already belongs to a different command",
+                            did,
+                            cmds[did].source,
+                        ),
+                    )
+                )
+        if dropped:
+            await conn.execute(
+                q.DROP_RESERVATIONS,
+                [cmds[d].source for d in dropped],
+                [cmds[d].idempotency_key for d in dropped],
+            )
+
+    # --- scheduler ----------------------------------------------------------------------
+
+    async def claim_due(
+        self, limit: int, lease_seconds: float, worker: str
+    ) -> list[ClaimedDelivery]:
+        """Lease up to ``limit`` due deliveries, skipping paused scopes."""
+        async with translate_errors("claim"):
+            paused = [r["scope"] for r in await self.pool.fetch(q.PAUSED_SCOPES)]
+            if "*" in paused:
+                return []
+            rows = await self.pool.fetch(q.CLAIM_DUE, limit, lease_seconds, worker, paused)
+        return [_claimed(r) for r in rows]
+
+    async def release(self, claims: Iterable[ClaimedDelivery]) -> int:
+        claims = list(claims)
+        if not claims:
+            return 0
+        async with translate_errors("release"):
+            status = await self.pool.execute(
+                q.RELEASE_CLAIMS, [c.delivery_id for c in claims], [c.claim_token for c in claims]
+            )
+        return int(status.split()[-1])
+
+    async def pin_rendered(self, pins: Sequence[RenderedPin]) -> set[str]:
+        if not pins:
+            return set()
+        async with translate_errors("pin rendered"):
+            rows = await self.pool.fetch(
+                q.PIN_RENDERED,
+                [p.delivery_id for p in pins],
+                [p.claim_token for p in pins],
+                [p.message_id for p in pins],
+                [p.content_hash for p in pins],
+                [p.rendered for p in pins],
+            )
+        return {r["delivery_id"] for r in rows}
+
+    async def active_suppressions(self, addresses: Iterable[str]) -> dict[str, str]:
+        lowered = sorted({a.lower() for a in addresses})
+        if not lowered:
+            return {}
+        async with translate_errors("suppressions"):
+            rows = await self.pool.fetch(q.ACTIVE_SUPPRESSIONS, lowered)
+        return {r["address"]: r["reason"] for r in rows}
+
+    async def record_results(
+        self, results: Sequence[AttemptResult], worker: str, suppression_ttl: float
+    ) -> set[str]:
+        """Write a batch of results in one transaction; returns the ids the fence let in."""
+        if not results:
+            return set()
+        payload = json.dumps([_result_row(r, worker) for r in results], ensure_ascii=False)
+        suppress = [(addr, r) for r in results for addr in r.suppress]
+        async with (
+            translate_errors("record results"),
+            self.pool.acquire() as conn,
+            conn.transaction(),
+        ):
+            recorded = {row["delivery_id"] for row in await conn.fetch(q.RECORD_RESULTS, payload)}
+            suppress = [(a, r) for a, r in suppress if r.delivery_id in recorded]
+            if suppress:
+                await conn.execute(
+                    q.SUPPRESS_ADDRESSES,
+                    [a for a, _ in suppress],
+                    [_suppression_reason(a, r) for a, r in suppress],
+                    [_rcpt_code(a, r) for a, r in suppress],
+                    [r.delivery_id for _, r in suppress],
+                    suppression_ttl,
+                )
+        return recorded
+
+    async def next_due_at(self) -> datetime | None:
+        async with translate_errors("next due"):
+            value: datetime | None = await self.pool.fetchval(q.NEXT_DUE_AT)
+        return value
+
+    async def schedule_depth(self) -> tuple[int, int]:
+        async with translate_errors("schedule depth"):
+            row = await self.pool.fetchrow(q.SCHEDULE_DEPTH)
+        assert row is not None
+        return int(row["depth"]), int(row["oldest_age_ms"])
+
+    async def purge(self, batch: int, delivery_age: float, malformed_age: float) -> dict[str, int]:
+        """One bounded retention pass; returns rows deleted per kind."""
+        steps = {
+            "idempotency_reservations": (q.PURGE_RESERVATIONS, ()),
+            "deliveries": (q.PURGE_DELIVERIES, (delivery_age,)),
+            "malformed_commands": (q.PURGE_MALFORMED, (malformed_age,)),
+            "command_replays": (q.PURGE_REPLAYS, (delivery_age,)),
+            "suppressions": (q.PURGE_SUPPRESSIONS, ()),
+        }
+        deleted: dict[str, int] = {}
+        async with translate_errors("retention"):
+            for kind, (sql, args) in steps.items():
+                status = await self.pool.execute(sql, batch, *args)
+                deleted[kind] = int(status.split()[-1])
+        return deleted
+
+    @contextlib.asynccontextmanager
+    async def listen(self, channel: str, callback: Callable[[], None]) -> AsyncIterator[None]:
+        """LISTEN on a dedicated connection for as long as the context is open."""
+        async with translate_errors("listen"):
+            conn = await self.pool.acquire()
+
+        def _on_notify(*_: Any) -> None:
+            callback()
+
+        try:
+            await conn.add_listener(channel, _on_notify)
+            yield
+        finally:
+            with contextlib.suppress(*_UNAVAILABLE):
+                await conn.remove_listener(channel, _on_notify)
+            await self.pool.release(conn)
+
+
+def _conflict(entry: IntakeEntry, holder: str | None, same_key: bool) -> Rejection:
+    cmd = entry.command
+    assert cmd is not None
+    if same_key:
+        return Rejection(
+            "idempotency_conflict",
+            f"idempotency_key {cmd.idempotency_key!r} of source {cmd.source!r} is reserved by "
+            f"delivery {holder!r} for a different command",
+            cmd.delivery_id,
+            cmd.source,
+        )
+    return Rejection(
+        "delivery_id_conflict",
+        f"delivery_id {cmd.delivery_id!r} already belongs to a different command",
+        cmd.delivery_id,
+        cmd.source,
+    )
+
+
+def _delivery_row(entry: IntakeEntry, fingerprint: bytes) -> dict[str, Any]:
+    cmd = entry.command
+    assert cmd is not None
+    return {
+        "delivery_id": cmd.delivery_id,
+        "source": cmd.source,
+        "idempotency_key": cmd.idempotency_key,
+        "command_hash": fingerprint.hex(),
+        "priority": cmd.priority_rank,
+        "payload_mode": cmd.payload_mode,
+        "template_id": cmd.template_id,
+        "locale": cmd.locale,
+        "to_addrs": [r.address for r in cmd.to],
+        "cc_addrs": [r.address for r in cmd.cc],
+        "bcc_addrs": [r.address for r in cmd.bcc],
+        "reply_to": cmd.reply_to.address if cmd.reply_to else None,
+        "send_at": _iso(cmd.send_at),
+        "expires_at": _iso(cmd.expires_at),
+        "stream_entry_id": entry.stream_entry_id,
+        "traceparent": cmd.traceparent,
+        "command": cmd.model_dump(mode="json", exclude_defaults=True),
+    }
+
+
+def _result_row(r: AttemptResult, worker: str) -> dict[str, Any]:
+    return {
+        "delivery_id": r.delivery_id,
+        "claim_token": r.claim_token,
+        "attempt_no": r.attempt_no,
+        "attempt_status": r.attempt_status,
+        "delivery_status": r.delivery_status,
+        "started_at": r.started_at.isoformat(),
+        "finished_at": r.finished_at.isoformat(),
+        "reply_code": r.reply_code,
+        "reply_text": r.reply_text,
+        "recipients": {
+            addr: {"outcome": o.outcome, "code": o.code, "text": o.text}
+            for addr, o in r.recipients.items()
+        }
+        or None,
+        "next_attempt_at": _iso(r.next_attempt_at),
+        "pending_rcpts": list(r.pending_rcpts) if r.pending_rcpts is not None else None,
+        "keep_pending": r.pending_rcpts is None and r.delivery_status not in TERMINAL_STATUSES,
+        "status_reason": r.status_reason,
+        "terminal": r.delivery_status in TERMINAL_STATUSES,
+        "possible_duplicate": r.possible_duplicate,
+        "record_attempt": r.record_attempt,
+        "accepted_now": sum(1 for o in r.recipients.values() if o.outcome == "accepted"),
+        "worker": worker,
+    }
+
+
+def _suppression_reason(address: str, r: AttemptResult) -> str:
+    outcome = r.recipients.get(address)
+    if outcome is not None and outcome.text:
+        return f"permanent rejection: {outcome.code} {outcome.text}"[:500]
+    return f"permanent rejection: {r.reply_code} {r.reply_text}"[:500]
+
+
+def _rcpt_code(address: str, r: AttemptResult) -> int | None:
+    outcome = r.recipients.get(address)
+    return outcome.code if outcome is not None else r.reply_code
+
+
+def _claimed(r: asyncpg.Record) -> ClaimedDelivery:
+    command = r["command"]
+    rendered = r["rendered"]
+    pending = r["pending_rcpts"]
+    return ClaimedDelivery(
+        delivery_id=r["delivery_id"],
+        source=r["source"],
+        claim_token=r["claim_token"],
+        attempt_no=r["attempt_count"],
+        priority=r["priority"],
+        to_addrs=tuple(r["to_addrs"]),
+        cc_addrs=tuple(r["cc_addrs"]),
+        bcc_addrs=tuple(r["bcc_addrs"]),
+        pending_rcpts=tuple(pending) if pending is not None else None,
+        expires_at=r["expires_at"],
+        message_id=r["message_id"],
+        traceparent=r["traceparent"],
+        possible_duplicate=r["possible_duplicate"],
+        rcpts_accepted=r["rcpts_accepted"],
+        ladder_rung=r["ladder_rung"],
+        command=json.loads(command) if command is not None else None,
+        rendered=bytes(rendered) if rendered is not None else None,
+    )

@@ -1,0 +1,71 @@
+"""Schema migrations (yoyo, SQL files in ``migrations/``), safe when replicas start together."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import psycopg
+from yoyo import get_backend, read_migrations
+
+from maildaemon.errors import StartupError
+
+log = logging.getLogger("maildaemon.migrate")
+
+# pg_advisory_lock key shared by every replica: "maildaemon" folded into a bigint.
+_LOCK_KEY = 0x6D61696C64616D6E
+
+
+def migrations_dir() -> Path:
+    """The migrations shipped with the package (``maildaemon/migrations`` links to the
+    top-level ``migrations/`` in a checkout; a built wheel carries the files themselves)."""
+    here = Path(__file__).resolve().parent.parent / "migrations"
+    if here.is_dir():
+        return here
+    cwd = Path.cwd() / "migrations"
+    if cwd.is_dir():
+        return cwd
+    raise StartupError("migrations folder not found (looked next to the package and in the cwd)")
+
+
+def _yoyo_uri(dsn: str) -> str:
+    _scheme, sep, rest = dsn.partition("://")
+    if not sep:
+        raise StartupError("MAIL_POSTGRES_PRIMARY_DSN is not a URL")
+    joiner = "&" if "?" in rest else "?"
+    # yoyo's own bookkeeping tables live in schema `mail` beside ours.
+    return f"postgresql+psycopg://{rest}{joiner}options=-csearch_path%3Dmail"
+
+
+def apply_migrations(dsn: str, folder: Path | None = None) -> list[str]:
+    """Apply every pending migration; returns the ids applied. Blocking: run in a thread."""
+    folder = folder or migrations_dir()
+    try:
+        with psycopg.connect(dsn, autocommit=True) as lock_conn:
+            # One replica migrates at a time; the others wait, then find nothing to do.
+            lock_conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
+            try:
+                lock_conn.execute("CREATE SCHEMA IF NOT EXISTS mail")
+                backend = get_backend(_yoyo_uri(dsn))
+                try:
+                    migrations = read_migrations(str(folder))
+                    with backend.lock():
+                        pending = backend.to_apply(migrations)
+                        backend.apply_migrations(pending)
+                    return [m.id for m in pending]
+                finally:
+                    backend.connection.close()
+            finally:
+                lock_conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
+    except psycopg.Error as exc:
+        raise StartupError(f"migrations failed: {exc}".strip()) from None
+
+
+def pending_migrations(dsn: str, folder: Path | None = None) -> list[str]:
+    """Ids of migrations not yet applied (for readiness). Blocking: run in a thread."""
+    folder = folder or migrations_dir()
+    backend = get_backend(_yoyo_uri(dsn))
+    try:
+        return [m.id for m in backend.to_apply(read_migrations(str(folder)))]
+    finally:
+        backend.connection.close()

@@ -1,0 +1,276 @@
+"""The delivery pipeline's SQL, one named statement per step. Batches travel as arrays or JSON."""
+
+from __future__ import annotations
+
+# --- intake -------------------------------------------------------------------------------
+
+# Reserve (source, idempotency_key) for each new command; returns the ones reserved now.
+RESERVE_KEYS = """
+INSERT INTO mail.idempotency_reservations
+    (source, idempotency_key, delivery_id, command_hash, expires_at)
+SELECT r.source, r.key, r.delivery_id, r.hash, now() + make_interval(secs => $5)
+FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[]) AS r(source, key, delivery_id, hash)
+ORDER BY r.source, r.key
+ON CONFLICT (source, idempotency_key) DO NOTHING
+RETURNING source, idempotency_key
+"""
+
+# Existing reservations for keys that were already taken.
+EXISTING_RESERVATIONS = """
+SELECT r.source, r.idempotency_key, r.delivery_id, r.command_hash
+FROM mail.idempotency_reservations r
+JOIN unnest($1::text[], $2::text[]) AS k(source, key)
+  ON r.source = k.source AND r.idempotency_key = k.key
+"""
+
+DROP_RESERVATIONS = """
+DELETE FROM mail.idempotency_reservations r
+USING unnest($1::text[], $2::text[]) AS k(source, key)
+WHERE r.source = k.source AND r.idempotency_key = k.key
+"""
+
+# Insert the deliveries and their payloads in one statement; returns the ids inserted.
+INSERT_DELIVERIES = """
+WITH rows AS (
+    SELECT * FROM jsonb_to_recordset($1::jsonb) AS r(
+        delivery_id text, source text, idempotency_key text, command_hash text,
+        priority smallint, payload_mode text, template_id text, locale text,
+        to_addrs text[], cc_addrs text[], bcc_addrs text[], reply_to text,
+        send_at timestamptz, expires_at timestamptz, stream_entry_id text,
+        traceparent text, command jsonb)
+), ins AS (
+    INSERT INTO mail.deliveries (
+        delivery_id, source, idempotency_key, command_hash, priority, payload_mode,
+        template_id, locale, to_addrs, cc_addrs, bcc_addrs, reply_to, send_at, expires_at,
+        next_attempt_at, stream_entry_id, traceparent)
+    SELECT delivery_id, source, idempotency_key, decode(command_hash, 'hex'), priority,
+        payload_mode, template_id, locale, to_addrs, cc_addrs, bcc_addrs, reply_to, send_at,
+        expires_at, coalesce(send_at, now()), stream_entry_id, traceparent
+    FROM rows
+    ORDER BY delivery_id
+    ON CONFLICT (delivery_id) DO NOTHING
+    RETURNING delivery_id
+), pay AS (
+    INSERT INTO mail.delivery_payloads (delivery_id, command)
+    SELECT rows.delivery_id, rows.command FROM rows JOIN ins USING (delivery_id)
+)
+SELECT delivery_id FROM ins
+"""
+
+EXISTING_DELIVERY_HASHES = """
+SELECT delivery_id, command_hash FROM mail.deliveries WHERE delivery_id = ANY($1::text[])
+"""
+
+RECORD_REPLAYS = """
+INSERT INTO mail.command_replays (stream_entry_id, delivery_id)
+SELECT * FROM unnest($1::text[], $2::text[])
+ON CONFLICT DO NOTHING
+"""
+
+RECORD_MALFORMED = """
+INSERT INTO mail.malformed_commands
+    (stream_entry_id, failure_code, failure_detail, delivery_id, source, raw, raw_truncated)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                     $7::bool[])
+ON CONFLICT (stream_entry_id) DO NOTHING
+"""
+
+NOTIFY_DUE = "SELECT pg_notify('mail_due', '')"
+
+# --- scheduler ----------------------------------------------------------------------------
+
+# Claim up to $1 due deliveries: highest priority first, then the longest due. Each
+# priority is a bounded range scan of the partial index, so the claim costs O(batch)
+# whatever the size of the table or of a not-yet-due retry backlog. Sources in $4 are
+# paused and skipped (a global pause never gets here). The lease is the new
+# next_attempt_at: a claim whose holder died becomes due again when it expires.
+# A delivery still `sending` when claimed again was interrupted mid-attempt: it may
+# already have reached the recipient, so the new attempt counts as a possible duplicate.
+CLAIM_DUE = """
+WITH due AS (
+    SELECT c.delivery_id
+    FROM unnest('{0,1,2,3}'::smallint[]) AS p(prio)
+    CROSS JOIN LATERAL (
+        SELECT d.delivery_id
+        FROM mail.deliveries d
+        WHERE d.priority = p.prio
+          AND d.next_attempt_at <= now()
+          AND d.source <> ALL ($4::text[])
+        ORDER BY d.next_attempt_at
+        LIMIT $1
+        FOR UPDATE OF d SKIP LOCKED
+    ) c
+    LIMIT $1
+)
+UPDATE mail.deliveries d
+SET status = 'sending',
+    claim_token = d.claim_token + 1,
+    claimed_by = $3,
+    attempt_count = d.attempt_count + 1,
+    possible_duplicate = d.possible_duplicate OR d.status = 'sending',
+    next_attempt_at = now() + make_interval(secs => $2),
+    updated_at = now()
+FROM due
+WHERE d.delivery_id = due.delivery_id
+RETURNING d.delivery_id, d.source, d.claim_token, d.attempt_count, d.priority, d.to_addrs,
+    d.rcpts_accepted, d.attempt_count - d.ladder_base AS ladder_rung,
+    d.cc_addrs, d.bcc_addrs, d.pending_rcpts, d.expires_at, d.message_id, d.traceparent,
+    d.possible_duplicate,
+    CASE WHEN d.rendered_at IS NULL THEN
+        (SELECT p.command::text FROM mail.delivery_payloads p WHERE p.delivery_id = d.delivery_id)
+    END AS command,
+    CASE WHEN d.rendered_at IS NOT NULL THEN
+        (SELECT p.rendered FROM mail.delivery_payloads p WHERE p.delivery_id = d.delivery_id)
+    END AS rendered
+"""
+
+# Give unstarted claims back at shutdown: due again at once, fenced by the claim token.
+RELEASE_CLAIMS = """
+UPDATE mail.deliveries d
+SET status = 'queued',
+    next_attempt_at = now(), claimed_by = NULL, attempt_count = d.attempt_count - 1,
+    updated_at = now()
+FROM unnest($1::text[], $2::bigint[]) AS r(delivery_id, claim_token)
+WHERE d.delivery_id = r.delivery_id AND d.claim_token = r.claim_token AND d.status = 'sending'
+"""
+
+# Pin the rendered message before the first send (fenced).
+PIN_RENDERED = """
+WITH r AS (
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bytea[])
+        AS r(delivery_id, claim_token, message_id, content_hash, rendered)
+), upd AS (
+    UPDATE mail.deliveries d
+    SET rendered_at = now(), message_id = r.message_id, content_hash = r.content_hash,
+        updated_at = now()
+    FROM r
+    WHERE d.delivery_id = r.delivery_id AND d.claim_token = r.claim_token
+    RETURNING d.delivery_id
+), pay AS (
+    UPDATE mail.delivery_payloads p
+    SET rendered = r.rendered, rendered_size = length(r.rendered)
+    FROM r JOIN upd USING (delivery_id)
+    WHERE p.delivery_id = r.delivery_id
+)
+SELECT delivery_id FROM upd
+"""
+
+PAUSED_SCOPES = "SELECT scope FROM mail.sending_pauses"
+
+ACTIVE_SUPPRESSIONS = """
+SELECT address, reason FROM mail.suppressions
+WHERE address = ANY($1::text[]) AND (expires_at IS NULL OR expires_at > now())
+"""
+
+# --- results ------------------------------------------------------------------------------
+
+# Record a batch of attempt results. Every write is fenced by the claim token: a worker
+# whose lease expired and was reclaimed changes nothing. Returns the ids recorded.
+RECORD_RESULTS = """
+WITH r AS (
+    SELECT * FROM jsonb_to_recordset($1::jsonb) AS r(
+        delivery_id text, claim_token bigint, attempt_no integer, attempt_status text,
+        delivery_status text, started_at timestamptz, finished_at timestamptz,
+        reply_code integer, reply_text text, recipients jsonb, next_attempt_at timestamptz,
+        pending_rcpts text[], keep_pending boolean, status_reason text, terminal boolean,
+        possible_duplicate boolean, record_attempt boolean, accepted_now integer, worker text)
+), upd AS (
+    UPDATE mail.deliveries d
+    SET status = r.delivery_status,
+        next_attempt_at = r.next_attempt_at,
+        pending_rcpts = CASE WHEN r.keep_pending THEN d.pending_rcpts ELSE r.pending_rcpts END,
+        last_reply_code = coalesce(r.reply_code, d.last_reply_code),
+        last_reply_text = coalesce(r.reply_text, d.last_reply_text),
+        status_reason = r.status_reason,
+        rcpts_accepted = d.rcpts_accepted + r.accepted_now,
+        possible_duplicate = d.possible_duplicate OR r.possible_duplicate,
+        attempt_count = CASE WHEN r.record_attempt THEN d.attempt_count
+                             ELSE d.attempt_count - 1 END,
+        claimed_by = NULL,
+        finished_at = CASE WHEN r.terminal THEN now() END,
+        updated_at = now()
+    FROM r
+    WHERE d.delivery_id = r.delivery_id AND d.claim_token = r.claim_token
+    RETURNING d.delivery_id, d.attempt_count
+), att AS (
+    INSERT INTO mail.attempts (delivery_id, attempt_no, status, started_at, finished_at,
+                               reply_code, reply_text, recipients, worker)
+    SELECT r.delivery_id, r.attempt_no, r.attempt_status, r.started_at, r.finished_at,
+           r.reply_code, r.reply_text, r.recipients, r.worker
+    FROM r JOIN upd USING (delivery_id)
+    WHERE r.record_attempt
+), dl AS (
+    INSERT INTO mail.dead_letters (delivery_id, attempt_count, last_status, last_reply_code,
+                                   last_reply_text)
+    SELECT r.delivery_id, upd.attempt_count, r.attempt_status, r.reply_code, r.reply_text
+    FROM r JOIN upd USING (delivery_id)
+    WHERE r.delivery_status = 'dead_letter'
+    ON CONFLICT (delivery_id) DO UPDATE
+    SET created_at = now(), attempt_count = excluded.attempt_count,
+        last_status = excluded.last_status, last_reply_code = excluded.last_reply_code,
+        last_reply_text = excluded.last_reply_text,
+        reviewed_at = NULL, reviewed_by = NULL, review_note = NULL,
+        requeued_at = NULL, requeued_by = NULL
+)
+SELECT delivery_id FROM upd
+"""
+
+SUPPRESS_ADDRESSES = """
+INSERT INTO mail.suppressions (address, reason, reply_code, source_delivery_id, expires_at)
+SELECT lower(a.address), a.reason, a.code, a.delivery_id, now() + make_interval(secs => $5)
+FROM unnest($1::text[], $2::text[], $3::integer[], $4::text[]) AS a(address, reason, code,
+                                                                     delivery_id)
+ON CONFLICT (address) DO UPDATE
+SET reason = excluded.reason, reply_code = excluded.reply_code,
+    source_delivery_id = excluded.source_delivery_id, created_at = now(),
+    expires_at = excluded.expires_at
+"""
+
+# --- scheduler figures --------------------------------------------------------------------
+
+NEXT_DUE_AT = """
+SELECT min(next_attempt_at) FROM mail.deliveries WHERE next_attempt_at IS NOT NULL
+"""
+
+SCHEDULE_DEPTH = """
+SELECT count(*) AS depth,
+       coalesce(extract(epoch FROM now() - min(next_attempt_at)) * 1000, 0)::bigint
+           AS oldest_age_ms
+FROM mail.deliveries
+WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= now()
+"""
+
+# --- retention ----------------------------------------------------------------------------
+# Each statement deletes at most $1 rows, so a pass never holds long locks.
+
+PURGE_RESERVATIONS = """
+DELETE FROM mail.idempotency_reservations WHERE ctid = ANY (ARRAY(
+    SELECT ctid FROM mail.idempotency_reservations WHERE expires_at < now() LIMIT $1))
+"""
+
+# Only terminal deliveries are ever removed (attempts, payloads, dead letters cascade).
+PURGE_DELIVERIES = """
+DELETE FROM mail.deliveries WHERE delivery_id = ANY (ARRAY(
+    SELECT delivery_id FROM mail.deliveries
+    WHERE finished_at < now() - make_interval(secs => $2)
+      AND next_attempt_at IS NULL
+      AND status IN ('sent', 'suppressed', 'failed', 'dead_letter', 'expired', 'cancelled')
+    LIMIT $1))
+"""
+
+PURGE_MALFORMED = """
+DELETE FROM mail.malformed_commands WHERE id = ANY (ARRAY(
+    SELECT id FROM mail.malformed_commands
+    WHERE received_at < now() - make_interval(secs => $2) LIMIT $1))
+"""
+
+PURGE_REPLAYS = """
+DELETE FROM mail.command_replays WHERE ctid = ANY (ARRAY(
+    SELECT ctid FROM mail.command_replays
+    WHERE received_at < now() - make_interval(secs => $2) LIMIT $1))
+"""
+
+PURGE_SUPPRESSIONS = """
+DELETE FROM mail.suppressions WHERE address = ANY (ARRAY(
+    SELECT address FROM mail.suppressions WHERE expires_at < now() LIMIT $1))
+"""
