@@ -119,6 +119,18 @@ class StreamConsumer:
                 if batch:
                     await self._take_in(batch)
                 backoff.reset()
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # The stream or its group was deleted under us: create them again.
+                event(
+                    log,
+                    "consumer group missing, recreating",
+                    logging.WARNING,
+                    stream=s.command_stream,
+                    group=s.consumer_group,
+                )
+                await self.ensure_group()
             except RedisError as exc:
                 event(
                     log,

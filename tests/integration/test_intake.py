@@ -355,3 +355,18 @@ async def test_departed_consumers_are_forgotten(make_settings: MakeSettings) -> 
 
 async def _without(names: Any, name: str) -> bool:
     return name not in await names()
+
+
+async def test_deleted_stream_is_recreated_and_intake_goes_on(make_settings: MakeSettings) -> None:
+    settings = make_settings(smtp_mode="stub")
+    db = Db(settings.dsn)
+    client = redis_client(settings.redis_master_addr)
+    async with running_app(settings) as app:
+        await xadd(settings, command("before-delete"))
+        await wait_for(lambda: db.status("before-delete"))
+        await client.delete(settings.command_stream)
+        await asyncio.sleep(0.5)
+        await xadd(settings, command("after-delete"))
+        await wait_for(lambda: db.status("after-delete"), timeout=15)
+        assert not app._crashed
+    await client.aclose()
