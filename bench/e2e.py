@@ -144,10 +144,13 @@ async def start_daemon(env: dict[str, str], http_port: int) -> Proc:
             status = await reader.readline()
             writer.close()
             if b" 200 " in status:
-                return Proc(popen, log_path=log_path)
+                proc = Proc(popen, log_path=log_path)
+                _DAEMONS.append(proc)
+                return proc
         except OSError:
             pass
         await asyncio.sleep(0.1)
+    popen.kill()
     raise RuntimeError("daemon did not become ready")
 
 
@@ -430,6 +433,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+_DAEMONS: list[Proc] = []
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")  # unwinds through every finally: cleanup
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.e2e",
@@ -454,7 +464,13 @@ def main(argv: list[str] | None = None) -> int:
         type=lambda s: set(s.split(",")),
     )
     args = parser.parse_args(argv)
-    results = asyncio.run(run(args))
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        results = asyncio.run(run(args))
+    finally:
+        for proc in _DAEMONS:  # a phase that failed may have left its daemon running
+            if proc.popen.poll() is None:
+                proc.popen.kill()
     print(table(results))
     print("BENCH_JSON " + json.dumps(results, sort_keys=True))
     return 0
