@@ -104,6 +104,7 @@ class Settings(BaseSettings):
     consumer_batch_size: int = Field(default=500, ge=1, le=10_000)
     consumer_block: Duration = 1.0
     consumer_reclaim_idle: Duration = 60.0
+    consumer_forget_idle: Duration = 86400.0
     event_stream: str = Field(default="mail:delivery_events", min_length=1)
     event_stream_maxlen: int = Field(default=100_000, ge=0)
 

@@ -119,6 +119,18 @@ class StreamConsumer:
                 if batch:
                     await self._take_in(batch)
                 backoff.reset()
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # The stream or its group was deleted under us: create them again.
+                event(
+                    log,
+                    "consumer group missing, recreating",
+                    logging.WARNING,
+                    stream=s.command_stream,
+                    group=s.consumer_group,
+                )
+                await self.ensure_group()
             except RedisError as exc:
                 event(
                     log,
@@ -175,7 +187,23 @@ class StreamConsumer:
                 count=len(claimed),
                 consumer=self._s.consumer_name,
             )
+        else:
+            await self._forget_departed()
         return claimed
+
+    async def _forget_departed(self) -> None:
+        """Remove consumers of replicas long gone (nothing pending, idle for long) from the
+        group, so that XINFO stays readable as replicas come and go."""
+        forget_ms = int(self._s.consumer_forget_idle * 1000)
+        for info in await self._redis.xinfo_consumers(
+            self._s.command_stream, self._s.consumer_group
+        ):
+            name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
+            if name != self._s.consumer_name and info["pending"] == 0 and info["idle"] >= forget_ms:
+                await self._redis.xgroup_delconsumer(
+                    self._s.command_stream, self._s.consumer_group, name
+                )
+                event(log, "departed consumer removed", consumer=name, idle_ms=info["idle"])
 
     async def _take_in(self, batch: Sequence[_Entry]) -> None:
         entries = [to_intake(entry_id_text(eid), fields, self._policy) for eid, fields in batch]

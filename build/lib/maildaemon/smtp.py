@@ -113,8 +113,8 @@ class SmtpConnection:
         )
         try:
             await client.connect()
+            await client.ehlo()
             if not implicit:
-                await client.ehlo()
                 if not client.supports_extension("starttls"):
                     raise InsecureTransportError(
                         f"{self._host}:{self._port} does not offer STARTTLS; "

@@ -1,7 +1,8 @@
 """Attempt worker pool: each worker owns one kept-open SMTP connection and sends jobs.
 
 Workers take prepared jobs from the scheduler's queue, send them, classify the outcome and
-hand the result to the result writer, waiting (shielded) for it to be committed.
+hand the result to the result writer, which commits it whatever happens to the worker
+(the job's queue slot frees up only once its result is durable).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ maildaemon dev: local stack in {state_dir}
 
 Send a test mail from another shell:
   set -a; . {env_file}; set +a
-  maildaemon enqueue --source authsession --template signin_code \\
+  {cli} enqueue --source authsession --template signin_code \\
       --to you@example.com --var code=123456 --var expires_minutes=10
   curl -s http://{http}/api/v1/internal/deliveries/<delivery_id>
   ls {maildir}
@@ -55,6 +55,7 @@ def run_dev(state_dir: Path, http_addr: str | None = None) -> int:
                 maildir=stack.maildir,
                 http=env["MAIL_INTERNAL_HTTP_ADDR"],
                 env_file=env_file,
+                cli=_cli_path(),
             ),
             file=sys.stderr,
             flush=True,
@@ -63,6 +64,12 @@ def run_dev(state_dir: Path, http_addr: str | None = None) -> int:
         return asyncio.run(App(settings).run())
     finally:
         stack.stop()
+
+
+def _cli_path() -> str:
+    """How to call this maildaemon from another shell (the venv may not be activated)."""
+    beside = Path(sys.executable).parent / "maildaemon"
+    return str(beside) if beside.exists() else "maildaemon"
 
 
 def _display_dsn(env: dict[str, str]) -> str:
