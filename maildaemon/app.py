@@ -122,6 +122,7 @@ class App:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self._on_signal, sig)
+        event(log, "configuration", **s.redacted())  # secrets and DSN passwords removed
         if s.smtp_mode == "smtp" and not s.smtp_tls_verify:
             event(
                 log,

@@ -95,12 +95,19 @@ async def stub_env(pg_dsn: str, redis_addr: str) -> AsyncIterator[dict[str, str]
 
 
 async def test_sigterm_while_idle_exits_zero_in_time(stub_env: dict[str, str]) -> None:
+    stub_env = dict(
+        stub_env,
+        MAIL_SMTP_USERNAME="mailer",
+        MAIL_SMTP_PASSWORD="pw-s3cret-1",
+        MAIL_OPERATOR_TOKEN="tok-s3cret-2",
+    )
     proc = await spawn("run", env=stub_env)
     await wait_for(lambda: _ready(_port(stub_env)), timeout=30)
     proc.send_signal(signal.SIGTERM)
     code = await asyncio.wait_for(proc.wait(), 10)
     stderr = (await proc.stderr.read()).decode()  # type: ignore[union-attr]
     assert code == 0, stderr
+    assert "pw-s3cret-1" not in stderr and "tok-s3cret-2" not in stderr  # secrets never logged
     events = [json.loads(line)["event"] for line in stderr.splitlines() if line.startswith("{")]
     order = [
         "startup: redis ping",
