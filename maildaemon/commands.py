@@ -30,7 +30,6 @@ from pydantic_core import PydanticCustomError
 COMMAND_FIELD = "command"
 
 PRIORITIES: dict[str, int] = {"critical": 0, "high": 1, "normal": 2, "low": 3}
-PRIORITY_NAMES = {value: name for name, value in PRIORITIES.items()}
 
 # Failure codes a rejected command can carry (documented in the AsyncAPI document).
 FAILURE_CODES = (

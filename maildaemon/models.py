@@ -129,16 +129,3 @@ class AttemptResult:
     @property
     def dead_letter(self) -> bool:
         return self.delivery_status == "dead_letter"
-
-
-@dataclass(frozen=True, slots=True)
-class OutcomeEvent:
-    """Published on the event stream after the result is committed."""
-
-    delivery_id: str
-    source: str
-    status: str
-    attempt_no: int
-    reply_code: int | None
-    reply_text: str | None
-    next_attempt_at: datetime | None

@@ -67,10 +67,6 @@ def envelope(address: str) -> bytes:
         raise PermanentTransportError(f"address cannot be sent over SMTP: {address!r}") from exc
 
 
-def _reply(exc: aiosmtplib.SMTPResponseException) -> Reply:
-    return Reply(exc.code, exc.message)
-
-
 class SmtpConnection:
     """One SMTP session, opened lazily and reused across messages."""
 
@@ -81,10 +77,6 @@ class SmtpConnection:
         self._client: aiosmtplib.SMTP | None = None
         self._dirty = False  # a transaction was left half-way: RSET before the next one
         self.in_data = False  # the message data may be on its way: an abort is "unknown"
-
-    @property
-    def connected(self) -> bool:
-        return self._client is not None and self._client.is_connected
 
     async def close(self) -> None:
         client, self._client = self._client, None

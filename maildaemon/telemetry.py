@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from opentelemetry import metrics, trace
+from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
@@ -132,7 +132,3 @@ def _gauge(read: Callable[[], int]) -> Callable[[CallbackOptions], Iterable[Obse
         yield Observation(read())
 
     return callback
-
-
-def noop_tracer() -> trace.Tracer:
-    return trace.NoOpTracer()
