@@ -14,7 +14,6 @@ from asyncpg.pool import PoolConnectionProxy
 
 from maildaemon.errors import StoreRejected, StoreUnavailable
 from maildaemon.models import (
-    TERMINAL_STATUSES,
     AttemptResult,
     ClaimedDelivery,
     IntakeEntry,
@@ -23,6 +22,7 @@ from maildaemon.models import (
 )
 from maildaemon.parsing import Rejection
 from maildaemon.store import queries as q
+from maildaemon.store import rows as convert
 
 log = logging.getLogger("maildaemon.store")
 
@@ -55,17 +55,6 @@ async def translate_errors(what: str) -> AsyncIterator[None]:
         raise StoreUnavailable(f"{what}: PostgreSQL unavailable: {exc!r}") from exc
     except (asyncpg.exceptions.DataError, UnicodeError) as exc:
         raise StoreRejected(f"{what}: PostgreSQL refused the data: {exc}") from exc
-
-
-def clean_text(value: str | None) -> str | None:
-    """Text PostgreSQL accepts: no NUL, no unpaired surrogates (escaped instead)."""
-    if value is None:
-        return None
-    return value.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
 
 
 class Store:
@@ -121,7 +110,7 @@ class Store:
             if prior_fp == fp and prior_id == cmd.delivery_id:
                 result.replays.append((entry, prior_id))
             else:
-                malformed.append((entry, _conflict(entry, prior_id, key in by_key)))
+                malformed.append((entry, convert.conflict(entry, prior_id, key in by_key)))
 
         async with translate_errors("ingest"), self.pool.acquire() as conn, conn.transaction():
             if fresh:
@@ -137,10 +126,10 @@ class Store:
                     q.RECORD_MALFORMED,
                     [e.stream_entry_id for e, _ in malformed],
                     [r.failure_code for _, r in malformed],
-                    [clean_text(r.failure_detail) for _, r in malformed],
-                    [clean_text(r.delivery_id) for _, r in malformed],
-                    [clean_text(r.source) for _, r in malformed],
-                    [clean_text(e.raw) for e, _ in malformed],
+                    [convert.clean_text(r.failure_detail) for _, r in malformed],
+                    [convert.clean_text(r.delivery_id) for _, r in malformed],
+                    [convert.clean_text(r.source) for _, r in malformed],
+                    [convert.clean_text(e.raw) for e, _ in malformed],
                     [e.raw_truncated for e, _ in malformed],
                 )
             if result.created:
@@ -188,12 +177,17 @@ class Store:
                     result.replays.append((entry, did))
                 else:
                     malformed.append(
-                        (entry, _conflict(entry, holder["delivery_id"] if holder else None, True))
+                        (
+                            entry,
+                            convert.conflict(
+                                entry, holder["delivery_id"] if holder else None, True
+                            ),
+                        )
                     )
         if not to_insert:
             return
         payload = json.dumps(
-            [_delivery_row(fresh[d][0], fresh[d][1]) for d in to_insert], ensure_ascii=False
+            [convert.delivery_row(fresh[d][0], fresh[d][1]) for d in to_insert], ensure_ascii=False
         )
         inserted = {r["delivery_id"] for r in await conn.fetch(q.INSERT_DELIVERIES, payload)}
         missing = [d for d in to_insert if d not in inserted]
@@ -243,7 +237,7 @@ class Store:
             if "*" in paused:
                 return []
             rows = await self.pool.fetch(q.CLAIM_DUE, limit, lease_seconds, worker, paused)
-        return [_claimed(r) for r in rows]
+        return [convert.claimed(r) for r in rows]
 
     async def release(self, claims: Iterable[ClaimedDelivery]) -> int:
         claims = list(claims)
@@ -283,7 +277,7 @@ class Store:
         """Write a batch of results in one transaction; returns the ids the fence let in."""
         if not results:
             return set()
-        payload = json.dumps([_result_row(r, worker) for r in results], ensure_ascii=False)
+        payload = json.dumps([convert.result_row(r, worker) for r in results], ensure_ascii=False)
         suppress = [(addr, r) for r in results for addr in r.suppress]
         async with (
             translate_errors("record results"),
@@ -296,8 +290,8 @@ class Store:
                 await conn.execute(
                     q.SUPPRESS_ADDRESSES,
                     [a for a, _ in suppress],
-                    [_suppression_reason(a, r) for a, r in suppress],
-                    [_rcpt_code(a, r) for a, r in suppress],
+                    [convert.suppression_reason(a, r) for a, r in suppress],
+                    [convert.rcpt_code(a, r) for a, r in suppress],
                     [r.delivery_id for _, r in suppress],
                     suppression_ttl,
                 )
@@ -346,111 +340,3 @@ class Store:
             with contextlib.suppress(*_UNAVAILABLE):
                 await conn.remove_listener(channel, _on_notify)
             await self.pool.release(conn)
-
-
-def _conflict(entry: IntakeEntry, holder: str | None, same_key: bool) -> Rejection:
-    cmd = entry.command
-    assert cmd is not None
-    if same_key:
-        return Rejection(
-            "idempotency_conflict",
-            f"idempotency_key {cmd.idempotency_key!r} of source {cmd.source!r} is reserved by "
-            f"delivery {holder!r} for a different command",
-            cmd.delivery_id,
-            cmd.source,
-        )
-    return Rejection(
-        "delivery_id_conflict",
-        f"delivery_id {cmd.delivery_id!r} already belongs to a different command",
-        cmd.delivery_id,
-        cmd.source,
-    )
-
-
-def _delivery_row(entry: IntakeEntry, fingerprint: bytes) -> dict[str, Any]:
-    cmd = entry.command
-    assert cmd is not None
-    return {
-        "delivery_id": cmd.delivery_id,
-        "source": cmd.source,
-        "idempotency_key": cmd.idempotency_key,
-        "command_hash": fingerprint.hex(),
-        "priority": cmd.priority_rank,
-        "payload_mode": cmd.payload_mode,
-        "template_id": cmd.template_id,
-        "locale": cmd.locale,
-        "to_addrs": [r.address for r in cmd.to],
-        "cc_addrs": [r.address for r in cmd.cc],
-        "bcc_addrs": [r.address for r in cmd.bcc],
-        "reply_to": cmd.reply_to.address if cmd.reply_to else None,
-        "send_at": _iso(cmd.send_at),
-        "expires_at": _iso(cmd.expires_at),
-        "stream_entry_id": entry.stream_entry_id,
-        "traceparent": cmd.traceparent,
-        "command": cmd.model_dump(mode="json", exclude_defaults=True),
-    }
-
-
-def _result_row(r: AttemptResult, worker: str) -> dict[str, Any]:
-    return {
-        "delivery_id": r.delivery_id,
-        "claim_token": r.claim_token,
-        "attempt_no": r.attempt_no,
-        "attempt_status": r.attempt_status,
-        "delivery_status": r.delivery_status,
-        "started_at": r.started_at.isoformat(),
-        "finished_at": r.finished_at.isoformat(),
-        "reply_code": r.reply_code,
-        "reply_text": r.reply_text,
-        "recipients": {
-            addr: {"outcome": o.outcome, "code": o.code, "text": o.text}
-            for addr, o in r.recipients.items()
-        }
-        or None,
-        "next_attempt_at": _iso(r.next_attempt_at),
-        "pending_rcpts": list(r.pending_rcpts) if r.pending_rcpts is not None else None,
-        "keep_pending": r.pending_rcpts is None and r.delivery_status not in TERMINAL_STATUSES,
-        "status_reason": r.status_reason,
-        "terminal": r.delivery_status in TERMINAL_STATUSES,
-        "possible_duplicate": r.possible_duplicate,
-        "record_attempt": r.record_attempt,
-        "accepted_now": sum(1 for o in r.recipients.values() if o.outcome == "accepted"),
-        "worker": worker,
-    }
-
-
-def _suppression_reason(address: str, r: AttemptResult) -> str:
-    outcome = r.recipients.get(address)
-    if outcome is not None and outcome.text:
-        return f"permanent rejection: {outcome.code} {outcome.text}"[:500]
-    return f"permanent rejection: {r.reply_code} {r.reply_text}"[:500]
-
-
-def _rcpt_code(address: str, r: AttemptResult) -> int | None:
-    outcome = r.recipients.get(address)
-    return outcome.code if outcome is not None else r.reply_code
-
-
-def _claimed(r: asyncpg.Record) -> ClaimedDelivery:
-    command = r["command"]
-    rendered = r["rendered"]
-    pending = r["pending_rcpts"]
-    return ClaimedDelivery(
-        delivery_id=r["delivery_id"],
-        source=r["source"],
-        claim_token=r["claim_token"],
-        attempt_no=r["attempt_count"],
-        priority=r["priority"],
-        to_addrs=tuple(r["to_addrs"]),
-        cc_addrs=tuple(r["cc_addrs"]),
-        bcc_addrs=tuple(r["bcc_addrs"]),
-        pending_rcpts=tuple(pending) if pending is not None else None,
-        expires_at=r["expires_at"],
-        message_id=r["message_id"],
-        traceparent=r["traceparent"],
-        possible_duplicate=r["possible_duplicate"],
-        rcpts_accepted=r["rcpts_accepted"],
-        ladder_rung=r["ladder_rung"],
-        command=json.loads(command) if command is not None else None,
-        rendered=bytes(rendered) if rendered is not None else None,
-    )

@@ -1,0 +1,131 @@
+"""The delivery pipeline's rows: domain values to query parameters and records back."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from maildaemon.models import TERMINAL_STATUSES, AttemptResult, ClaimedDelivery, IntakeEntry
+from maildaemon.parsing import Rejection
+
+
+def clean_text(value: str | None) -> str | None:
+    """Text PostgreSQL accepts: no NUL, no unpaired surrogates (escaped instead)."""
+    if value is None:
+        return None
+    return value.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+
+
+def iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def conflict(entry: IntakeEntry, holder: str | None, same_key: bool) -> Rejection:
+    cmd = entry.command
+    assert cmd is not None
+    if same_key:
+        return Rejection(
+            "idempotency_conflict",
+            f"idempotency_key {cmd.idempotency_key!r} of source {cmd.source!r} is reserved by "
+            f"delivery {holder!r} for a different command",
+            cmd.delivery_id,
+            cmd.source,
+        )
+    return Rejection(
+        "delivery_id_conflict",
+        f"delivery_id {cmd.delivery_id!r} already belongs to a different command",
+        cmd.delivery_id,
+        cmd.source,
+    )
+
+
+def delivery_row(entry: IntakeEntry, fingerprint: bytes) -> dict[str, Any]:
+    cmd = entry.command
+    assert cmd is not None
+    return {
+        "delivery_id": cmd.delivery_id,
+        "source": cmd.source,
+        "idempotency_key": cmd.idempotency_key,
+        "command_hash": fingerprint.hex(),
+        "priority": cmd.priority_rank,
+        "payload_mode": cmd.payload_mode,
+        "template_id": cmd.template_id,
+        "locale": cmd.locale,
+        "to_addrs": [r.address for r in cmd.to],
+        "cc_addrs": [r.address for r in cmd.cc],
+        "bcc_addrs": [r.address for r in cmd.bcc],
+        "reply_to": cmd.reply_to.address if cmd.reply_to else None,
+        "send_at": iso(cmd.send_at),
+        "expires_at": iso(cmd.expires_at),
+        "stream_entry_id": entry.stream_entry_id,
+        "traceparent": cmd.traceparent,
+        "command": cmd.model_dump(mode="json", exclude_defaults=True),
+    }
+
+
+def result_row(r: AttemptResult, worker: str) -> dict[str, Any]:
+    return {
+        "delivery_id": r.delivery_id,
+        "claim_token": r.claim_token,
+        "attempt_no": r.attempt_no,
+        "attempt_status": r.attempt_status,
+        "delivery_status": r.delivery_status,
+        "started_at": r.started_at.isoformat(),
+        "finished_at": r.finished_at.isoformat(),
+        "reply_code": r.reply_code,
+        "reply_text": r.reply_text,
+        "recipients": {
+            addr: {"outcome": o.outcome, "code": o.code, "text": o.text}
+            for addr, o in r.recipients.items()
+        }
+        or None,
+        "next_attempt_at": iso(r.next_attempt_at),
+        "pending_rcpts": list(r.pending_rcpts) if r.pending_rcpts is not None else None,
+        "keep_pending": r.pending_rcpts is None and r.delivery_status not in TERMINAL_STATUSES,
+        "status_reason": r.status_reason,
+        "terminal": r.delivery_status in TERMINAL_STATUSES,
+        "possible_duplicate": r.possible_duplicate,
+        "record_attempt": r.record_attempt,
+        "accepted_now": sum(1 for o in r.recipients.values() if o.outcome == "accepted"),
+        "worker": worker,
+    }
+
+
+def suppression_reason(address: str, r: AttemptResult) -> str:
+    outcome = r.recipients.get(address)
+    if outcome is not None and outcome.text:
+        return f"permanent rejection: {outcome.code} {outcome.text}"[:500]
+    return f"permanent rejection: {r.reply_code} {r.reply_text}"[:500]
+
+
+def rcpt_code(address: str, r: AttemptResult) -> int | None:
+    outcome = r.recipients.get(address)
+    return outcome.code if outcome is not None else r.reply_code
+
+
+def claimed(r: asyncpg.Record) -> ClaimedDelivery:
+    command = r["command"]
+    rendered = r["rendered"]
+    pending = r["pending_rcpts"]
+    return ClaimedDelivery(
+        delivery_id=r["delivery_id"],
+        source=r["source"],
+        claim_token=r["claim_token"],
+        attempt_no=r["attempt_count"],
+        priority=r["priority"],
+        to_addrs=tuple(r["to_addrs"]),
+        cc_addrs=tuple(r["cc_addrs"]),
+        bcc_addrs=tuple(r["bcc_addrs"]),
+        pending_rcpts=tuple(pending) if pending is not None else None,
+        expires_at=r["expires_at"],
+        message_id=r["message_id"],
+        traceparent=r["traceparent"],
+        possible_duplicate=r["possible_duplicate"],
+        rcpts_accepted=r["rcpts_accepted"],
+        ladder_rung=r["ladder_rung"],
+        command=json.loads(command) if command is not None else None,
+        rendered=bytes(rendered) if rendered is not None else None,
+    )
