@@ -39,7 +39,7 @@ import redis.asyncio as aioredis
 from bench.sink import SinkCluster
 from maildaemon.devstack.postgres import EmbeddedPostgres, ensure_database, pick_free_port
 from maildaemon.devstack.redis import EmbeddedRedis
-from maildaemon.mime import make_message_id
+from maildaemon.message.mime import make_message_id
 
 REPO = Path(__file__).resolve().parent.parent
 SENDER_DOMAIN = "bench.example"
@@ -128,7 +128,7 @@ async def start_daemon(env: dict[str, str], http_port: int) -> Proc:
     log_path = Path(tempfile.mkstemp(prefix="maildaemon-bench-daemon-", suffix=".log")[1])
     with log_path.open("ab") as log:
         popen = subprocess.Popen(
-            [sys.executable, *prefix, "-m", "maildaemon.cli", "run", *extra],
+            [sys.executable, *prefix, "-m", "maildaemon.cli.main", "run", *extra],
             env=env,
             cwd=str(REPO),
             stdout=subprocess.DEVNULL,

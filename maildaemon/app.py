@@ -16,31 +16,35 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from maildaemon.api import Readiness, build_app
-from maildaemon.commands import CommandPolicy
-from maildaemon.compose import Composer
 from maildaemon.config import Settings, redact_dsn
-from maildaemon.consumer import StreamConsumer
-from maildaemon.dkim import DkimSigner
+from maildaemon.contract.command import CommandPolicy
 from maildaemon.errors import MailDaemonError, StartupError
+from maildaemon.http.app import build_app
+from maildaemon.http.keys import Readiness
 from maildaemon.logs import event
-from maildaemon.outcomes import RetryPolicy
-from maildaemon.ratelimit import RateLimiter
-from maildaemon.render import TemplateCatalog
-from maildaemon.results import ResultWriter
-from maildaemon.retention import RetentionWorker
-from maildaemon.scheduler import JobQueue, Scheduler
-from maildaemon.smtp import tls_context
+from maildaemon.message.compose import Composer
+from maildaemon.message.dkim import DkimSigner
+from maildaemon.message.render import TemplateCatalog
+from maildaemon.pipeline.consumer import StreamConsumer
+from maildaemon.pipeline.events import EventPublisher
+from maildaemon.pipeline.jobs import JobQueue
+from maildaemon.pipeline.results import ResultWriter
+from maildaemon.pipeline.retention import RetentionWorker
+from maildaemon.pipeline.scheduler import Scheduler
+from maildaemon.pipeline.worker import AttemptWorker
+from maildaemon.retry import RetryPolicy
+from maildaemon.sending.ratelimit import RateLimiter
+from maildaemon.sending.smtp import tls_context
 from maildaemon.store.db import Store
 from maildaemon.store.migrate import apply_migrations
 from maildaemon.telemetry import Telemetry
-from maildaemon.worker import AttemptWorker
 
 log = logging.getLogger("maildaemon.app")
 T = TypeVar("T")
@@ -201,27 +205,7 @@ class App:
         signer: DkimSigner | None,
         runner: web.AppRunner,
     ) -> int:
-        s = self.settings
-        inst = self.telemetry.instruments
-        name = s.consumer_name
-        composer = Composer(
-            catalog, s.smtp_from or "maildaemon <noreply@maildaemon.localhost>", signer
-        )
-        queue = JobQueue(max(s.attempt_worker_concurrency * 8, 16))
-        results = ResultWriter(s, store, redis, inst, name)
-        scheduler = Scheduler(s, store, composer, queue, results, inst, name)
-        consumer = StreamConsumer(s, redis, store, command_policy(s, catalog), inst, scheduler.wake)
-        retention = RetentionWorker(s, store)
-        policy = RetryPolicy(s.retry_ladder, s.retry_jitter, s.unknown_outcome_policy)
-        limiter = RateLimiter(s.global_rate_limit, s.domain_rate_limit, s.domain_backoff)
-        context = tls_context(s)
-        workers = [
-            AttemptWorker(
-                i, s, context, composer.sender_address, queue, results, policy, limiter, inst
-            )
-            for i in range(s.attempt_worker_concurrency)
-        ]
-
+        c = _Components.build(self.settings, store, redis, catalog, signer, self.telemetry)
         tasks: dict[str, asyncio.Task[None]] = {}
 
         def spawn(task_name: str, coro: Awaitable[None]) -> None:
@@ -230,24 +214,39 @@ class App:
             task.add_done_callback(self._watch)
             tasks[task_name] = task
 
-        spawn("result-writer", results.run())
-        for w in workers:
+        s = self.settings
+        spawn("event-publisher", c.publisher.run())
+        spawn("result-writer", c.results.run())
+        for w in c.workers:
             spawn(f"attempt-worker-{w.index}", w.run())
         event(
             log,
             "attempt worker pool started",
-            concurrency=len(workers),
+            concurrency=len(c.workers),
             smtp_mode=s.smtp_mode,
             smtp_addr=s.smtp_addr,
             smtp_security=s.smtp_security,
         )
-        spawn("scheduler", scheduler.run())
-        spawn("command-consumer", consumer.run())
-        spawn("retention-worker", retention.run())
+        spawn("scheduler", c.scheduler.run())
+        spawn("command-consumer", c.consumer.run())
+        spawn("retention-worker", c.retention.run())
         self.readiness.workers_running = True
-        event(log, "started", http_port=self.http_port, consumer=name)
+        event(log, "started", http_port=self.http_port, consumer=s.consumer_name)
 
         await self._stop.wait()
+        await self._shut_down(c, tasks, store, runner)
+        return 1 if self._crashed else 0
+
+    async def _shut_down(
+        self,
+        c: _Components,
+        tasks: dict[str, asyncio.Task[None]],
+        store: Store,
+        runner: web.AppRunner,
+    ) -> None:
+        """HTTP first, then intake and claims, unstarted claims back, in-flight sends get
+        the rest of the timeout, then results and their events."""
+        s = self.settings
         deadline = time.monotonic() + s.shutdown_timeout
         self.readiness.shutting_down = True
         self.readiness.workers_running = False
@@ -258,22 +257,24 @@ class App:
 
         await runner.cleanup()
         event(log, "internal http listener stopped")
-        consumer.stop()
-        scheduler.stop()
-        retention.stop()
+        c.consumer.stop()
+        c.scheduler.stop()
+        c.retention.stop()
         await self._finish(tasks, ("command-consumer", "scheduler", "retention-worker"), left())
-        unstarted = queue.close(len(workers))
+        unstarted = c.queue.close(len(c.workers))
         if unstarted:
             with contextlib.suppress(MailDaemonError):
                 released = await store.release(j.claim for j in unstarted)
                 event(log, "unstarted claims released", count=released)
-        await self._finish(tasks, tuple(f"attempt-worker-{w.index}" for w in workers), left())
-        results.close()
+        workers = tuple(f"attempt-worker-{w.index}" for w in c.workers)
+        await self._finish(tasks, workers, left())
+        c.results.close()
         # The writer gets a few seconds beyond the deadline: it holds results of sends
         # that already happened, and losing them would mean sending again.
         await self._finish(tasks, ("result-writer",), left() + 5.0)
+        c.publisher.stop()  # one more pass for the last results; the rest waits in the outbox
+        await self._finish(tasks, ("event-publisher",), left() + 2.0)
         event(log, "components stopped")
-        return 1 if self._crashed else 0
 
     async def _finish(
         self, tasks: dict[str, asyncio.Task[None]], names: tuple[str, ...], timeout: float
@@ -312,3 +313,49 @@ class App:
         else:
             event(log, "component exited unexpectedly", logging.ERROR, component=task.get_name())
         self._stop.set()
+
+
+@dataclass
+class _Components:
+    """The background components of one daemon, wired to each other."""
+
+    queue: JobQueue
+    publisher: EventPublisher
+    results: ResultWriter
+    scheduler: Scheduler
+    consumer: StreamConsumer
+    retention: RetentionWorker
+    workers: list[AttemptWorker]
+
+    @classmethod
+    def build(
+        cls,
+        s: Settings,
+        store: Store,
+        redis: aioredis.Redis,
+        catalog: TemplateCatalog,
+        signer: DkimSigner | None,
+        telemetry: Telemetry,
+    ) -> _Components:
+        inst = telemetry.instruments
+        name = s.consumer_name
+        composer = Composer(
+            catalog, s.smtp_from or "maildaemon <noreply@maildaemon.localhost>", signer
+        )
+        queue = JobQueue(max(s.attempt_worker_concurrency * 8, 16))
+        publisher = EventPublisher(s, store, redis, inst)
+        results = ResultWriter(s, store, inst, name, publisher.wake)
+        scheduler = Scheduler(s, store, composer, queue, results, inst, name)
+        consumer = StreamConsumer(s, redis, store, command_policy(s, catalog), inst, scheduler.wake)
+        policy = RetryPolicy(s.retry_ladder, s.retry_jitter, s.unknown_outcome_policy)
+        limiter = RateLimiter(s.global_rate_limit, s.domain_rate_limit, s.domain_backoff)
+        context = tls_context(s)
+        workers = [
+            AttemptWorker(
+                i, s, context, composer.sender_address, queue, results, policy, limiter, inst
+            )
+            for i in range(s.attempt_worker_concurrency)
+        ]
+        return cls(
+            queue, publisher, results, scheduler, consumer, RetentionWorker(s, store), workers
+        )

@@ -107,6 +107,8 @@ class Settings(BaseSettings):
     consumer_forget_idle: Duration = 86400.0
     event_stream: str = Field(default="mail:delivery_events", min_length=1)
     event_stream_maxlen: int = Field(default=100_000, ge=0)
+    # How often the outbox is checked for events when no result wakes the publisher.
+    event_publish_interval: Duration = 1.0
 
     # PostgreSQL: the durable state, schema `mail`.
     postgres_primary_dsn: SecretStr

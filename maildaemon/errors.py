@@ -74,3 +74,49 @@ class TransportTimeout(TransientTransportError):
 
 class UnknownOutcome(TransientTransportError):
     """The link was lost after the message data was sent, before the server's reply."""
+
+
+# --- operator refusals (the HTTP API maps .status and .code) ---------------------------
+
+
+class OperatorError(MailDaemonError):
+    """The operator request was refused."""
+
+    status = 500
+    code = "error"
+
+    def __init__(
+        self, message: str | None = None, *, field: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.field = field
+        if code is not None:
+            self.code = code
+
+
+class InvalidInput(OperatorError):
+    """A request field is invalid."""
+
+    status = 400
+    code = "invalid_input"
+
+
+class NotFound(OperatorError):
+    """No such object."""
+
+    status = 404
+    code = "not_found"
+
+
+class Conflict(OperatorError):
+    """The object is not in a state that allows this action."""
+
+    status = 409
+    code = "conflict"
+
+
+class Unavailable(OperatorError):
+    """This operation is not available right now."""
+
+    status = 503
+    code = "unavailable"

@@ -36,6 +36,8 @@ class Instruments:
     claims: metrics.Counter
     fenced_writes: metrics.Counter
     store_unavailable: metrics.Counter
+    events_published: metrics.Counter
+    events_unpublished: metrics.Counter
     # Gauges read from the scheduler's last observation.
     schedule_depth: int = 0
     schedule_oldest_age_ms: int = 0
@@ -103,6 +105,13 @@ class Telemetry:
             ),
             store_unavailable=meter.create_counter(
                 "mail.store.unavailable", description="Operations that found PostgreSQL down"
+            ),
+            events_published=meter.create_counter(
+                "mail.events.published", description="Outcome events moved to the event stream"
+            ),
+            events_unpublished=meter.create_counter(
+                "mail.events.publish_failures",
+                description="Outbox passes that could not publish (Redis or PostgreSQL down)",
             ),
         )
         inst = self.instruments

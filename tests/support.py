@@ -13,10 +13,10 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from maildaemon.app import App
-from maildaemon.commands import DeliveryCommand
 from maildaemon.config import Settings, split_host_port
-from maildaemon.models import IntakeEntry
-from maildaemon.parsing import parse_command
+from maildaemon.contract.command import DeliveryCommand
+from maildaemon.contract.parsing import parse_command
+from maildaemon.delivery import IntakeEntry
 from maildaemon.store.db import Store
 
 

@@ -12,19 +12,20 @@ from typing import Any
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from maildaemon.errors import StoreRejected, StoreUnavailable
-from maildaemon.models import (
+from maildaemon.contract.command import Rejection
+from maildaemon.delivery import (
     AttemptResult,
     ClaimedDelivery,
     IntakeEntry,
     IntakeResult,
     RenderedPin,
 )
-from maildaemon.parsing import Rejection
+from maildaemon.errors import StoreRejected, StoreUnavailable
 from maildaemon.store import queries as q
 from maildaemon.store import rows as convert
 
 log = logging.getLogger("maildaemon.store")
+Connection = asyncpg.Connection | PoolConnectionProxy
 
 # Errors that mean "the database is not there right now", as opposed to a bug.
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -277,25 +278,36 @@ class Store:
         """Write a batch of results in one transaction; returns the ids the fence let in."""
         if not results:
             return set()
-        payload = json.dumps([convert.result_row(r, worker) for r in results], ensure_ascii=False)
-        suppress = [(addr, r) for r in results for addr in r.suppress]
         async with (
             translate_errors("record results"),
             self.pool.acquire() as conn,
             conn.transaction(),
         ):
-            recorded = {row["delivery_id"] for row in await conn.fetch(q.RECORD_RESULTS, payload)}
-            suppress = [(a, r) for a, r in suppress if r.delivery_id in recorded]
-            if suppress:
-                await conn.execute(
-                    q.SUPPRESS_ADDRESSES,
-                    [a for a, _ in suppress],
-                    [convert.suppression_reason(a, r) for a, r in suppress],
-                    [convert.rcpt_code(a, r) for a, r in suppress],
-                    [r.delivery_id for _, r in suppress],
-                    suppression_ttl,
-                )
-        return recorded
+            return await write_outcomes(conn, results, worker, suppression_ttl)
+
+    @contextlib.asynccontextmanager
+    async def outbox_batch(self, limit: int) -> AsyncIterator[list[dict[str, Any]]]:
+        """The oldest unpublished outcome events, deleted when the block exits normally.
+
+        Only one replica holds a batch at a time; the others get an empty list. An error
+        inside the block keeps the events for the next try (at least once).
+        """
+        async with (
+            translate_errors("outbox"),
+            self.pool.acquire() as conn,
+            conn.transaction(),
+        ):
+            if not await conn.fetchval(q.OUTBOX_LOCK):
+                yield []
+                return
+            rows = await conn.fetch(q.OUTBOX_BATCH, limit)
+            yield [json.loads(r["fields"]) for r in rows]
+            if rows:
+                await conn.execute(q.OUTBOX_DELETE, [r["id"] for r in rows])
+
+    async def outbox_depth(self) -> int:
+        async with translate_errors("outbox depth"):
+            return int(await self.pool.fetchval(q.OUTBOX_DEPTH))
 
     async def next_due_at(self) -> datetime | None:
         async with translate_errors("next due"):
@@ -340,3 +352,26 @@ class Store:
             with contextlib.suppress(*_UNAVAILABLE):
                 await conn.remove_listener(channel, _on_notify)
             await self.pool.release(conn)
+
+
+async def write_outcomes(
+    conn: Connection, results: Sequence[AttemptResult], worker: str, suppression_ttl: float
+) -> set[str]:
+    """The one terminal-outcome path: every way a delivery ends or is rescheduled (sent,
+    retry, dead letter, suppressed, failed, expired, stub, an operator's cancel) is written
+    here, inside the caller's transaction: the delivery row (fenced by claim token), the
+    attempt row, the dead letter, suppressions and the outcome event (outbox). Returns the
+    delivery ids the fence let in."""
+    payload = json.dumps([convert.result_row(r, worker) for r in results], ensure_ascii=False)
+    recorded = {row["delivery_id"] for row in await conn.fetch(q.RECORD_RESULTS, payload)}
+    suppress = [(a, r) for r in results if r.delivery_id in recorded for a in r.suppress]
+    if suppress:
+        await conn.execute(
+            q.SUPPRESS_ADDRESSES,
+            [a for a, _ in suppress],
+            [convert.suppression_reason(a, r) for a, r in suppress],
+            [convert.rcpt_code(a, r) for a, r in suppress],
+            [r.delivery_id for _, r in suppress],
+            suppression_ttl,
+        )
+    return recorded

@@ -10,23 +10,21 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal, cast
 
 import asyncpg
-from asyncpg.pool import PoolConnectionProxy
 
+from maildaemon.contract.command import Rejection
+from maildaemon.delivery import AttemptResult, IntakeEntry
+from maildaemon.errors import Conflict, NotFound
 from maildaemon.logs import event
-from maildaemon.models import IntakeEntry
-from maildaemon.operator_model import (
-    CANCELLABLE,
-    REQUEUEABLE,
-    Conflict,
-    DeadLetterFilter,
-    NotFound,
-    spread_due_times,
-)
-from maildaemon.operator_views import (
+from maildaemon.store import operator_queries as q
+from maildaemon.store import operator_rows as views
+from maildaemon.store.db import RETRYABLE, Connection, Store, translate_errors, write_outcomes
+from maildaemon.store.filters import CANCELLABLE, REQUEUEABLE, DeadLetterFilter, spread_due_times
+from maildaemon.store.operator_reads import OperatorReads, dl_args
+from maildaemon.store.records import (
     BulkRequeue,
     DeliveryChange,
     MalformedCommand,
@@ -36,14 +34,8 @@ from maildaemon.operator_views import (
     Suppression,
     SuppressionChange,
 )
-from maildaemon.parsing import Rejection
-from maildaemon.store import operator_queries as q
-from maildaemon.store import operator_rows as views
-from maildaemon.store.db import RETRYABLE, Store, translate_errors
-from maildaemon.store.operator_reads import OperatorReads, dl_args
 
 log = logging.getLogger("maildaemon.operator")
-Connection = asyncpg.Connection | PoolConnectionProxy
 # What intake made of a replayed command: its outcome, the delivery, or why it was refused.
 ReplayOutcome = tuple[
     Literal["accepted", "duplicate", "still_invalid"], str | None, Rejection | None
@@ -120,8 +112,23 @@ class OperatorStore(OperatorReads):
     async def cancel(self, delivery_id: str, actor: str, reason: str | None) -> DeliveryChange:
         """A queued delivery (due or scheduled) to `cancelled`; it is never sent."""
         async with self._action("cancel") as tx:
-            previous = await _lock(tx.conn, delivery_id, CANCELLABLE, "cancelled")
-            await tx.conn.execute(q.CANCEL, delivery_id, _reason("cancelled by", actor, reason))
+            row = await _lock_row(tx.conn, delivery_id, CANCELLABLE, "cancelled")
+            previous = row["status"]
+            now = datetime.now(UTC)
+            cancelled = AttemptResult(
+                delivery_id=delivery_id,
+                source=row["source"],
+                claim_token=row["claim_token"],
+                attempt_no=row["attempt_count"],
+                attempt_status="cancelled",
+                delivery_status="cancelled",
+                started_at=now,
+                finished_at=now,
+                status_reason=_reason("cancelled by", actor, reason),
+                record_attempt=False,
+                claimed=False,
+            )
+            await write_outcomes(tx.conn, [cancelled], actor, 0.0)
             action_id = await tx.record(
                 actor, "delivery.cancel", delivery_id, reason, previous_status=previous
             )
@@ -280,15 +287,22 @@ class OperatorStore(OperatorReads):
 
 
 async def _lock(conn: Connection, delivery_id: str, allowed: frozenset[str], verb: str) -> str:
-    status: str | None = await conn.fetchval(q.LOCK_DELIVERY, delivery_id)
-    if status is None:
+    status: str = (await _lock_row(conn, delivery_id, allowed, verb))["status"]
+    return status
+
+
+async def _lock_row(
+    conn: Connection, delivery_id: str, allowed: frozenset[str], verb: str
+) -> asyncpg.Record:
+    row: asyncpg.Record | None = await conn.fetchrow(q.LOCK_DELIVERY, delivery_id)
+    if row is None:
         raise NotFound(f"no delivery {delivery_id!r}", field="delivery_id")
-    if status not in allowed:
+    if row["status"] not in allowed:
         raise Conflict(
-            f"delivery {delivery_id!r} is {status}; only "
+            f"delivery {delivery_id!r} is {row['status']}; only "
             f"{' or '.join(sorted(allowed))} deliveries can be {verb}"
         )
-    return status
+    return row
 
 
 def _reason(what: str, actor: str, reason: str | None) -> str:

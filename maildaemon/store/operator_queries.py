@@ -70,7 +70,8 @@ ORDER BY received_at LIMIT 1
 
 # Lock one delivery for an action; the caller checks its status.
 LOCK_DELIVERY = """
-SELECT status FROM mail.deliveries WHERE delivery_id = $1 FOR UPDATE
+SELECT status, source, claim_token, attempt_count FROM mail.deliveries
+WHERE delivery_id = $1 FOR UPDATE
 """
 
 # Back to the start of the retry ladder, due now; attempts and pending recipients are kept.
@@ -87,12 +88,6 @@ MARK_REQUEUED = """
 UPDATE mail.dead_letters SET requeued_at = now(), requeued_by = $2 WHERE delivery_id = $1
 """
 
-CANCEL = """
-UPDATE mail.deliveries d
-SET status = 'cancelled', next_attempt_at = NULL, finished_at = now(), claimed_by = NULL,
-    status_reason = $2, updated_at = now()
-WHERE d.delivery_id = $1
-"""
 
 # --- dead letters -------------------------------------------------------------------------
 

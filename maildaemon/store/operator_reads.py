@@ -8,7 +8,10 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from maildaemon.operator_model import (
+from maildaemon.store import operator_queries as q
+from maildaemon.store import operator_rows as views
+from maildaemon.store.db import translate_errors
+from maildaemon.store.filters import (
     ATTEMPT_STATUSES,
     DELIVERY_STATUSES,
     ActionFilter,
@@ -19,7 +22,7 @@ from maildaemon.operator_model import (
     SuppressionFilter,
     encode_cursor,
 )
-from maildaemon.operator_views import (
+from maildaemon.store.records import (
     Backlog,
     CommandTrace,
     DeadLetter,
@@ -36,9 +39,6 @@ from maildaemon.operator_views import (
     Suppression,
     SuppressionPage,
 )
-from maildaemon.store import operator_queries as q
-from maildaemon.store import operator_rows as views
-from maildaemon.store.db import translate_errors
 
 T = TypeVar("T")
 

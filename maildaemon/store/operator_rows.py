@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from maildaemon.operator_model import GLOBAL_SCOPE, priority_name
-from maildaemon.operator_views import (
+from maildaemon.store.filters import GLOBAL_SCOPE, priority_name
+from maildaemon.store.records import (
     Attempt,
     DeadLetter,
     DeadLetterItem,

@@ -173,7 +173,8 @@ WITH r AS (
         delivery_status text, started_at timestamptz, finished_at timestamptz,
         reply_code integer, reply_text text, recipients jsonb, next_attempt_at timestamptz,
         pending_rcpts text[], keep_pending boolean, status_reason text, terminal boolean,
-        possible_duplicate boolean, record_attempt boolean, accepted_now integer, worker text)
+        possible_duplicate boolean, record_attempt boolean, claimed boolean,
+        accepted_now integer, worker text, event jsonb)
 ), upd AS (
     UPDATE mail.deliveries d
     SET status = r.delivery_status,
@@ -184,7 +185,7 @@ WITH r AS (
         status_reason = r.status_reason,
         rcpts_accepted = d.rcpts_accepted + r.accepted_now,
         possible_duplicate = d.possible_duplicate OR r.possible_duplicate,
-        attempt_count = CASE WHEN r.record_attempt THEN d.attempt_count
+        attempt_count = CASE WHEN r.record_attempt OR NOT r.claimed THEN d.attempt_count
                              ELSE d.attempt_count - 1 END,
         claimed_by = NULL,
         finished_at = CASE WHEN r.terminal THEN now() END,
@@ -211,6 +212,9 @@ WITH r AS (
         last_reply_text = excluded.last_reply_text,
         reviewed_at = NULL, reviewed_by = NULL, review_note = NULL,
         requeued_at = NULL, requeued_by = NULL
+), ev AS (
+    INSERT INTO mail.outbox (delivery_id, fields)
+    SELECT r.delivery_id, r.event FROM r JOIN upd USING (delivery_id)
 )
 SELECT delivery_id FROM upd
 """
@@ -224,6 +228,26 @@ ON CONFLICT (address) DO UPDATE
 SET reason = excluded.reason, reply_code = excluded.reply_code,
     source_delivery_id = excluded.source_delivery_id, created_at = now(),
     expires_at = excluded.expires_at
+"""
+
+# --- outcome events (outbox) -------------------------------------------------------------
+
+# One replica publishes at a time (a transaction-scoped advisory lock), so events leave in
+# id order and a delivery's events keep their order on the stream.
+OUTBOX_LOCK = """
+SELECT pg_try_advisory_xact_lock(7236276328737255269)
+"""
+
+OUTBOX_BATCH = """
+SELECT id, fields FROM mail.outbox ORDER BY id LIMIT $1
+"""
+
+OUTBOX_DELETE = """
+DELETE FROM mail.outbox WHERE id = ANY ($1::bigint[])
+"""
+
+OUTBOX_DEPTH = """
+SELECT count(*) FROM mail.outbox
 """
 
 # --- scheduler figures --------------------------------------------------------------------

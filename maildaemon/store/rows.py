@@ -8,8 +8,8 @@ from typing import Any
 
 import asyncpg
 
-from maildaemon.models import TERMINAL_STATUSES, AttemptResult, ClaimedDelivery, IntakeEntry
-from maildaemon.parsing import Rejection
+from maildaemon.contract.command import Rejection
+from maildaemon.delivery import TERMINAL_STATUSES, AttemptResult, ClaimedDelivery, IntakeEntry
 
 
 def clean_text(value: str | None) -> str | None:
@@ -89,8 +89,25 @@ def result_row(r: AttemptResult, worker: str) -> dict[str, Any]:
         "terminal": r.delivery_status in TERMINAL_STATUSES,
         "possible_duplicate": r.possible_duplicate,
         "record_attempt": r.record_attempt,
+        "claimed": r.claimed,
         "accepted_now": sum(1 for o in r.recipients.values() if o.outcome == "accepted"),
         "worker": worker,
+        "event": event_fields(r),
+    }
+
+
+def event_fields(r: AttemptResult) -> dict[str, str | int]:
+    """The outcome event published on MAIL_EVENT_STREAM for a recorded result."""
+    return {
+        "delivery_id": r.delivery_id,
+        "source": r.source,
+        "status": "retry_scheduled" if r.delivery_status == "queued" else r.delivery_status,
+        "attempt": r.attempt_no,
+        "attempt_status": r.attempt_status,
+        "reply_code": r.reply_code if r.reply_code is not None else "",
+        "reply_text": (r.reply_text or "")[:500],
+        "next_attempt_at": r.next_attempt_at.isoformat() if r.next_attempt_at else "",
+        "at": r.finished_at.isoformat(),
     }
 
 

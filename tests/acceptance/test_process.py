@@ -56,7 +56,7 @@ async def spawn(*args: str, env: dict[str, str]) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "maildaemon.cli",
+        "maildaemon.cli.main",
         *args,
         env=env,
         cwd=str(REPO),

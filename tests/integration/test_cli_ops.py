@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from maildaemon import cli
-from maildaemon.models import AttemptResult, IntakeEntry
-from maildaemon.parsing import Rejection, parse_command
+from maildaemon.cli import main as cli
+from maildaemon.contract.command import Rejection
+from maildaemon.contract.parsing import parse_command
+from maildaemon.delivery import AttemptResult, IntakeEntry
 from maildaemon.store.db import Store
 from tests.support import command
 

@@ -353,7 +353,7 @@ async def test_two_daemons_never_attempt_the_same_delivery_twice(
 async def test_a_worker_past_its_lease_cannot_overwrite_the_newer_attempt(
     make_settings: MakeSettings,
 ) -> None:
-    from maildaemon.outcomes import without_attempt
+    from maildaemon.sending.outcomes import without_attempt
     from maildaemon.store.db import Store
 
     settings = make_settings(smtp_mode="stub")

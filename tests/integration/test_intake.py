@@ -11,8 +11,8 @@ from typing import Any
 
 from maildaemon.app import command_policy
 from maildaemon.config import Settings, split_host_port
-from maildaemon.consumer import StreamConsumer, entry_id_text, to_intake
-from maildaemon.render import TemplateCatalog
+from maildaemon.message.render import TemplateCatalog
+from maildaemon.pipeline.consumer import StreamConsumer, entry_id_text, to_intake
 from maildaemon.store.db import Store
 from maildaemon.telemetry import Telemetry
 from tests.support import Db, TcpProxy, command, redis_client, running_app, wait_for, xadd

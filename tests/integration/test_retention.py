@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from maildaemon.config import Settings
-from maildaemon.retention import RetentionWorker
+from maildaemon.pipeline.retention import RetentionWorker
 from maildaemon.store.db import Store
 from tests.support import Db, command, ingest_one
 

@@ -1,6 +1,6 @@
 """The MIME builder: what a standards-following reader gets back out of the bytes.
 
-Body normalisation (documented in maildaemon.mime): line breaks of any kind (CRLF, CR,
+Body normalisation (documented in maildaemon.message.mime): line breaks of any kind (CRLF, CR,
 LF) become CRLF, and a non-empty body that does not end with a line break gets one. A
 reader therefore decodes ``normalised(text)`` with CRLF line ends; the tests compare after
 turning CRLF back into LF.
@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from maildaemon import mime
-from maildaemon.mime import AttachmentPart, Mailbox, build_message, make_message_id
+from maildaemon.message import mime
+from maildaemon.message.mime import AttachmentPart, Mailbox, build_message, make_message_id
 
 DATE = datetime(2024, 3, 1, 12, 30, 5, tzinfo=UTC)
 MESSAGE_ID = "<0123456789abcdef@mail.example>"

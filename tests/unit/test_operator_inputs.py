@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from maildaemon import operator_bodies as bodies
-from maildaemon import operator_inputs as inputs
-from maildaemon.operator_model import InvalidInput, decode_cursor, encode_cursor
+from maildaemon.errors import InvalidInput
+from maildaemon.operator import bodies, inputs
+from maildaemon.store.filters import decode_cursor, encode_cursor
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from maildaemon.delivery import ClaimedDelivery
 from maildaemon.errors import (
     InsecureTransportError,
     PermanentTransportError,
@@ -14,9 +15,9 @@ from maildaemon.errors import (
     TransportTimeout,
     UnknownOutcome,
 )
-from maildaemon.models import ClaimedDelivery
-from maildaemon.outcomes import RetryPolicy, from_error, from_report, is_bad_mailbox
-from maildaemon.smtp import Reply, SendReport
+from maildaemon.retry import RetryPolicy
+from maildaemon.sending.outcomes import from_error, from_report, is_bad_mailbox
+from maildaemon.sending.reply import Reply, SendReport
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 POLICY = RetryPolicy((30.0, 120.0, 600.0), 0.0)

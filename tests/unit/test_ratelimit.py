@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from maildaemon.ratelimit import RateLimiter, TokenBucket
-from maildaemon.smtp import Reply, SendReport
+from maildaemon.sending.ratelimit import RateLimiter, TokenBucket
+from maildaemon.sending.reply import Reply, SendReport
 
 
 def test_bucket_allows_a_burst_then_spaces_tokens() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from maildaemon.errors import CatalogError, RenderError
-from maildaemon.render import TemplateCatalog
+from maildaemon.message.render import TemplateCatalog
 
 SHIPPED = Path(__file__).resolve().parents[2] / "templates"
 

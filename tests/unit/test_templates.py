@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from maildaemon.render import TemplateCatalog
+from maildaemon.message.render import TemplateCatalog
 
 CATALOG = TemplateCatalog.load(Path(__file__).resolve().parents[2] / "templates", "en")
 VARIABLES = {

@@ -1,0 +1,414 @@
+"""Operator commands: the internal API's reads and actions, straight against PostgreSQL.
+
+``maildaemon deliveries show|list|requeue|cancel``, ``maildaemon dead-letters
+list|review|requeue``, ``maildaemon malformed list|replay``, ``maildaemon commands show``,
+``maildaemon suppressions list|add|remove``, ``maildaemon pause|resume``, ``maildaemon
+stats`` and ``maildaemon audit``. They use the daemon's settings (MAIL_*), validate their
+input exactly as the HTTP API does, print a table or (``--json``) the API's JSON, and record
+every action with ``--actor`` (default ``$USER@cli``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from maildaemon import errors
+from maildaemon.cli import tables
+from maildaemon.config import Settings, load_settings
+from maildaemon.contract.command import FAILURE_CODES
+from maildaemon.operator import inputs
+from maildaemon.operator import model as m
+from maildaemon.operator import views as v
+from maildaemon.retry import RetryPolicy
+from maildaemon.store import filters
+from maildaemon.store.db import Store
+from maildaemon.store.operator import OperatorStore
+
+T = TypeVar("T")
+EXIT_REFUSED = 1  # not found, conflict
+EXIT_INVALID = 2  # bad input (as argparse)
+
+
+def _run(work: Callable[[OperatorStore, Settings], Awaitable[T]]) -> T:
+    settings = load_settings()
+
+    async def main() -> T:
+        store = await Store.open(settings.dsn, min_size=1, max_size=2)
+        try:
+            return await work(OperatorStore(store.pool), settings)
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
+
+
+def _out(args: argparse.Namespace, view: Any) -> int:
+    if args.json:
+        print(json.dumps(v.dump(view), indent=2, ensure_ascii=False))
+    else:
+        print(tables.render(view))
+    return 0
+
+
+def _handler(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Refusals become one line on stderr and an exit code, as elsewhere in the CLI."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except errors.InvalidInput as exc:
+            print(f"maildaemon: {exc}", file=sys.stderr)
+            return EXIT_INVALID
+        except errors.OperatorError as exc:
+            print(f"maildaemon: {exc}", file=sys.stderr)
+            return EXIT_REFUSED
+
+    return run
+
+
+def _pairs(args: argparse.Namespace, names: Sequence[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None:
+            pairs.append((name, str(value).lower() if isinstance(value, bool) else str(value)))
+    return pairs
+
+
+def _actor(args: argparse.Namespace) -> str:
+    actor: str = args.actor or f"{getpass.getuser()}@cli"
+    return inputs.check(
+        inputs.ACTOR, actor, "actor", "must be 1-200 characters without control characters"
+    )
+
+
+def _reason(args: argparse.Namespace) -> str | None:
+    reason: str | None = args.reason
+    if reason is not None:
+        inputs.check(inputs.FREE_TEXT, reason, "reason", "must not contain NUL")
+    return reason
+
+
+# --- commands ----------------------------------------------------------------------------
+
+
+@_handler
+def cmd_show(args: argparse.Namespace) -> int:
+    delivery_id = inputs.delivery_id(args.delivery_id)
+
+    async def work(ops: OperatorStore, s: Settings) -> v.DeliveryDetail:
+        record = await ops.delivery(delivery_id)
+        if record is None:
+            raise errors.NotFound(f"no delivery {delivery_id!r}")
+        return m.delivery_detail(record, RetryPolicy(s.retry_ladder, s.retry_jitter))
+
+    return _out(args, _run(work))
+
+
+@_handler
+def cmd_list(args: argparse.Namespace) -> int:
+    flt, page = inputs.delivery_query(_pairs(args, [p.name for p in inputs.DELIVERY_PARAMS]))
+    return _out(args, _run(lambda ops, _: ops.deliveries(flt, page)))
+
+
+@_handler
+def cmd_requeue(args: argparse.Namespace) -> int:
+    delivery_id, actor, reason = inputs.delivery_id(args.delivery_id), _actor(args), _reason(args)
+    return _out(args, _run(lambda ops, _: ops.requeue(delivery_id, actor, reason)))
+
+
+@_handler
+def cmd_cancel(args: argparse.Namespace) -> int:
+    delivery_id, actor, reason = inputs.delivery_id(args.delivery_id), _actor(args), _reason(args)
+    return _out(args, _run(lambda ops, _: ops.cancel(delivery_id, actor, reason)))
+
+
+_DL_FILTERS = (
+    "source",
+    "recipient_domain",
+    "reply_code",
+    "reply_class",
+    "created_after",
+    "created_before",
+)
+
+
+@_handler
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    names = [*_DL_FILTERS, "reviewed", "requeued", "limit", "cursor"]
+    flt, page = inputs.dead_letter_query(_pairs(args, names))
+    return _out(args, _run(lambda ops, _: ops.dead_letters(flt, page)))
+
+
+@_handler
+def cmd_review(args: argparse.Namespace) -> int:
+    delivery_id, actor = inputs.delivery_id(args.delivery_id), _actor(args)
+    note = inputs.check(r"^[^\x00]{1,2000}$", args.note, "note", "must be 1-2000 characters")
+    return _out(args, _run(lambda ops, _: ops.review(delivery_id, actor, note)))
+
+
+@_handler
+def cmd_bulk_requeue(args: argparse.Namespace) -> int:
+    flt = inputs.dead_letter_filter(
+        inputs.parse_query(_pairs(args, _DL_FILTERS), inputs.DEAD_LETTER_PARAMS)
+    )
+    if args.rate is not None and not 0.001 <= args.rate <= 100_000:
+        raise errors.InvalidInput("rate: must be from 0.001 to 100000 per second", field="rate")
+    if not 1 <= args.limit <= 10_000:
+        raise errors.InvalidInput("limit: must be from 1 to 10000", field="limit")
+    actor, reason = _actor(args), _reason(args)
+    return _out(
+        args,
+        _run(
+            lambda ops, _: ops.bulk_requeue(flt, args.limit, args.rate, actor, reason, args.dry_run)
+        ),
+    )
+
+
+@_handler
+def cmd_malformed(args: argparse.Namespace) -> int:
+    names = ["failure_code", "source", "replayed", "limit", "cursor"]
+    flt, page = inputs.malformed_query(_pairs(args, names))
+    return _out(args, _run(lambda ops, _: ops.malformed(flt, page)))
+
+
+@_handler
+def cmd_replay(args: argparse.Namespace) -> int:
+    from maildaemon.app import command_policy
+    from maildaemon.message.render import TemplateCatalog
+    from maildaemon.operator import replay
+
+    if (args.id is None) == (args.failure_code is None):
+        raise errors.InvalidInput(
+            "id: give one malformed command id, or --failure-code", field="id"
+        )
+    malformed_id = inputs.malformed_id(args.id) if args.id is not None else None
+    if not 1 <= args.limit <= 1000:
+        raise errors.InvalidInput("limit: must be from 1 to 1000", field="limit")
+    actor, reason = _actor(args), _reason(args)
+
+    async def work(ops: OperatorStore, s: Settings) -> v.Replay:
+        # The catalog on disk now: what the daemon will load at its next start.
+        catalog = await asyncio.to_thread(TemplateCatalog.load, s.template_dir, s.default_locale)
+        policy, window = command_policy(s, catalog), s.idempotency_window
+        if malformed_id is not None:
+            return await replay.replay_one(ops, policy, window, malformed_id, actor, reason)
+        return await replay.replay_bulk(
+            ops,
+            policy,
+            window,
+            args.failure_code,
+            args.source,
+            args.limit,
+            args.dry_run,
+            actor,
+            reason,
+        )
+
+    return _out(args, _run(work))
+
+
+@_handler
+def cmd_command(args: argparse.Namespace) -> int:
+    entry_id = inputs.stream_entry_id(args.stream_entry_id)
+    trace = _run(lambda ops, _: ops.command_trace(entry_id))
+    if trace is None:
+        raise errors.NotFound(f"stream entry {entry_id} left no trace")
+    return _out(args, trace)
+
+
+@_handler
+def cmd_pause(args: argparse.Namespace) -> int:
+    scope, actor, reason = _scope(args), _actor(args), _reason(args)
+    return _out(args, _run(lambda ops, _: ops.pause(scope, actor, reason)))
+
+
+@_handler
+def cmd_resume(args: argparse.Namespace) -> int:
+    scope, actor, reason = _scope(args), _actor(args), _reason(args)
+    return _out(args, _run(lambda ops, _: ops.resume(scope, actor, reason)))
+
+
+def _scope(args: argparse.Namespace) -> str:
+    if args.source is None:
+        return filters.GLOBAL_SCOPE
+    return inputs.check(inputs.SOURCE, args.source, "source", "must be a source name")
+
+
+@_handler
+def cmd_stats(args: argparse.Namespace) -> int:
+    return _out(args, _run(lambda ops, _: ops.stats()))
+
+
+@_handler
+def cmd_suppressions(args: argparse.Namespace) -> int:
+    flt, page = inputs.suppression_query(_pairs(args, ["address", "domain", "limit", "cursor"]))
+    return _out(args, _run(lambda ops, _: ops.suppressions(flt, page)))
+
+
+@_handler
+def cmd_suppress(args: argparse.Namespace) -> int:
+    address = inputs.email_address(args.address)
+    expires = inputs.parse_time(args.expires_at, "expires_at") if args.expires_at else None
+    actor, reason = _actor(args), _reason(args)
+    return _out(args, _run(lambda ops, _: ops.suppress(address, reason, expires, actor)))
+
+
+@_handler
+def cmd_unsuppress(args: argparse.Namespace) -> int:
+    address, actor, reason = inputs.email_address(args.address), _actor(args), _reason(args)
+    return _out(args, _run(lambda ops, _: ops.unsuppress(address, actor, reason)))
+
+
+@_handler
+def cmd_audit(args: argparse.Namespace) -> int:
+    flt, page = inputs.action_query(_pairs(args, ["action", "actor", "target", "limit", "cursor"]))
+    return _out(args, _run(lambda ops, _: ops.actions(flt, page)))
+
+
+# --- the parser --------------------------------------------------------------------------
+
+
+def _common(p: argparse.ArgumentParser, *, action: bool = False) -> argparse.ArgumentParser:
+    p.add_argument("--json", action="store_true", help="print the API's JSON")
+    if action:
+        p.add_argument("--actor", help="who acts (default: $USER@cli)")
+        p.add_argument("--reason", help="why (kept in the audit trail)")
+    return p
+
+
+def _page_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--limit",
+        type=int,
+        help=f"page size (1-{inputs.MAX_LIMIT}, default {inputs.DEFAULT_LIMIT})",
+    )
+    p.add_argument("--cursor", help="next page (printed after a full page)")
+
+
+def _bool_arg(p: argparse.ArgumentParser, name: str, yes: str, no: str) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(f"--{yes}", dest=name, action="store_const", const=True)
+    group.add_argument(f"--{no}", dest=name, action="store_const", const=False)
+
+
+def _dl_filters(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source")
+    p.add_argument("--recipient-domain", dest="recipient_domain")
+    p.add_argument("--reply-code", dest="reply_code", help="last SMTP reply code, e.g. 421")
+    p.add_argument("--reply-class", dest="reply_class", choices=["2xx", "3xx", "4xx", "5xx"])
+    p.add_argument("--created-after", dest="created_after", help="RFC 3339 time")
+    p.add_argument("--created-before", dest="created_before", help="RFC 3339 time")
+
+
+def register(sub: Any) -> None:
+    """Add the operator commands to the ``maildaemon`` parser's subcommands."""
+    p = sub.add_parser("deliveries", help="look deliveries up, requeue or cancel one")
+    d = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    x = _common(d.add_parser("show", help="one delivery with attempts and retry plan"))
+    x.add_argument("delivery_id")
+    x.set_defaults(handler=cmd_show)
+    x = _common(d.add_parser("list", help="deliveries, newest first"))
+    x.add_argument("--status", choices=filters.DELIVERY_STATUSES)
+    x.add_argument("--source")
+    x.add_argument("--recipient")
+    x.add_argument("--created-after", dest="created_after", help="RFC 3339 time")
+    x.add_argument("--created-before", dest="created_before", help="RFC 3339 time")
+    _page_args(x)
+    x.set_defaults(handler=cmd_list)
+    for name, handler, text in (
+        ("requeue", cmd_requeue, "a dead-lettered or failed delivery back to queued, due now"),
+        ("cancel", cmd_cancel, "cancel a queued delivery"),
+    ):
+        x = _common(d.add_parser(name, help=text), action=True)
+        x.add_argument("delivery_id")
+        x.set_defaults(handler=handler)
+
+    p = sub.add_parser("dead-letters", help="list, review or requeue dead letters")
+    d = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    x = _common(d.add_parser("list", help="unreviewed first, then newest first"))
+    _dl_filters(x)
+    _bool_arg(x, "reviewed", "reviewed", "unreviewed")
+    _bool_arg(x, "requeued", "requeued", "not-requeued")
+    _page_args(x)
+    x.set_defaults(handler=cmd_dead_letters)
+    x = _common(d.add_parser("review", help="mark a dead letter reviewed"), action=True)
+    x.add_argument("delivery_id")
+    x.add_argument("--note", required=True)
+    x.set_defaults(handler=cmd_review)
+    x = _common(
+        d.add_parser("requeue", help="requeue the dead letters matching filters"), action=True
+    )
+    _dl_filters(x)
+    x.add_argument("--dry-run", action="store_true", help="only count them")
+    x.add_argument("--rate", type=float, help="release at most this many per second")
+    x.add_argument("--limit", type=int, default=1000, help="at most this many (1-10000)")
+    x.set_defaults(handler=cmd_bulk_requeue)
+
+    p = sub.add_parser("malformed", help="list or replay malformed commands")
+    d = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    x = _common(d.add_parser("list", help="refused stream entries, newest first"))
+    x.add_argument("--failure-code", dest="failure_code", choices=FAILURE_CODES)
+    x.add_argument("--source")
+    _bool_arg(x, "replayed", "replayed", "not-replayed")
+    _page_args(x)
+    x.set_defaults(handler=cmd_malformed)
+    x = _common(
+        d.add_parser("replay", help="validate again and take in what now passes"), action=True
+    )
+    x.add_argument("id", nargs="?", help="one malformed command id")
+    x.add_argument(
+        "--failure-code",
+        dest="failure_code",
+        choices=FAILURE_CODES,
+        help="all unreplayed ones with this failure code",
+    )
+    x.add_argument("--source")
+    x.add_argument("--limit", type=int, default=100, help="at most this many (1-1000)")
+    x.add_argument("--dry-run", action="store_true", help="validate only")
+    x.set_defaults(handler=cmd_replay)
+
+    p = sub.add_parser("commands", help="what became of a stream entry")
+    d = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    x = _common(d.add_parser("show", help="the delivery, duplicate or malformed record"))
+    x.add_argument("stream_entry_id")
+    x.set_defaults(handler=cmd_command)
+
+    p = sub.add_parser("suppressions", help="list, add or remove suppressed addresses")
+    d = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    x = _common(d.add_parser("list", help="suppressed addresses"))
+    x.add_argument("--address")
+    x.add_argument("--domain")
+    _page_args(x)
+    x.set_defaults(handler=cmd_suppressions)
+    x = _common(d.add_parser("add", help="suppress an address"), action=True)
+    x.add_argument("address")
+    x.add_argument("--expires-at", dest="expires_at", help="RFC 3339 time (default: never)")
+    x.set_defaults(handler=cmd_suppress)
+    x = _common(d.add_parser("remove", help="stop suppressing an address"), action=True)
+    x.add_argument("address")
+    x.set_defaults(handler=cmd_unsuppress)
+
+    for name, handler, text in (
+        ("pause", cmd_pause, "pause sending (intake goes on)"),
+        ("resume", cmd_resume, "resume sending"),
+    ):
+        x = _common(sub.add_parser(name, help=text), action=True)
+        x.add_argument("--source", help="only this source (default: all)")
+        x.set_defaults(handler=handler)
+
+    x = _common(sub.add_parser("stats", help="the figures an operator checks first"))
+    x.set_defaults(handler=cmd_stats)
+
+    x = _common(sub.add_parser("audit", help="operator actions, newest first"))
+    x.add_argument("--action")
+    x.add_argument("--actor")
+    x.add_argument("--target")
+    _page_args(x)
+    x.set_defaults(handler=cmd_audit)

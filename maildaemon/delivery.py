@@ -1,0 +1,131 @@
+"""Typed values that flow between the components (stream → store → scheduler → worker)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from maildaemon.contract.command import DeliveryCommand, Rejection
+
+DeliveryStatus = Literal[
+    "queued",
+    "rendered",
+    "sending",
+    "sent",
+    "suppressed",
+    "failed",
+    "dead_letter",
+    "expired",
+    "cancelled",
+]
+AttemptStatus = Literal[
+    "sent",
+    "transport_failed",
+    "timed_out",
+    "provider_rejected",
+    "unknown",
+    "suppressed",
+    "failed",
+    "expired",
+]
+TERMINAL_STATUSES: frozenset[str] = frozenset(
+    {"sent", "suppressed", "failed", "dead_letter", "expired", "cancelled"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class IntakeEntry:
+    """One stream entry after validation: a command, or the reason it is not one."""
+
+    stream_entry_id: str
+    command: DeliveryCommand | None
+    rejection: Rejection | None
+    raw: str
+    raw_truncated: bool = False
+
+
+@dataclass(slots=True)
+class IntakeResult:
+    """What one intake transaction made of a batch of entries."""
+
+    created: list[IntakeEntry] = field(default_factory=list)
+    replays: list[tuple[IntakeEntry, str]] = field(default_factory=list)  # (entry, delivery_id)
+    rejected: list[tuple[IntakeEntry, Rejection]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedDelivery:
+    """A delivery under a lease: the worker may attempt it until the lease expires."""
+
+    delivery_id: str
+    source: str
+    claim_token: int
+    attempt_no: int
+    priority: int
+    to_addrs: tuple[str, ...]
+    cc_addrs: tuple[str, ...]
+    bcc_addrs: tuple[str, ...]
+    pending_rcpts: tuple[str, ...] | None
+    expires_at: datetime | None
+    message_id: str | None
+    traceparent: str | None
+    possible_duplicate: bool
+    rcpts_accepted: int
+    ladder_rung: int  # attempts since the retry ladder last started over
+    command: dict[str, Any] | None  # present until the message is rendered
+    rendered: bytes | None  # the pinned message bytes, once rendered
+
+    def envelope_recipients(self) -> tuple[str, ...]:
+        if self.pending_rcpts is not None:
+            return self.pending_rcpts
+        seen: dict[str, None] = {}
+        for addr in (*self.to_addrs, *self.cc_addrs, *self.bcc_addrs):
+            seen.setdefault(addr, None)
+        return tuple(seen)
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedPin:
+    """The rendered message, pinned to a delivery before its first send."""
+
+    delivery_id: str
+    claim_token: int
+    message_id: str
+    content_hash: str
+    rendered: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientOutcome:
+    outcome: Literal["accepted", "deferred", "refused", "suppressed"]
+    code: int | None
+    text: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptResult:
+    """The outcome of one attempt and the delivery's next state, written in one transaction."""
+
+    delivery_id: str
+    source: str
+    claim_token: int
+    attempt_no: int
+    attempt_status: AttemptStatus | Literal["cancelled"]
+    delivery_status: DeliveryStatus
+    started_at: datetime
+    finished_at: datetime
+    reply_code: int | None = None
+    reply_text: str | None = None
+    recipients: dict[str, RecipientOutcome] = field(default_factory=dict)
+    next_attempt_at: datetime | None = None
+    pending_rcpts: tuple[str, ...] | None = None
+    status_reason: str | None = None
+    suppress: tuple[str, ...] = ()  # addresses to put on the suppression list
+    possible_duplicate: bool = False
+    record_attempt: bool = True  # False when nothing was tried (e.g. expired before sending)
+    claimed: bool = True  # False for an operator's cancel: the delivery was not under a lease
+
+    @property
+    def dead_letter(self) -> bool:
+        return self.delivery_status == "dead_letter"

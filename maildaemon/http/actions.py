@@ -1,0 +1,147 @@
+"""Operator API actions: requeue, cancel, review, bulk requeue, replay, pause, suppressions.
+
+Each needs the operator token (see ``respond.guarded``) and is recorded in
+``mail.operator_actions`` with who (``actor`` in the body, else the ``X-Operator`` header,
+else "operator") and why (``reason``), in the same transaction as the change.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from maildaemon.contract.command import CommandPolicy
+from maildaemon.errors import Unavailable
+from maildaemon.http.keys import POLICY_KEY, SETTINGS_KEY
+from maildaemon.http.respond import operator_store, reply
+from maildaemon.operator import bodies, inputs, replay
+from maildaemon.store.filters import GLOBAL_SCOPE
+
+
+async def _body(request: web.Request, model: type[bodies.M]) -> bodies.M:
+    return bodies.parse_body(model, await request.read())
+
+
+def _actor(request: web.Request, body_actor: str | None) -> str:
+    return inputs.actor(body_actor, request.headers.get("X-Operator"))
+
+
+async def requeue(request: web.Request) -> web.Response:
+    delivery_id = inputs.delivery_id(request.match_info["delivery_id"])
+    body = await _body(request, bodies.DeliveryActionBody)
+    change = await operator_store(request).requeue(
+        delivery_id, _actor(request, body.actor), body.reason
+    )
+    return reply(change)
+
+
+async def cancel(request: web.Request) -> web.Response:
+    delivery_id = inputs.delivery_id(request.match_info["delivery_id"])
+    body = await _body(request, bodies.DeliveryActionBody)
+    change = await operator_store(request).cancel(
+        delivery_id, _actor(request, body.actor), body.reason
+    )
+    return reply(change)
+
+
+async def review(request: web.Request) -> web.Response:
+    delivery_id = inputs.delivery_id(request.match_info["delivery_id"])
+    body = await _body(request, bodies.ReviewBody)
+    done = await operator_store(request).review(delivery_id, _actor(request, body.actor), body.note)
+    return reply(done)
+
+
+async def bulk_requeue(request: web.Request) -> web.Response:
+    body = await _body(request, bodies.BulkRequeueBody)
+    flt = inputs.dead_letter_filter(
+        {
+            "source": body.source,
+            "reply_code": body.reply_code,
+            "reply_class": body.reply_class,
+            "recipient_domain": body.recipient_domain.lower() if body.recipient_domain else None,
+            "created_after": body.created_after,
+            "created_before": body.created_before,
+        }
+    )
+    result = await operator_store(request).bulk_requeue(
+        flt,
+        body.limit,
+        body.rate_per_second,
+        _actor(request, body.actor),
+        body.reason,
+        body.dry_run,
+    )
+    return reply(result)
+
+
+def _policy(request: web.Request) -> CommandPolicy:
+    policy = request.app.get(POLICY_KEY)
+    if policy is None:
+        raise Unavailable(
+            "replay needs the daemon's template catalog, which this listener was not given",
+            code="replay_unavailable",
+        )
+    return policy
+
+
+async def replay_one(request: web.Request) -> web.Response:
+    malformed_id = inputs.malformed_id(request.match_info["id"])
+    body = await _body(request, bodies.ReplayBody)
+    window = request.app[SETTINGS_KEY].idempotency_window
+    result = await replay.replay_one(
+        operator_store(request),
+        _policy(request),
+        window,
+        malformed_id,
+        _actor(request, body.actor),
+        body.reason,
+    )
+    return reply(result)
+
+
+async def replay_bulk(request: web.Request) -> web.Response:
+    body = await _body(request, bodies.BulkReplayBody)
+    window = request.app[SETTINGS_KEY].idempotency_window
+    result = await replay.replay_bulk(
+        operator_store(request),
+        _policy(request),
+        window,
+        body.failure_code,
+        body.source,
+        body.limit,
+        body.dry_run,
+        _actor(request, body.actor),
+        body.reason,
+    )
+    return reply(result)
+
+
+async def pause(request: web.Request) -> web.Response:
+    body = await _body(request, bodies.PauseBody)
+    change = await operator_store(request).pause(
+        body.source or GLOBAL_SCOPE, _actor(request, body.actor), body.reason
+    )
+    return reply(change)
+
+
+async def resume(request: web.Request) -> web.Response:
+    body = await _body(request, bodies.PauseBody)
+    change = await operator_store(request).resume(
+        body.source or GLOBAL_SCOPE, _actor(request, body.actor), body.reason
+    )
+    return reply(change)
+
+
+async def add_suppression(request: web.Request) -> web.Response:
+    body = await _body(request, bodies.SuppressionAddBody)
+    change = await operator_store(request).suppress(
+        body.address, body.reason, body.expires_at, _actor(request, body.actor)
+    )
+    return reply(change)
+
+
+async def remove_suppression(request: web.Request) -> web.Response:
+    body = await _body(request, bodies.SuppressionRemoveBody)
+    change = await operator_store(request).unsuppress(
+        body.address, _actor(request, body.actor), body.reason
+    )
+    return reply(change)

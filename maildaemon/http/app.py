@@ -1,0 +1,51 @@
+"""Internal HTTP listener (aiohttp, in the daemon's loop): probes and the operator API.
+
+This module builds the app and registers every route group itself; the groups import only
+``keys`` and ``respond`` (below them), so there is no import cycle.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from maildaemon.config import Settings
+from maildaemon.contract.command import CommandPolicy
+from maildaemon.http import openapi, probes
+from maildaemon.http.keys import (
+    OPERATOR_KEY,
+    POLICY_KEY,
+    PREFIX,
+    READINESS_KEY,
+    RETRY_KEY,
+    SETTINGS_KEY,
+    STORE_KEY,
+    Readiness,
+)
+from maildaemon.http.respond import guarded, json_errors
+from maildaemon.http.routes import OPERATIONS
+from maildaemon.retry import RetryPolicy
+from maildaemon.store.db import Store
+from maildaemon.store.operator import OperatorStore
+
+
+def build_app(
+    settings: Settings, store: Store, readiness: Readiness, policy: CommandPolicy | None = None
+) -> web.Application:
+    app = web.Application(client_max_size=1024 * 1024)
+    app[STORE_KEY] = store
+    app[SETTINGS_KEY] = settings
+    app[READINESS_KEY] = readiness
+    if policy is not None:
+        app[POLICY_KEY] = policy
+    app[OPERATOR_KEY] = OperatorStore(store.pool)
+    app[RETRY_KEY] = RetryPolicy(
+        settings.retry_ladder, settings.retry_jitter, settings.unknown_outcome_policy
+    )
+    app.middlewares.append(json_errors)
+    for op in OPERATIONS:
+        # Actions (POST) need the operator token; reads are open to the internal network.
+        handler = guarded(op.handler) if op.method == "post" else op.handler
+        app.router.add_route(op.method.upper(), op.path, handler)
+    app.router.add_get("/readyz", probes.readyz)
+    app.router.add_get(f"{PREFIX}/openapi.json", openapi.serve)
+    return app

@@ -1,0 +1,35 @@
+"""What the internal HTTP app holds: its typed keys, the path prefix and readiness state."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from maildaemon.config import Settings
+from maildaemon.contract.command import CommandPolicy
+from maildaemon.retry import RetryPolicy
+from maildaemon.store.db import Store
+from maildaemon.store.operator import OperatorStore
+
+PREFIX = "/api/v1/internal"
+
+
+@dataclass
+class Readiness:
+    """What /readyz reports; the app flips these as it starts and stops."""
+
+    migrations_applied: bool = False
+    workers_running: bool = False
+    shutting_down: bool = False
+    checks: dict[str, Callable[[], Awaitable[object]]] = field(default_factory=dict)
+
+
+STORE_KEY = web.AppKey("store", Store)
+SETTINGS_KEY = web.AppKey("settings", Settings)
+READINESS_KEY = web.AppKey("readiness", Readiness)
+# The daemon's intake policy (its loaded template catalog): malformed-command replay uses it.
+POLICY_KEY = web.AppKey("command_policy", CommandPolicy)
+OPERATOR_KEY = web.AppKey("operator_store", OperatorStore)
+RETRY_KEY = web.AppKey("retry_policy", RetryPolicy)

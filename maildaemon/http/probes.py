@@ -1,0 +1,35 @@
+"""Liveness and readiness probes: /healthz answers while the process runs; /readyz says
+whether migrations are applied, workers run and PostgreSQL and Redis answer."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from maildaemon.errors import StoreUnavailable
+from maildaemon.http.keys import READINESS_KEY
+
+
+async def healthz(_: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app[READINESS_KEY]
+    checks: dict[str, str] = {}
+    if state.shutting_down:
+        checks["process"] = "shutting down"
+    checks["migrations"] = "ok" if state.migrations_applied else "not applied"
+    checks["workers"] = "ok" if state.workers_running else "not running"
+    for name, probe in state.checks.items():
+        try:
+            await asyncio.wait_for(probe(), 2.0)
+            checks[name] = "ok"
+        except (StoreUnavailable, OSError, TimeoutError, Exception) as exc:
+            checks[name] = f"unavailable: {type(exc).__name__}"
+    ready = all(v == "ok" for v in checks.values())
+    return web.json_response(
+        {"status": "ready" if ready else "not ready", "checks": checks},
+        status=200 if ready else 503,
+    )

@@ -1,0 +1,320 @@
+"""Stream consumer: delivery commands from the Redis Stream into PostgreSQL, exactly once.
+
+A consumer group holds the persisted offset. Each batch read with XREADGROUP is validated,
+written in one PostgreSQL transaction, and only then XACKed. Entries left pending by a
+consumer that died are taken over with XAUTOCLAIM once idle long enough. While PostgreSQL
+is down the consumer stops reading and retries with backoff; nothing is acked meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from maildaemon.config import Settings
+from maildaemon.contract.command import CommandPolicy, DeliveryCommand, Rejection
+from maildaemon.contract.parsing import parse_entry, raw_entry_text
+from maildaemon.delivery import IntakeEntry, IntakeResult
+from maildaemon.errors import StoreRejected, StoreUnavailable
+from maildaemon.logs import event
+from maildaemon.retry import Backoff
+from maildaemon.store.db import RETRYABLE, Store
+from maildaemon.telemetry import Instruments
+
+log = logging.getLogger("maildaemon.consumer")
+
+RAW_CAP = 64 * 1024  # characters of a malformed entry kept in its record
+_Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+def entry_id_text(entry_id: bytes | str) -> str:
+    return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+
+
+def to_intake(entry_id: str, fields: dict[bytes, bytes], policy: CommandPolicy) -> IntakeEntry:
+    """Validate one stream entry into what the store takes in."""
+    parsed = parse_entry(fields, policy)
+    if isinstance(parsed, DeliveryCommand):
+        return IntakeEntry(entry_id, parsed, None, "")
+    raw, truncated = raw_entry_text(fields, RAW_CAP)
+    return IntakeEntry(entry_id, None, parsed, raw, truncated)
+
+
+def _refused(entry: IntakeEntry, detail: str) -> IntakeEntry:
+    """The malformed record for an entry whose data PostgreSQL would not store."""
+    cmd = entry.command
+    raw = entry.raw or (cmd.canonical_json() if cmd is not None else "")
+    rejection = Rejection(
+        "invalid_field",
+        detail[:1000],
+        cmd.delivery_id if cmd else None,
+        cmd.source if cmd else None,
+    )
+    return IntakeEntry(entry.stream_entry_id, None, rejection, raw[:RAW_CAP])
+
+
+class StreamConsumer:
+    """Reads the command stream through a consumer group until told to stop."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis: aioredis.Redis,
+        store: Store,
+        policy: CommandPolicy,
+        instruments: Instruments,
+        on_committed: Callable[[], None],
+    ) -> None:
+        self._s = settings
+        self._redis = redis
+        self._store = store
+        self._policy = policy
+        self._inst = instruments
+        self._on_committed = on_committed
+        self._stopping = asyncio.Event()
+        self._last_reclaim = 0.0
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def ensure_group(self) -> None:
+        """Create the consumer group on first start, reading from the start of the stream."""
+        try:
+            await self._redis.xgroup_create(
+                self._s.command_stream, self._s.consumer_group, id="0", mkstream=True
+            )
+            event(
+                log,
+                "consumer group created",
+                stream=self._s.command_stream,
+                group=self._s.consumer_group,
+            )
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def run(self) -> None:
+        s = self._s
+        await self.ensure_group()
+        event(
+            log,
+            "command consumer started",
+            stream=s.command_stream,
+            group=s.consumer_group,
+            consumer=s.consumer_name,
+            batch_size=s.consumer_batch_size,
+        )
+        backoff = Backoff()
+        while not self._stopping.is_set():
+            try:
+                batch = await self._reclaim_if_due()
+                if not batch:
+                    batch = await self._read()
+                if batch:
+                    await self._take_in(batch)
+                backoff.reset()
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # The stream or its group was deleted under us: create them again.
+                event(
+                    log,
+                    "consumer group missing, recreating",
+                    logging.WARNING,
+                    stream=s.command_stream,
+                    group=s.consumer_group,
+                )
+                await self.ensure_group()
+            except RedisError as exc:
+                event(
+                    log,
+                    "redis unavailable",
+                    logging.WARNING,
+                    error=repr(exc),
+                    component="consumer",
+                    retry_in_s=backoff.peek(),
+                )
+                await self._sleep(backoff.next())
+        event(log, "command consumer stopped", consumer=s.consumer_name)
+
+    async def _read(self) -> list[_Entry]:
+        block_ms = max(1, int(self._s.consumer_block * 1000))
+        response = await self._redis.xreadgroup(
+            self._s.consumer_group,
+            self._s.consumer_name,
+            {self._s.command_stream: ">"},
+            count=self._s.consumer_batch_size,
+            block=block_ms,
+        )
+        if not response:
+            return []
+        entries: list[_Entry] = []
+        for _stream, stream_entries in cast(list[tuple[bytes, list[_Entry]]], response):
+            entries.extend(stream_entries)
+        return entries
+
+    async def _reclaim_if_due(self) -> list[_Entry]:
+        """Take over entries another consumer read but never acked (it died)."""
+        now = time.monotonic()
+        idle_ms = int(self._s.consumer_reclaim_idle * 1000)
+        if now - self._last_reclaim < max(self._s.consumer_reclaim_idle / 2, 0.5):
+            return []
+        self._last_reclaim = now
+        result: list[Any] = await self._redis.xautoclaim(
+            self._s.command_stream,
+            self._s.consumer_group,
+            self._s.consumer_name,
+            min_idle_time=idle_ms,
+            start_id="0-0",
+            count=self._s.consumer_batch_size,
+        )
+        claimed: list[_Entry] = [(eid, fields) for eid, fields in result[1] if fields is not None]
+        deleted = result[2] if len(result) > 2 else []
+        if deleted:
+            # Trimmed from the stream before anyone processed them: nothing left to take in.
+            await self._redis.xack(self._s.command_stream, self._s.consumer_group, *deleted)
+        if claimed:
+            event(
+                log,
+                "pending commands reclaimed",
+                logging.WARNING,
+                count=len(claimed),
+                consumer=self._s.consumer_name,
+            )
+        else:
+            await self._forget_departed()
+        return claimed
+
+    async def _forget_departed(self) -> None:
+        """Remove consumers of replicas long gone (nothing pending, idle for long) from the
+        group, so that XINFO stays readable as replicas come and go."""
+        forget_ms = int(self._s.consumer_forget_idle * 1000)
+        for info in await self._redis.xinfo_consumers(
+            self._s.command_stream, self._s.consumer_group
+        ):
+            name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
+            if name != self._s.consumer_name and info["pending"] == 0 and info["idle"] >= forget_ms:
+                await self._redis.xgroup_delconsumer(
+                    self._s.command_stream, self._s.consumer_group, name
+                )
+                event(log, "departed consumer removed", consumer=name, idle_ms=info["idle"])
+
+    async def _take_in(self, batch: Sequence[_Entry]) -> None:
+        entries = [to_intake(entry_id_text(eid), fields, self._policy) for eid, fields in batch]
+        result = await self._commit(entries)
+        if result is None:  # stopping while PostgreSQL is down: leave them pending
+            return
+        # Only now, with the batch committed, may the entries leave the pending list.
+        await self._redis.xack(
+            self._s.command_stream, self._s.consumer_group, *[eid for eid, _ in batch]
+        )
+        self._report(result)
+        if result.created:
+            self._on_committed()
+
+    async def _commit(self, entries: list[IntakeEntry]) -> IntakeResult | None:
+        backoff = Backoff()
+        conflicts = 0
+        while True:
+            try:
+                return await self._store.ingest(entries, self._s.idempotency_window)
+            except StoreUnavailable as exc:
+                self._inst.store_unavailable.add(1, {"component": "consumer"})
+                event(
+                    log,
+                    "postgres unavailable",
+                    logging.WARNING,
+                    error=str(exc),
+                    component="consumer",
+                    retry_in_s=backoff.peek(),
+                    pending=len(entries),
+                )
+            except StoreRejected as exc:
+                # One entry's data is refused by PostgreSQL: find it, record it as malformed.
+                if len(entries) > 1:
+                    return await self._commit_one_by_one(entries)
+                entry = entries[0]
+                event(
+                    log,
+                    "intake refused by postgres",
+                    logging.ERROR,
+                    error=str(exc),
+                    stream_entry_id=entry.stream_entry_id,
+                )
+                entries = [_refused(entry, str(exc))]
+                continue
+            except RETRYABLE as exc:
+                # A concurrent replica raced us on the same keys; try the batch again.
+                conflicts += 1
+                event(
+                    log,
+                    "intake conflict, retrying",
+                    logging.INFO,
+                    error=repr(exc),
+                    attempt=conflicts,
+                )
+                if conflicts >= 3 and len(entries) > 1:
+                    return await self._commit_one_by_one(entries)
+            if self._stopping.is_set():
+                return None
+            await self._sleep(backoff.next())
+
+    async def _commit_one_by_one(self, entries: list[IntakeEntry]) -> IntakeResult | None:
+        total = IntakeResult()
+        for entry in entries:
+            part = await self._commit([entry])
+            if part is None:
+                return None
+            total.created.extend(part.created)
+            total.replays.extend(part.replays)
+            total.rejected.extend(part.rejected)
+        return total
+
+    def _report(self, result: IntakeResult) -> None:
+        inst = self._inst
+        if result.created:
+            inst.stream_commands.add(len(result.created), {"result": "accepted"})
+        if result.replays:
+            inst.stream_commands.add(len(result.replays), {"result": "replay"})
+            for entry, delivery_id in result.replays:
+                event(
+                    log,
+                    "stream command replayed",
+                    stream_entry_id=entry.stream_entry_id,
+                    delivery_id=delivery_id,
+                )
+        for entry, rejection in result.rejected:
+            inst.stream_commands.add(1, {"result": "malformed"})
+            inst.stream_commands_malformed.add(1, {"failure_code": rejection.failure_code})
+            event(
+                log,
+                "stream command rejected",
+                logging.WARNING,
+                stream_entry_id=entry.stream_entry_id,
+                failure_code=rejection.failure_code,
+                failure_detail=rejection.failure_detail,
+                delivery_id=rejection.delivery_id,
+                source=rejection.source,
+            )
+        if log.isEnabledFor(logging.DEBUG):
+            for entry in result.created:
+                assert entry.command is not None
+                event(
+                    log,
+                    "delivery accepted",
+                    logging.DEBUG,
+                    stream_entry_id=entry.stream_entry_id,
+                    delivery_id=entry.command.delivery_id,
+                    source=entry.command.source,
+                )
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)

@@ -1,0 +1,160 @@
+"""Result writer: attempt results into PostgreSQL in batches (with their outcome events).
+
+Workers hand a result over and go on with the next job; the writer commits whatever has
+accumulated while its previous transaction ran (group commit, so a busy daemon writes
+hundreds of results per transaction). A worker's queue slot is released only when its
+result is committed, which bounds what can be waiting. A worker cancelled during shutdown
+still gets its result written: the writer is the last component to stop and flushes
+everything handed to it. Writes are fenced by claim token. The outcome events go into the
+outbox in the same transaction; ``events.EventPublisher`` moves them to Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+
+from maildaemon.config import Settings
+from maildaemon.delivery import AttemptResult
+from maildaemon.errors import StoreUnavailable
+from maildaemon.logs import event
+from maildaemon.retry import Backoff
+from maildaemon.store.db import Store
+from maildaemon.telemetry import Instruments
+
+log = logging.getLogger("maildaemon.results")
+
+_EVENT_NAMES = {
+    "sent": "delivery sent",
+    "queued": "delivery retry scheduled",
+    "dead_letter": "delivery dead-lettered",
+    "suppressed": "delivery suppressed",
+    "failed": "delivery failed",
+    "expired": "delivery expired",
+    "cancelled": "delivery cancelled",
+}
+_MAX_BATCH = 500
+_GATHER = 0.002  # seconds a flush waits for company; bounds the latency it adds
+
+
+class ResultWriter:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        instruments: Instruments,
+        worker_name: str,
+        on_recorded: Callable[[], None] | None = None,
+    ) -> None:
+        self._s = settings
+        self._store = store
+        self._on_recorded = on_recorded  # wakes the event publisher after a commit
+        self._inst = instruments
+        self._worker = worker_name
+        self._pending: list[tuple[AttemptResult, asyncio.Future[bool]]] = []
+        self._wake = asyncio.Event()
+        self._closing = False
+
+    def submit(self, result: AttemptResult) -> asyncio.Future[bool]:
+        """Hand a result over. The future resolves once the result's transaction has
+        committed: True if recorded, False if the fence refused it. The result is written
+        whatever happens to the caller (the writer stops last and flushes everything)."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append((result, future))
+        self._wake.set()
+        return future
+
+    async def record(self, results: Sequence[AttemptResult]) -> list[bool]:
+        """Hand results over and wait (shielded) until they are committed."""
+        futures = [self.submit(r) for r in results]
+        return list(await asyncio.shield(asyncio.gather(*futures)))
+
+    def close(self) -> None:
+        """Finish what was handed over, then stop."""
+        self._closing = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if len(self._pending) < _MAX_BATCH and not self._closing:
+                await asyncio.sleep(_GATHER)  # let more results join this transaction
+            while self._pending:
+                batch, self._pending = self._pending[:_MAX_BATCH], self._pending[_MAX_BATCH:]
+                await self._flush(batch)
+            if self._closing:
+                return
+
+    async def _flush(self, batch: list[tuple[AttemptResult, asyncio.Future[bool]]]) -> None:
+        results = [r for r, _ in batch]
+        backoff = Backoff()
+        while True:
+            try:
+                recorded = await self._store.record_results(
+                    results, self._worker, self._s.suppression_ttl
+                )
+                break
+            except StoreUnavailable as exc:
+                # A result may stand for a message already accepted: never drop it.
+                self._inst.store_unavailable.add(1, {"component": "results"})
+                event(
+                    log,
+                    "postgres unavailable",
+                    logging.WARNING,
+                    error=str(exc),
+                    component="results",
+                    pending=len(results),
+                    retry_in_s=backoff.peek(),
+                )
+                await asyncio.sleep(backoff.next())
+        for result, future in batch:
+            ok = result.delivery_id in recorded
+            if not future.done():
+                future.set_result(ok)
+            self._report(result, ok)
+        if recorded and self._on_recorded is not None:
+            self._on_recorded()
+
+    def _report(self, r: AttemptResult, recorded: bool) -> None:
+        inst = self._inst
+        fields = {
+            "delivery_id": r.delivery_id,
+            "source": r.source,
+            "attempt": r.attempt_no,
+            "attempt_status": r.attempt_status,
+            "status": r.delivery_status,
+            "reply_code": r.reply_code,
+            "reply_text": r.reply_text,
+        }
+        if not recorded:
+            inst.fenced_writes.add(1)
+            event(
+                log,
+                "attempt result fenced out",
+                logging.WARNING,
+                **fields,
+                claim_token=r.claim_token,
+                reason="the lease expired and the delivery was claimed again",
+            )
+            return
+        if r.record_attempt:
+            inst.attempt_outcomes.add(1, {"status": r.attempt_status})
+        inst.delivery_outcomes.add(1, {"status": r.delivery_status})
+        if r.delivery_status == "dead_letter":
+            inst.dead_letters.add(1, {"source": r.source})
+        elif r.delivery_status == "suppressed":
+            inst.suppressed.add(1, {"source": r.source})
+        level = logging.INFO if r.delivery_status in ("sent", "queued") else logging.WARNING
+        if r.delivery_status == "sent" and not log.isEnabledFor(logging.DEBUG):
+            return  # the hot path: one line per sent message only at DEBUG
+        event(
+            log,
+            _EVENT_NAMES.get(r.delivery_status, "delivery updated"),
+            level,
+            **fields,
+            next_attempt_at=r.next_attempt_at.isoformat() if r.next_attempt_at else None,
+            reason=r.status_reason,
+            possible_duplicate=r.possible_duplicate,
+        )

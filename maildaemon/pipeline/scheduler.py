@@ -1,0 +1,246 @@
+"""Scheduler: claims due deliveries in batches and prepares them for the attempt workers.
+
+A claim is one statement (``FOR UPDATE SKIP LOCKED``) that leases up to N deliveries. First
+attempts are rendered here and the bytes pinned in one fenced statement per batch, so every
+retry sends exactly those bytes. Intake wakes the scheduler (in-process, and LISTEN/NOTIFY
+across replicas); otherwise it sleeps until the next due time or the poll interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from datetime import UTC, datetime
+
+from maildaemon.config import Settings
+from maildaemon.delivery import (
+    AttemptResult,
+    ClaimedDelivery,
+    DeliveryStatus,
+    RecipientOutcome,
+    RenderedPin,
+)
+from maildaemon.errors import RenderError, StoreUnavailable
+from maildaemon.logs import event
+from maildaemon.message.compose import Composer
+from maildaemon.pipeline.jobs import Job, JobQueue
+from maildaemon.pipeline.results import ResultWriter
+from maildaemon.retry import Backoff
+from maildaemon.sending.outcomes import without_attempt
+from maildaemon.store.db import Store
+from maildaemon.telemetry import Instruments
+
+log = logging.getLogger("maildaemon.scheduler")
+_OBSERVE_EVERY = 5.0  # seconds between backlog gauge refreshes
+
+
+class Scheduler:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        composer: Composer,
+        queue: JobQueue,
+        results: ResultWriter,
+        instruments: Instruments,
+        worker_name: str,
+    ) -> None:
+        self._s = settings
+        self._store = store
+        self._composer = composer
+        self._queue = queue
+        self._results = results
+        self._inst = instruments
+        self._worker = worker_name
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        # Claim in useful batches: wait for this many free slots unless workers starve.
+        self._claim_size = max(1, min(settings.scheduler_batch_size, queue.slots // 2))
+        self._observed_at = -_OBSERVE_EVERY
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        event(
+            log,
+            "scheduler started",
+            batch_size=self._s.scheduler_batch_size,
+            poll_interval_s=self._s.scheduler_poll_interval,
+        )
+        try:
+            async with self._store.listen("mail_due", self.wake):
+                await self._loop()
+        except StoreUnavailable:
+            # LISTEN needs a connection; without one, poll until PostgreSQL is back.
+            await self._loop()
+        event(log, "scheduler stopped")
+
+    async def _loop(self) -> None:
+        backoff = Backoff()
+        while not self._stopping.is_set():
+            free = await self._queue.wait_for_slots(self._claim_size)
+            if self._stopping.is_set():
+                break
+            self._wake.clear()
+            try:
+                claimed = await self._claim(min(free, self._s.scheduler_batch_size))
+                backoff.reset()
+            except StoreUnavailable as exc:
+                self._inst.store_unavailable.add(1, {"component": "scheduler"})
+                event(
+                    log,
+                    "postgres unavailable",
+                    logging.WARNING,
+                    error=str(exc),
+                    component="scheduler",
+                    retry_in_s=backoff.peek(),
+                )
+                await self._sleep(backoff.next())
+                continue
+            await self._observe_backlog()
+            if claimed < min(free, self._s.scheduler_batch_size):
+                await self._sleep(await self._idle_for())
+
+    async def _observe_backlog(self) -> None:
+        """Refresh the backlog gauges (mail.attempt_schedule.*) every few seconds."""
+        now = time.monotonic()
+        if now - self._observed_at < _OBSERVE_EVERY:
+            return
+        self._observed_at = now
+        try:
+            depth, oldest = await self._store.schedule_depth()
+        except StoreUnavailable:
+            return
+        self._inst.schedule_depth, self._inst.schedule_oldest_age_ms = depth, oldest
+
+    async def _idle_for(self) -> float:
+        """Sleep until the next delivery is due, at most one poll interval."""
+        poll = self._s.scheduler_poll_interval
+        try:
+            nxt = await self._store.next_due_at()
+        except StoreUnavailable:
+            return poll
+        if nxt is None:
+            return poll
+        return max(0.0, min(poll, (nxt - datetime.now(UTC)).total_seconds()))
+
+    async def _sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+
+    async def _claim(self, limit: int) -> int:
+        claims = await self._store.claim_due(limit, self._s.lease_duration, self._worker)
+        if not claims:
+            return 0
+        self._inst.claims.add(len(claims))
+        jobs, finished = await self._prepare(claims)
+        self._queue.put(jobs)
+        if finished:
+            for result in finished:
+                self._results.submit(result)
+        return len(claims)
+
+    async def _prepare(
+        self, claims: list[ClaimedDelivery]
+    ) -> tuple[list[Job], list[AttemptResult]]:
+        """Expire, render and pin, check suppressions; return jobs and early endings."""
+        now = datetime.now(UTC)
+        finished: list[AttemptResult] = []
+        ready: list[tuple[ClaimedDelivery, bytes]] = []
+        pins: list[RenderedPin] = []
+        for claim in claims:
+            ended = self._end_early(claim, now)
+            if ended is not None:
+                finished.append(ended)
+                continue
+            message = claim.rendered
+            if message is None:
+                rendered = self._render(claim, now)
+                if isinstance(rendered, AttemptResult):
+                    finished.append(rendered)
+                    continue
+                pins.append(rendered)
+                message = rendered.rendered
+            ready.append((claim, message))
+        if pins:
+            lost = await self._pin(pins)
+            ready = [(c, m) for c, m in ready if c.delivery_id not in lost]
+        jobs = await self._jobs(ready, finished, now)
+        return jobs, finished
+
+    @staticmethod
+    def _end_early(claim: ClaimedDelivery, now: datetime) -> AttemptResult | None:
+        """A delivery that ends before rendering: expired, or nothing to render from."""
+        if claim.expires_at is not None and claim.expires_at <= now:
+            reason = "expires_at passed before the attempt"
+            return without_attempt(claim, "expired", reason, now, "expired")
+        if claim.rendered is None and claim.command is None:  # never retried
+            reason = "the delivery has no stored payload"
+            return without_attempt(claim, "failed", reason, now, "failed", record_attempt=True)
+        return None
+
+    def _render(self, claim: ClaimedDelivery, now: datetime) -> RenderedPin | AttemptResult:
+        """Render a first attempt; a render fault ends the delivery `failed`."""
+        assert claim.command is not None
+        try:
+            message_id, content_hash, message = self._composer.compose(
+                claim.delivery_id, claim.command, now
+            )
+        except RenderError as exc:
+            return without_attempt(claim, "failed", str(exc), now, "failed", record_attempt=True)
+        return RenderedPin(claim.delivery_id, claim.claim_token, message_id, content_hash, message)
+
+    async def _pin(self, pins: list[RenderedPin]) -> set[str]:
+        """Pin the rendered bytes (fenced); returns the deliveries whose lease was lost."""
+        pinned = await self._store.pin_rendered(pins)
+        lost = {p.delivery_id for p in pins} - pinned
+        for delivery_id in lost:
+            event(
+                log,
+                "attempt result fenced out",
+                logging.WARNING,
+                delivery_id=delivery_id,
+                reason="lease lost before rendering was pinned",
+            )
+        return lost
+
+    async def _jobs(
+        self,
+        ready: list[tuple[ClaimedDelivery, bytes]],
+        finished: list[AttemptResult],
+        now: datetime,
+    ) -> list[Job]:
+        """Jobs for the workers; deliveries with nobody left to send to end here."""
+        suppressions = await self._store.active_suppressions(
+            a for c, _ in ready for a in c.envelope_recipients()
+        )
+        jobs: list[Job] = []
+        for claim, message in ready:
+            rcpts = claim.envelope_recipients()
+            suppressed = {
+                a: RecipientOutcome("suppressed", None, suppressions[a.lower()])
+                for a in rcpts
+                if a.lower() in suppressions
+            }
+            remaining = tuple(a for a in rcpts if a not in suppressed)
+            if not remaining:
+                status: DeliveryStatus = "sent" if claim.rcpts_accepted else "suppressed"
+                reason = "every remaining recipient is on the suppression list"
+                finished.append(
+                    without_attempt(claim, status, reason, now, "suppressed", recipients=suppressed)
+                )
+            elif self._s.smtp_mode == "stub":
+                reason = "stub mode (MAIL_SMTP_MODE=stub): rendered, not sent"
+                finished.append(without_attempt(claim, "suppressed", reason, now, "suppressed"))
+            else:
+                jobs.append(Job(claim, message, remaining, suppressed))
+        return jobs

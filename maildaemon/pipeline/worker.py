@@ -1,0 +1,108 @@
+"""Attempt worker pool: each worker owns one kept-open SMTP connection and sends jobs.
+
+Workers take prepared jobs from the scheduler's queue, send them, classify the outcome and
+hand the result to the result writer, which commits it whatever happens to the worker
+(the job's queue slot frees up only once its result is durable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from datetime import UTC, datetime
+
+from maildaemon.config import Settings
+from maildaemon.delivery import AttemptResult
+from maildaemon.errors import TransportError, TransportTimeout, UnknownOutcome
+from maildaemon.logs import event
+from maildaemon.pipeline.jobs import Job, JobQueue
+from maildaemon.pipeline.results import ResultWriter
+from maildaemon.retry import RetryPolicy
+from maildaemon.sending.outcomes import from_error, from_report
+from maildaemon.sending.ratelimit import RateLimiter
+from maildaemon.sending.smtp import SmtpConnection
+from maildaemon.telemetry import Instruments
+
+log = logging.getLogger("maildaemon.worker")
+
+
+class AttemptWorker:
+    def __init__(
+        self,
+        index: int,
+        settings: Settings,
+        context: ssl.SSLContext,
+        sender: str,
+        queue: JobQueue,
+        results: ResultWriter,
+        policy: RetryPolicy,
+        limiter: RateLimiter,
+        instruments: Instruments,
+    ) -> None:
+        self.index = index
+        self._s = settings
+        self._conn = SmtpConnection(settings, context)
+        self._sender = sender
+        self._queue = queue
+        self._results = results
+        self._policy = policy
+        self._limiter = limiter
+        self._inst = instruments
+
+    async def run(self) -> None:
+        try:
+            while True:
+                job = await self._queue.get()
+                if job is None:
+                    return
+                try:
+                    result = await self.attempt(job)
+                except BaseException:
+                    self._queue.release()
+                    raise
+                # The slot frees up when the result is committed, not before.
+                self._results.submit(result).add_done_callback(self._queue.release_after)
+        finally:
+            await asyncio.shield(self._conn.close())
+
+    async def attempt(self, job: Job) -> AttemptResult:
+        claim = job.claim
+        await self._limiter.acquire(job.recipients)
+        started = datetime.now(UTC)
+        try:
+            async with asyncio.timeout(self._s.smtp_timeout):
+                report = await self._conn.send(self._sender, job.recipients, job.message)
+        except TimeoutError:
+            in_data = self._conn.in_data
+            self._conn.abort()
+            exc: TransportError = (
+                UnknownOutcome("MAIL_SMTP_TIMEOUT reached during DATA, before the reply")
+                if in_data
+                else TransportTimeout("MAIL_SMTP_TIMEOUT reached")
+            )
+            return self._failed(job, exc, started)
+        except TransportError as exc:
+            return self._failed(job, exc, started)
+        finished = datetime.now(UTC)
+        self._inst.send_duration_ms.record(report.duration_ms)
+        self._limiter.observe(report)
+        return from_report(
+            claim, job.recipients, report, self._policy, started, finished, job.suppressed
+        )
+
+    def _failed(self, job: Job, exc: TransportError, started: datetime) -> AttemptResult:
+        finished = datetime.now(UTC)
+        self._inst.send_duration_ms.record((finished - started).total_seconds() * 1000)
+        event(
+            log,
+            "smtp attempt failed",
+            logging.WARNING,
+            delivery_id=job.claim.delivery_id,
+            source=job.claim.source,
+            attempt=job.claim.attempt_no,
+            error_class=type(exc).__name__,
+            error=str(exc),
+            reply_code=exc.code,
+        )
+        return from_error(job.claim, job.recipients, exc, self._policy, started, finished)

@@ -1,0 +1,250 @@
+"""SMTP transport: one kept-open connection per worker, STARTTLS required in ``smtp`` mode.
+
+The transport reports what the server said, per recipient; ``outcomes`` decides what that
+means for the delivery. Connection-level failures are raised as ``TransportError``s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Sequence
+
+import aiosmtplib
+from aiosmtplib import SMTPResponse
+
+from maildaemon.config import Settings
+from maildaemon.errors import (
+    InsecureTransportError,
+    PermanentTransportError,
+    TransientTransportError,
+    TransportError,
+    TransportTimeout,
+    UnknownOutcome,
+)
+from maildaemon.logs import event
+from maildaemon.sending.reply import Reply, SendReport
+
+log = logging.getLogger("maildaemon.smtp")
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(
+        cafile=str(settings.smtp_ca_file) if settings.smtp_ca_file else None
+    )
+    if not settings.smtp_tls_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def envelope(address: str) -> bytes:
+    """An address as it goes in MAIL FROM / RCPT TO: the domain IDNA-encoded."""
+    local, _, domain = address.rpartition("@")
+    try:
+        return local.encode("ascii") + b"@" + domain.encode("idna")
+    except UnicodeError as exc:
+        raise PermanentTransportError(f"address cannot be sent over SMTP: {address!r}") from exc
+
+
+class SmtpConnection:
+    """One SMTP session, opened lazily and reused across messages."""
+
+    def __init__(self, settings: Settings, context: ssl.SSLContext) -> None:
+        self._settings = settings
+        self._context = context
+        self._host, self._port = settings.smtp_host_port if settings.smtp_addr else ("", 0)
+        self._client: aiosmtplib.SMTP | None = None
+        self._dirty = False  # a transaction was left half-way: RSET before the next one
+        self.in_data = False  # the message data may be on its way: an abort is "unknown"
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None and client.is_connected:
+            try:
+                await asyncio.wait_for(client.quit(), 2)
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                client.close()
+
+    def abort(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        s = self._settings
+        implicit = s.smtp_security == "tls"
+        client = aiosmtplib.SMTP(
+            hostname=self._host,
+            port=self._port,
+            use_tls=implicit,
+            start_tls=False,
+            tls_context=self._context if implicit else None,
+            timeout=s.smtp_timeout,
+            local_hostname=s.smtp_helo_name,
+        )
+        try:
+            await client.connect()
+            await client.ehlo()
+            if not implicit:
+                if not client.supports_extension("starttls"):
+                    raise InsecureTransportError(
+                        f"{self._host}:{self._port} does not offer STARTTLS; "
+                        "refusing to send in clear text"
+                    )
+                try:
+                    await client.starttls(tls_context=self._context)
+                except (ssl.SSLError, aiosmtplib.SMTPException, OSError) as exc:
+                    raise InsecureTransportError(f"STARTTLS handshake failed: {exc}") from exc
+                await client.ehlo()
+            if s.smtp_username and s.smtp_password:
+                await client.login(s.smtp_username, s.smtp_password.get_secret_value())
+        except InsecureTransportError:
+            client.close()
+            raise
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            client.close()
+            raise TransientTransportError(
+                f"SMTP authentication failed: {exc.message}", code=exc.code, text=exc.message
+            ) from exc
+        except aiosmtplib.SMTPTimeoutError as exc:
+            client.close()
+            raise TransportTimeout(f"timed out connecting to {self._host}:{self._port}") from exc
+        except aiosmtplib.SMTPResponseException as exc:
+            client.close()
+            raise TransientTransportError(
+                f"connection refused by the server: {exc.message}", code=exc.code, text=exc.message
+            ) from exc
+        except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as exc:
+            client.close()
+            if isinstance(exc, ssl.SSLError | ssl.CertificateError) or "certificate" in str(exc):
+                raise InsecureTransportError(f"TLS failed: {exc}") from exc
+            raise TransientTransportError(
+                f"cannot connect to {self._host}:{self._port}: {exc}"
+            ) from exc
+        self._dirty = False
+        event(
+            log,
+            "smtp connected",
+            logging.DEBUG,
+            host=self._host,
+            port=self._port,
+            tls=client.is_connected,
+        )
+        return client
+
+    async def send(self, sender: str, recipients: Sequence[str], message: bytes) -> SendReport:
+        """Send one message; reconnects once if the kept-open link turned out to be dead."""
+        try:
+            return await self._send_once(sender, recipients, message)
+        except _StaleConnection:
+            self.abort()
+            try:
+                return await self._send_once(sender, recipients, message)
+            except _StaleConnection as exc:
+                self.abort()
+                raise TransientTransportError(f"connection lost before DATA: {exc}") from exc
+
+    async def _send_once(
+        self, sender: str, recipients: Sequence[str], message: bytes
+    ) -> SendReport:
+        self.in_data = False
+        fresh = self._client is None or not self._client.is_connected
+        if fresh:
+            self._client = await self._connect()
+        client = self._client
+        assert client is not None
+        report = SendReport()
+        started = time.perf_counter()
+        try:
+            if self._dirty:
+                await client.rset()
+            self._dirty = True
+            # MAIL and RCPT through execute_command with pre-encoded addresses: the
+            # client's own mail()/rcpt() re-parse every address with email.utils.
+            resp = await client.execute_command(b"MAIL", b"FROM:<" + envelope(sender) + b">")
+            if resp.code != 250:
+                await self._reset(client)
+                report.data_refused = Reply(resp.code, resp.message)
+                return report
+            for rcpt in recipients:
+                resp = await client.execute_command(b"RCPT", b"TO:<" + envelope(rcpt) + b">")
+                if resp.code in (250, 251):
+                    report.accepted[rcpt] = Reply(resp.code, resp.message)
+                elif resp.code >= 500:
+                    report.refused[rcpt] = Reply(resp.code, resp.message)
+                else:
+                    report.deferred[rcpt] = Reply(resp.code, resp.message)
+            if not report.accepted:
+                await self._reset(client)
+                return report
+            start = await client.execute_command(b"DATA")
+            if start.code != 354:
+                await self._reset(client)
+                report.data_refused = Reply(start.code, start.message)
+                return report
+            self.in_data = True
+            try:
+                resp2: SMTPResponse = await self._transfer(client, message)
+            except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
+                self.abort()
+                raise UnknownOutcome(
+                    f"link lost during DATA, before the server's reply: {exc}"
+                ) from exc
+            self.in_data = False
+            if resp2.code != 250:
+                await self._reset(client)
+                report.data_refused = Reply(resp2.code, resp2.message)
+                return report
+            report.data_reply = Reply(resp2.code, resp2.message)
+            self._dirty = False
+            return report
+        except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
+            self.abort()
+            if not fresh:
+                raise _StaleConnection(str(exc)) from exc
+            raise TransientTransportError(f"connection lost: {exc}") from exc
+        except aiosmtplib.SMTPTimeoutError as exc:
+            self.abort()
+            raise TransportTimeout(f"SMTP server did not answer in time: {exc}") from exc
+        except aiosmtplib.SMTPResponseException as exc:
+            self.abort()
+            if exc.code >= 500:
+                raise PermanentTransportError(exc.message, code=exc.code, text=exc.message) from exc
+            raise TransientTransportError(exc.message, code=exc.code, text=exc.message) from exc
+        except aiosmtplib.SMTPException as exc:
+            self.abort()
+            raise TransientTransportError(str(exc)) from exc
+        finally:
+            report.duration_ms = (time.perf_counter() - started) * 1000
+
+    async def _transfer(self, client: aiosmtplib.SMTP, message: bytes) -> SMTPResponse:
+        """Send the message data after a 354 and read the final reply.
+
+        The message is pinned with CRLF line endings already (the MIME builder writes
+        nothing else), so only dot-stuffing is needed, done with bytes.replace; the
+        client's data() would run two regular expressions over every message again.
+        """
+        protocol = client.protocol
+        if protocol is None:
+            raise aiosmtplib.SMTPServerDisconnected("connection lost before the data")
+        payload = message.replace(b"\r\n.", b"\r\n..")
+        if payload.startswith(b"."):
+            payload = b"." + payload
+        if not payload.endswith(b"\r\n"):
+            payload += b"\r\n"
+        protocol.write(payload + b".\r\n")
+        return await protocol.read_response(timeout=self._settings.smtp_timeout)
+
+    async def _reset(self, client: aiosmtplib.SMTP) -> None:
+        try:
+            await client.rset()
+            self._dirty = False
+        except (aiosmtplib.SMTPException, OSError):
+            self.abort()
+
+
+class _StaleConnection(TransportError):
+    """A reused connection was found closed before anything was sent."""
