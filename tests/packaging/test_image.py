@@ -194,7 +194,8 @@ def _lock(name: str) -> dict[str, str]:
 
 
 def _check_covers(pins: dict[str, str], requirements: list[str]) -> None:
-    env = {**default_environment(), "sys_platform": "linux", "python_version": "3.11"}
+    env: dict[str, str] = {str(k): str(v) for k, v in default_environment().items()}
+    env.update(sys_platform="linux", python_version="3.11")
     for text in requirements:
         req = Requirement(text)
         if req.marker is not None and not req.marker.evaluate(env):
