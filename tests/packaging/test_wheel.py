@@ -10,6 +10,7 @@ its cache or the index, as `pip install mailconveyor` would.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -51,12 +52,30 @@ def _run(
     return proc
 
 
+# Left in a checkout by builds and editable installs; a stale *.egg-info/SOURCES.txt would
+# put files into the sdist that the packaging configuration no longer names.
+_NOT_SOURCES = shutil.ignore_patterns(
+    ".git",
+    ".venv",
+    "*.egg-info",
+    "build",
+    "dist",
+    "__pycache__",
+    ".*_cache",
+    ".hypothesis",
+    ".maildaemon-dev",
+    "out",
+)
+
+
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(sdist, wheel) built from this checkout; the wheel is built from the sdist."""
+    """(sdist, wheel) built from a clean copy of this checkout; the wheel from the sdist."""
     out = tmp_path_factory.mktemp("dist")
+    src = tmp_path_factory.mktemp("src") / "mailconveyor"
+    shutil.copytree(REPO, src, symlinks=True, ignore=_NOT_SOURCES)
     _run(
-        [sys.executable, "-m", "build", "--outdir", str(out), str(REPO)],
+        [sys.executable, "-m", "build", "--outdir", str(out), str(src)],
         env=dict(os.environ),
         cwd=out,
     )
