@@ -25,7 +25,7 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from maildaemon.cli import EMBEDDED_MODULES
+from maildaemon.cli.main import EMBEDDED_MODULES
 from maildaemon.config import Settings
 
 REPO = Path(__file__).resolve().parents[2]

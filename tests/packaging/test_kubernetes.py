@@ -26,7 +26,7 @@ import yaml
 
 import maildaemon
 from maildaemon.config import Settings, parse_duration
-from maildaemon.render import TemplateCatalog
+from maildaemon.message.render import TemplateCatalog
 from tests.packaging.test_image import _tool
 
 REPO = Path(__file__).resolve().parents[2]

@@ -23,7 +23,7 @@ import pytest
 from psycopg import sql
 
 import maildaemon
-from maildaemon.cli import DIST_NAME, EMBEDDED_MODULES
+from maildaemon.cli.main import DIST_NAME, EMBEDDED_MODULES
 from maildaemon.devstack.postgres import database_dsn
 
 REPO = Path(__file__).resolve().parents[2]
