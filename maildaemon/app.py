@@ -34,6 +34,7 @@ from maildaemon.message.dkim import DkimSigner
 from maildaemon.message.render import TemplateCatalog
 from maildaemon.pipeline.consumer import StreamConsumer
 from maildaemon.pipeline.events import EventPublisher
+from maildaemon.pipeline.heartbeat import ReplicaHeartbeat
 from maildaemon.pipeline.jobs import JobQueue
 from maildaemon.pipeline.results import ResultWriter
 from maildaemon.pipeline.retention import RetentionWorker
@@ -42,6 +43,7 @@ from maildaemon.pipeline.worker import AttemptWorker
 from maildaemon.retry import RetryPolicy
 from maildaemon.sending.ratelimit import RateLimiter
 from maildaemon.sending.smtp import tls_context
+from maildaemon.store import replicas
 from maildaemon.store.db import Store
 from maildaemon.store.migrate import apply_migrations
 from maildaemon.telemetry import Telemetry
@@ -172,18 +174,41 @@ class App:
             )
             runner = await _step(
                 "internal http listener",
-                lambda: self._start_http(store, catalog),
-                10,
+                lambda: self._start_http(stack, catalog),
+                15,
                 addr=s.internal_http_addr,
             )
             code = await self._run_components(store, redis, catalog, signer, runner)
         event(log, "stopped", exit_code=code)
         return code
 
-    async def _start_http(self, store: Store, catalog: TemplateCatalog) -> web.AppRunner:
-        host, port = self.settings.http_host_port
+    async def _start_http(
+        self, stack: contextlib.AsyncExitStack, catalog: TemplateCatalog
+    ) -> web.AppRunner:
+        s = self.settings
+        host, port = s.http_host_port
+        # The operator API's own small pool with a statement timeout: a slow search waits
+        # for (and times out on) these connections, never the pipeline's.
+        api_store = await Store.open(
+            s.dsn,
+            min_size=1,
+            max_size=s.api_pool_max,
+            statement_timeout=s.api_statement_timeout,
+            application_name="maildaemon-api",
+        )
+        stack.push_async_callback(api_store.close)
+        app = build_app(
+            s,
+            api_store,
+            self.readiness,
+            command_policy(s, catalog),
+            catalog_hash=catalog.content_hash,
+            on_refusal=lambda reason: self.telemetry.instruments.api_refusals.add(
+                1, {"reason": reason}
+            ),
+        )
         runner = web.AppRunner(
-            build_app(self.settings, store, self.readiness, command_policy(self.settings, catalog)),
+            app,
             access_log=None,
             handle_signals=False,
             shutdown_timeout=1.0,
@@ -230,6 +255,7 @@ class App:
         spawn("scheduler", c.scheduler.run())
         spawn("command-consumer", c.consumer.run())
         spawn("retention-worker", c.retention.run())
+        spawn("replica-heartbeat", c.heartbeat.run())
         self.readiness.workers_running = True
         event(log, "started", http_port=self.http_port, consumer=s.consumer_name)
 
@@ -260,7 +286,9 @@ class App:
         c.consumer.stop()
         c.scheduler.stop()
         c.retention.stop()
-        await self._finish(tasks, ("command-consumer", "scheduler", "retention-worker"), left())
+        c.heartbeat.stop()
+        stopping = ("command-consumer", "scheduler", "retention-worker", "replica-heartbeat")
+        await self._finish(tasks, stopping, left())
         unstarted = c.queue.close(len(c.workers))
         if unstarted:
             with contextlib.suppress(MailDaemonError):
@@ -325,6 +353,7 @@ class _Components:
     scheduler: Scheduler
     consumer: StreamConsumer
     retention: RetentionWorker
+    heartbeat: ReplicaHeartbeat
     workers: list[AttemptWorker]
 
     @classmethod
@@ -346,16 +375,27 @@ class _Components:
         publisher = EventPublisher(s, store, redis, inst)
         results = ResultWriter(s, store, inst, name, publisher.wake)
         scheduler = Scheduler(s, store, composer, queue, results, inst, name)
-        consumer = StreamConsumer(s, redis, store, command_policy(s, catalog), inst, scheduler.wake)
-        policy = RetryPolicy(s.retry_ladder, s.retry_jitter, s.unknown_outcome_policy)
+        policy = command_policy(s, catalog)
+        consumer = StreamConsumer(s, redis, store, policy, inst, scheduler.wake)
+        me = replicas.Identity(
+            name, catalog.content_hash, policy.fingerprint(), sorted(catalog.template_ids)
+        )
+        retry = RetryPolicy(s.retry_ladder, s.retry_jitter, s.unknown_outcome_policy)
         limiter = RateLimiter(s.global_rate_limit, s.domain_rate_limit, s.domain_backoff)
         context = tls_context(s)
         workers = [
             AttemptWorker(
-                i, s, context, composer.sender_address, queue, results, policy, limiter, inst
+                i, s, context, composer.sender_address, queue, results, retry, limiter, inst
             )
             for i in range(s.attempt_worker_concurrency)
         ]
         return cls(
-            queue, publisher, results, scheduler, consumer, RetentionWorker(s, store), workers
+            queue,
+            publisher,
+            results,
+            scheduler,
+            consumer,
+            RetentionWorker(s, store),
+            ReplicaHeartbeat(store, me, inst),
+            workers,
         )

@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from maildaemon.errors import ConfigError
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 
 
@@ -186,6 +187,13 @@ class Settings(BaseSettings):
     # Process.
     internal_http_addr: str = "127.0.0.1:8080"
     operator_token: SecretStr | None = None
+    # Named operator tokens, "name:secret,name:secret": the audit records the name.
+    operator_tokens: SecretStr | None = None
+    # When set, the operator API's reads need this token (or an operator token).
+    operator_read_token: SecretStr | None = None
+    # The operator API's own PostgreSQL pool, so it cannot take the pipeline's connections.
+    api_pool_max: int = Field(default=4, ge=1, le=100)
+    api_statement_timeout: Duration = 5.0
     shutdown_timeout: Duration = 30.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
@@ -220,6 +228,9 @@ class Settings(BaseSettings):
             raise ValueError(f"{missing}: MAIL_SMTP_USERNAME and MAIL_SMTP_PASSWORD go together")
         if self.smtp_ca_file is not None and not self.smtp_ca_file.is_file():
             raise ValueError(f"MAIL_SMTP_CA_FILE: no such file: {self.smtp_ca_file}")
+        if self.api_statement_timeout <= 0:
+            raise ValueError("MAIL_API_STATEMENT_TIMEOUT: must be longer than zero")
+        self.operator_identities()  # refuses a malformed MAIL_OPERATOR_TOKENS
         if self.postgres_pool_min > self.postgres_pool_max:
             raise ValueError("MAIL_POSTGRES_POOL_MIN: larger than MAIL_POSTGRES_POOL_MAX")
         if self.lease_duration <= self.smtp_timeout:
@@ -256,6 +267,35 @@ class Settings(BaseSettings):
     @property
     def http_host_port(self) -> tuple[str, int]:
         return split_host_port(self.internal_http_addr, 8080)
+
+    def operator_identities(self) -> dict[str, str]:
+        """Operator token -> the identity recorded in the audit trail.
+
+        ``MAIL_OPERATOR_TOKEN`` acts as ``operator``; each ``name:secret`` of
+        ``MAIL_OPERATOR_TOKENS`` as its name. Empty tokens are ignored.
+        """
+        out: dict[str, str] = {}
+        if self.operator_token is not None and self.operator_token.get_secret_value():
+            out[self.operator_token.get_secret_value()] = "operator"
+        raw = self.operator_tokens.get_secret_value() if self.operator_tokens else ""
+        for part in (p.strip() for p in raw.split(",")):
+            if not part:
+                continue
+            name, sep, secret = part.partition(":")
+            if not sep or not _TOKEN_NAME.match(name) or len(secret) < 8:
+                raise ValueError(
+                    "MAIL_OPERATOR_TOKENS: each entry is name:secret (a name of letters, "
+                    "digits and ._@-, a secret of at least 8 characters)"
+                )
+            if secret in out:
+                raise ValueError("MAIL_OPERATOR_TOKENS: a secret is used twice")
+            out[secret] = name
+        return out
+
+    @property
+    def read_token(self) -> str | None:
+        token = self.operator_read_token
+        return token.get_secret_value() if token and token.get_secret_value() else None
 
     @property
     def dsn(self) -> str:

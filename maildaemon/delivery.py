@@ -127,5 +127,15 @@ class AttemptResult:
     claimed: bool = True  # False for an operator's cancel: the delivery was not under a lease
 
     @property
+    def attempt_count(self) -> int:
+        """Attempts on record for the delivery once this result is written: the delivery's
+        ``attempt_count``. A result that ends a claimed delivery without an attempt
+        (expired, suppressed, stub mode) gives the claim's number back; an operator's cancel
+        keeps the count it found. Logs, events and the API all say this number."""
+        if self.record_attempt or not self.claimed:
+            return self.attempt_no
+        return self.attempt_no - 1
+
+    @property
     def dead_letter(self) -> bool:
         return self.delivery_status == "dead_letter"

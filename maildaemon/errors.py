@@ -120,3 +120,9 @@ class Unavailable(OperatorError):
 
     status = 503
     code = "unavailable"
+
+
+class QueryTimeout(Unavailable):
+    """The query ran longer than the operator API's statement timeout; narrow the filter."""
+
+    code = "query_timeout"

@@ -38,6 +38,7 @@ class Instruments:
     store_unavailable: metrics.Counter
     events_published: metrics.Counter
     events_unpublished: metrics.Counter
+    api_refusals: metrics.Counter
     # Gauges read from the scheduler's last observation.
     schedule_depth: int = 0
     schedule_oldest_age_ms: int = 0
@@ -112,6 +113,11 @@ class Telemetry:
             events_unpublished=meter.create_counter(
                 "mail.events.publish_failures",
                 description="Outbox passes that could not publish (Redis or PostgreSQL down)",
+            ),
+            api_refusals=meter.create_counter(
+                "mail.api.refusals",
+                description="Operator API requests refused, by reason (unauthorized, "
+                "query_timeout, store_unavailable)",
             ),
         )
         inst = self.instruments

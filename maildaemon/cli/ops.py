@@ -5,7 +5,8 @@ list|review|requeue``, ``maildaemon malformed list|replay``, ``maildaemon comman
 ``maildaemon suppressions list|add|remove``, ``maildaemon pause|resume``, ``maildaemon
 stats`` and ``maildaemon audit``. They use the daemon's settings (MAIL_*), validate their
 input exactly as the HTTP API does, print a table or (``--json``) the API's JSON, and record
-every action with ``--actor`` (default ``$USER@cli``).
+every action as ``$USER@cli`` (``--actor`` is kept as a note). A replay is judged the way the
+running daemon judges: it is refused while a live replica loaded another catalog or policy.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from maildaemon.retry import RetryPolicy
 from maildaemon.store import filters
 from maildaemon.store.db import Store
 from maildaemon.store.operator import OperatorStore
+from maildaemon.store.records import Actor
 
 T = TypeVar("T")
 EXIT_REFUSED = 1  # not found, conflict
@@ -81,11 +83,14 @@ def _pairs(args: argparse.Namespace, names: Sequence[str]) -> list[tuple[str, st
     return pairs
 
 
-def _actor(args: argparse.Namespace) -> str:
-    actor: str = args.actor or f"{getpass.getuser()}@cli"
-    return inputs.check(
-        inputs.ACTOR, actor, "actor", "must be 1-200 characters without control characters"
-    )
+def _actor(args: argparse.Namespace) -> Actor:
+    """The OS user acts (as ``user@cli``); ``--actor`` is only a note in the audit detail."""
+    note: str | None = args.actor
+    if note is not None:
+        inputs.check(
+            inputs.ACTOR, note, "actor", "must be 1-200 characters without control characters"
+        )
+    return Actor(f"{getpass.getuser()}@cli", note)
 
 
 def _reason(args: argparse.Namespace) -> str | None:
@@ -120,13 +125,13 @@ def cmd_list(args: argparse.Namespace) -> int:
 @_handler
 def cmd_requeue(args: argparse.Namespace) -> int:
     delivery_id, actor, reason = inputs.delivery_id(args.delivery_id), _actor(args), _reason(args)
-    return _out(args, _run(lambda ops, _: ops.requeue(delivery_id, actor, reason)))
+    return _out(args, _run(lambda ops, _: ops.requeue(delivery_id, actor, reason, args.dry_run)))
 
 
 @_handler
 def cmd_cancel(args: argparse.Namespace) -> int:
     delivery_id, actor, reason = inputs.delivery_id(args.delivery_id), _actor(args), _reason(args)
-    return _out(args, _run(lambda ops, _: ops.cancel(delivery_id, actor, reason)))
+    return _out(args, _run(lambda ops, _: ops.cancel(delivery_id, actor, reason, args.dry_run)))
 
 
 _DL_FILTERS = (
@@ -148,9 +153,9 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
 
 @_handler
 def cmd_review(args: argparse.Namespace) -> int:
-    delivery_id, actor = inputs.delivery_id(args.delivery_id), _actor(args)
+    delivery_id, actor, reason = inputs.delivery_id(args.delivery_id), _actor(args), _reason(args)
     note = inputs.check(r"^[^\x00]{1,2000}$", args.note, "note", "must be 1-2000 characters")
-    return _out(args, _run(lambda ops, _: ops.review(delivery_id, actor, note)))
+    return _out(args, _run(lambda ops, _: ops.review(delivery_id, actor, note, reason)))
 
 
 @_handler
@@ -183,6 +188,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from maildaemon.app import command_policy
     from maildaemon.message.render import TemplateCatalog
     from maildaemon.operator import replay
+    from maildaemon.store import replicas
 
     if (args.id is None) == (args.failure_code is None):
         raise errors.InvalidInput(
@@ -194,11 +200,16 @@ def cmd_replay(args: argparse.Namespace) -> int:
     actor, reason = _actor(args), _reason(args)
 
     async def work(ops: OperatorStore, s: Settings) -> v.Replay:
-        # The catalog on disk now: what the daemon will load at its next start.
+        # The catalog on disk now; refused unless every running daemon loaded the same one
+        # (and validates with the same settings), so the CLI judges as the daemon will.
         catalog = await asyncio.to_thread(TemplateCatalog.load, s.template_dir, s.default_locale)
         policy, window = command_policy(s, catalog), s.idempotency_window
+        live = await replicas.live(ops.pool)
+        replay.judge_alike(live, catalog.content_hash, policy.fingerprint(), str(s.template_dir))
         if malformed_id is not None:
-            return await replay.replay_one(ops, policy, window, malformed_id, actor, reason)
+            return await replay.replay_one(
+                ops, policy, window, malformed_id, actor, reason, args.dry_run
+            )
         return await replay.replay_bulk(
             ops,
             policy,
@@ -278,7 +289,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def _common(p: argparse.ArgumentParser, *, action: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the API's JSON")
     if action:
-        p.add_argument("--actor", help="who acts (default: $USER@cli)")
+        p.add_argument(
+            "--actor", help="a note on who acts (the audit records $USER@cli as the actor)"
+        )
         p.add_argument("--reason", help="why (kept in the audit trail)")
     return p
 
@@ -328,6 +341,7 @@ def register(sub: Any) -> None:
     ):
         x = _common(d.add_parser(name, help=text), action=True)
         x.add_argument("delivery_id")
+        x.add_argument("--dry-run", action="store_true", help="check only; change nothing")
         x.set_defaults(handler=handler)
 
     p = sub.add_parser("dead-letters", help="list, review or requeue dead letters")
@@ -346,7 +360,9 @@ def register(sub: Any) -> None:
         d.add_parser("requeue", help="requeue the dead letters matching filters"), action=True
     )
     _dl_filters(x)
-    x.add_argument("--dry-run", action="store_true", help="only count them")
+    x.add_argument(
+        "--dry-run", action="store_true", help="count them and list the first 100; change nothing"
+    )
     x.add_argument("--rate", type=float, help="release at most this many per second")
     x.add_argument("--limit", type=int, default=1000, help="at most this many (1-10000)")
     x.set_defaults(handler=cmd_bulk_requeue)
@@ -371,7 +387,7 @@ def register(sub: Any) -> None:
     )
     x.add_argument("--source")
     x.add_argument("--limit", type=int, default=100, help="at most this many (1-1000)")
-    x.add_argument("--dry-run", action="store_true", help="validate only")
+    x.add_argument("--dry-run", action="store_true", help="validate only; change nothing")
     x.set_defaults(handler=cmd_replay)
 
     p = sub.add_parser("commands", help="what became of a stream entry")

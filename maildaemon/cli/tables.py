@@ -219,6 +219,11 @@ def _(page: records.OperatorActionPage) -> str:
 
 @render.register
 def _(c: records.DeliveryChange) -> str:
+    if c.dry_run:
+        return (
+            f"dry run, nothing changed: {c.delivery_id} is {c.previous_status} and would "
+            f"become {c.status}"
+        )
     due = f", due {when(c.next_attempt_at)}" if c.next_attempt_at else ""
     return f"{c.delivery_id}: {c.previous_status} -> {c.status}{due} (action {c.action_id})"
 
@@ -232,7 +237,13 @@ def _(r: records.Review) -> str:
 def _(b: records.BulkRequeue) -> str:
     due = f"due {when(b.first_due_at)} to {when(b.last_due_at)}"
     if b.dry_run:
-        return f"dry run: {b.matched} dead letter(s) match; {due}"
+        head = (
+            f"dry run, nothing changed: {b.matched} dead letter(s) match; "
+            f"{b.would_requeue} would be requeued, {due}"
+        )
+        shown = len(b.delivery_ids)
+        more = f" (first {shown})" if shown < b.would_requeue else ""
+        return head + (f"\nwould requeue{more}: " + ", ".join(b.delivery_ids) if shown else "")
     return (
         f"requeued {b.requeued} of {b.matched} matching dead letter(s), {due} "
         f"(action {b.action_id})"
@@ -243,8 +254,10 @@ def _(b: records.BulkRequeue) -> str:
 def _(r: v.Replay) -> str:
     would = "would be " if r.dry_run else ""
     head = (
-        "dry run: " if r.dry_run else ""
+        "dry run, nothing changed: " if r.dry_run else ""
     ) + f"{r.matched} matching, {r.accepted} {would}accepted, {r.still_invalid} still invalid"
+    if not r.dry_run:
+        head += f" (action {r.action_id})"
     if not r.items:
         return head
     return (

@@ -12,7 +12,7 @@ import binascii
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -91,6 +91,15 @@ class CommandPolicy:
     attachments_total_max_bytes: int
     max_recipients: int
     command_max_bytes: int
+
+    def fingerprint(self) -> str:
+        """sha256 over every field: two policies with one fingerprint judge alike."""
+        values = {
+            name: sorted(value) if isinstance(value, frozenset) else value
+            for name, value in sorted(asdict(self).items())
+        }
+        text = json.dumps(values, sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
 
 
 class Recipient(BaseModel):

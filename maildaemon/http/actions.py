@@ -1,8 +1,10 @@
 """Operator API actions: requeue, cancel, review, bulk requeue, replay, pause, suppressions.
 
-Each needs the operator token (see ``respond.guarded``) and is recorded in
-``mail.operator_actions`` with who (``actor`` in the body, else the ``X-Operator`` header,
-else "operator") and why (``reason``), in the same transaction as the change.
+Each needs an operator token (see ``respond.guarded``) and is recorded in
+``mail.operator_actions`` in the same transaction as the change: who (the identity of the
+token used; the body's ``actor`` or the ``X-Operator`` header is only kept as a note) and
+why (``reason``). Requeue, cancel and both replays take ``dry_run``: judge and report,
+write nothing; every action's reply says ``dry_run``.
 """
 
 from __future__ import annotations
@@ -12,24 +14,26 @@ from aiohttp import web
 from maildaemon.contract.command import CommandPolicy
 from maildaemon.errors import Unavailable
 from maildaemon.http.keys import POLICY_KEY, SETTINGS_KEY
-from maildaemon.http.respond import operator_store, reply
+from maildaemon.http.respond import identity, operator_store, reply
 from maildaemon.operator import bodies, inputs, replay
 from maildaemon.store.filters import GLOBAL_SCOPE
+from maildaemon.store.records import Actor
 
 
 async def _body(request: web.Request, model: type[bodies.M]) -> bodies.M:
     return bodies.parse_body(model, await request.read())
 
 
-def _actor(request: web.Request, body_actor: str | None) -> str:
-    return inputs.actor(body_actor, request.headers.get("X-Operator"))
+def _who(request: web.Request, body: bodies.Body) -> Actor:
+    note = inputs.actor_note(body.actor, request.headers.get("X-Operator"))
+    return Actor(identity(request), note)
 
 
 async def requeue(request: web.Request) -> web.Response:
     delivery_id = inputs.delivery_id(request.match_info["delivery_id"])
     body = await _body(request, bodies.DeliveryActionBody)
     change = await operator_store(request).requeue(
-        delivery_id, _actor(request, body.actor), body.reason
+        delivery_id, _who(request, body), body.reason, body.dry_run
     )
     return reply(change)
 
@@ -38,7 +42,7 @@ async def cancel(request: web.Request) -> web.Response:
     delivery_id = inputs.delivery_id(request.match_info["delivery_id"])
     body = await _body(request, bodies.DeliveryActionBody)
     change = await operator_store(request).cancel(
-        delivery_id, _actor(request, body.actor), body.reason
+        delivery_id, _who(request, body), body.reason, body.dry_run
     )
     return reply(change)
 
@@ -46,7 +50,9 @@ async def cancel(request: web.Request) -> web.Response:
 async def review(request: web.Request) -> web.Response:
     delivery_id = inputs.delivery_id(request.match_info["delivery_id"])
     body = await _body(request, bodies.ReviewBody)
-    done = await operator_store(request).review(delivery_id, _actor(request, body.actor), body.note)
+    done = await operator_store(request).review(
+        delivery_id, _who(request, body), body.note, body.reason
+    )
     return reply(done)
 
 
@@ -66,7 +72,7 @@ async def bulk_requeue(request: web.Request) -> web.Response:
         flt,
         body.limit,
         body.rate_per_second,
-        _actor(request, body.actor),
+        _who(request, body),
         body.reason,
         body.dry_run,
     )
@@ -92,8 +98,9 @@ async def replay_one(request: web.Request) -> web.Response:
         _policy(request),
         window,
         malformed_id,
-        _actor(request, body.actor),
+        _who(request, body),
         body.reason,
+        body.dry_run,
     )
     return reply(result)
 
@@ -109,7 +116,7 @@ async def replay_bulk(request: web.Request) -> web.Response:
         body.source,
         body.limit,
         body.dry_run,
-        _actor(request, body.actor),
+        _who(request, body),
         body.reason,
     )
     return reply(result)
@@ -118,7 +125,7 @@ async def replay_bulk(request: web.Request) -> web.Response:
 async def pause(request: web.Request) -> web.Response:
     body = await _body(request, bodies.PauseBody)
     change = await operator_store(request).pause(
-        body.source or GLOBAL_SCOPE, _actor(request, body.actor), body.reason
+        body.source or GLOBAL_SCOPE, _who(request, body), body.reason
     )
     return reply(change)
 
@@ -126,7 +133,7 @@ async def pause(request: web.Request) -> web.Response:
 async def resume(request: web.Request) -> web.Response:
     body = await _body(request, bodies.PauseBody)
     change = await operator_store(request).resume(
-        body.source or GLOBAL_SCOPE, _actor(request, body.actor), body.reason
+        body.source or GLOBAL_SCOPE, _who(request, body), body.reason
     )
     return reply(change)
 
@@ -134,7 +141,7 @@ async def resume(request: web.Request) -> web.Response:
 async def add_suppression(request: web.Request) -> web.Response:
     body = await _body(request, bodies.SuppressionAddBody)
     change = await operator_store(request).suppress(
-        body.address, body.reason, body.expires_at, _actor(request, body.actor)
+        body.address, body.reason, body.expires_at, _who(request, body)
     )
     return reply(change)
 
@@ -142,6 +149,6 @@ async def add_suppression(request: web.Request) -> web.Response:
 async def remove_suppression(request: web.Request) -> web.Response:
     body = await _body(request, bodies.SuppressionRemoveBody)
     change = await operator_store(request).unsuppress(
-        body.address, _actor(request, body.actor), body.reason
+        body.address, _who(request, body), body.reason
     )
     return reply(change)

@@ -6,45 +6,68 @@ This module builds the app and registers every route group itself; the groups im
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aiohttp import web
 
 from maildaemon.config import Settings
 from maildaemon.contract.command import CommandPolicy
 from maildaemon.http import openapi, probes
 from maildaemon.http.keys import (
+    CATALOG_HASH_KEY,
     OPERATOR_KEY,
     POLICY_KEY,
     PREFIX,
     READINESS_KEY,
+    REFUSAL_KEY,
     RETRY_KEY,
     SETTINGS_KEY,
     STORE_KEY,
     Readiness,
 )
-from maildaemon.http.respond import guarded, json_errors
+from maildaemon.http.respond import guarded, json_errors, read_guarded
 from maildaemon.http.routes import OPERATIONS
 from maildaemon.retry import RetryPolicy
 from maildaemon.store.db import Store
 from maildaemon.store.operator import OperatorStore
 
 
+def _ignore(_: str) -> None:
+    return None
+
+
 def build_app(
-    settings: Settings, store: Store, readiness: Readiness, policy: CommandPolicy | None = None
+    settings: Settings,
+    store: Store,
+    readiness: Readiness,
+    policy: CommandPolicy | None = None,
+    *,
+    catalog_hash: str | None = None,
+    on_refusal: Callable[[str], None] = _ignore,
 ) -> web.Application:
+    """The listener's app over ``store`` (the operator API's own pool)."""
     app = web.Application(client_max_size=1024 * 1024)
     app[STORE_KEY] = store
     app[SETTINGS_KEY] = settings
     app[READINESS_KEY] = readiness
+    app[REFUSAL_KEY] = on_refusal
     if policy is not None:
         app[POLICY_KEY] = policy
+    if catalog_hash is not None:
+        app[CATALOG_HASH_KEY] = catalog_hash
     app[OPERATOR_KEY] = OperatorStore(store.pool)
     app[RETRY_KEY] = RetryPolicy(
         settings.retry_ladder, settings.retry_jitter, settings.unknown_outcome_policy
     )
     app.middlewares.append(json_errors)
     for op in OPERATIONS:
-        # Actions (POST) need the operator token; reads are open to the internal network.
-        handler = guarded(op.handler) if op.method == "post" else op.handler
+        # Actions (POST) need an operator token; reads need the read token when one is set.
+        if op.method == "post":
+            handler = guarded(op.handler)
+        elif op.path.startswith(PREFIX):
+            handler = read_guarded(op.handler)
+        else:
+            handler = op.handler
         app.router.add_route(op.method.upper(), op.path, handler)
     app.router.add_get("/readyz", probes.readyz)
     app.router.add_get(f"{PREFIX}/openapi.json", openapi.serve)

@@ -32,4 +32,10 @@ READINESS_KEY = web.AppKey("readiness", Readiness)
 # The daemon's intake policy (its loaded template catalog): malformed-command replay uses it.
 POLICY_KEY = web.AppKey("command_policy", CommandPolicy)
 OPERATOR_KEY = web.AppKey("operator_store", OperatorStore)
+# The content hash of the template catalog this daemon loaded (shown by /readyz).
+CATALOG_HASH_KEY = web.AppKey("catalog_hash", str)
+# Counts a refused request by reason (the mail.api.refusals metric).
+REFUSAL_KEY: web.AppKey[Callable[[str], None]] = web.AppKey("on_refusal")
+# Per request: who the token says is acting (the identity the audit records).
+IDENTITY = "operator_identity"
 RETRY_KEY = web.AppKey("retry_policy", RetryPolicy)

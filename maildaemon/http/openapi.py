@@ -33,19 +33,22 @@ _PATH_PARAMS: dict[str, dict[str, Any]] = {
 
 _STATUS_TEXT = {
     400: "Invalid input; `error.field` names the parameter or body field.",
-    401: "Missing or wrong operator token.",
-    403: "Operator actions are disabled (MAIL_OPERATOR_TOKEN is not configured).",
+    401: "Missing or wrong token (actions: an operator token; reads, when "
+    "MAIL_OPERATOR_READ_TOKEN is set: it or an operator token).",
+    403: "Operator actions are disabled (no operator token is configured).",
     404: "No such object.",
     409: "The object is not in a state that allows this action.",
     413: "The request body is too large.",
-    503: "PostgreSQL is unavailable; try again later.",
+    503: "PostgreSQL is unavailable, or the query ran past MAIL_API_STATEMENT_TIMEOUT "
+    "(`error.code` query_timeout); try again later.",
 }
 
 _ACTOR_HEADER = {
     "name": "X-Operator",
     "in": "header",
     "required": False,
-    "description": "Who acts, when the body has no `actor`.",
+    "description": "A note on who acts, when the body has no `actor` (kept in the audit "
+    "detail; the recorded actor is the token's identity).",
     "schema": {"type": "string", "pattern": inputs.HEADER_ACTOR},
 }
 
@@ -81,6 +84,10 @@ def _operation(op: Op) -> dict[str, Any]:
         "operationId": _operation_id(op),
         "tags": list(op.tags),
     }
+    if op.method == "get" and op.path.startswith(PREFIX):
+        # Open unless MAIL_OPERATOR_READ_TOKEN is set: then it or an operator token.
+        out["security"] = [{}, {"operatorToken": []}]
+        statuses |= {401}
     if op.method == "post":
         params.append(_ACTOR_HEADER)
         statuses |= {400, 401, 403, 413}
@@ -149,6 +156,10 @@ def document() -> dict[str, Any]:
         "properties": {
             "status": {"type": "string", "enum": ["ready", "not ready"]},
             "checks": {"type": "object", "additionalProperties": {"type": "string"}},
+            "catalog_hash": {
+                "type": ["string", "null"],
+                "description": "Content hash of the template catalog this process loaded.",
+            },
         },
     }
     return {
@@ -157,9 +168,11 @@ def document() -> dict[str, Any]:
             "title": "maildaemon internal API",
             "version": __version__,
             "description": "Delivery lookup and operator repair on MAIL_INTERNAL_HTTP_ADDR. "
-            "Reads are open to the internal network; actions (POST) need "
-            "`Authorization: Bearer <MAIL_OPERATOR_TOKEN>` and are recorded "
-            "in the audit trail. Times are ISO-8601 UTC.",
+            "Reads are open to the internal network unless MAIL_OPERATOR_READ_TOKEN is set "
+            "(then they need it or an operator token); actions (POST) need "
+            "`Authorization: Bearer <operator token>` (MAIL_OPERATOR_TOKEN or one of "
+            "MAIL_OPERATOR_TOKENS) and are recorded in the audit trail under the token's "
+            "identity. Times are ISO-8601 UTC.",
         },
         "paths": dict(sorted(paths.items())),
         "components": {

@@ -1,5 +1,6 @@
 """Liveness and readiness probes: /healthz answers while the process runs; /readyz says
-whether migrations are applied, workers run and PostgreSQL and Redis answer."""
+whether migrations are applied, workers run and PostgreSQL and Redis answer, and which
+template catalog (content hash) the process loaded."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import asyncio
 from aiohttp import web
 
 from maildaemon.errors import StoreUnavailable
-from maildaemon.http.keys import READINESS_KEY
+from maildaemon.http.keys import CATALOG_HASH_KEY, READINESS_KEY
 
 
 async def healthz(_: web.Request) -> web.Response:
@@ -30,6 +31,11 @@ async def readyz(request: web.Request) -> web.Response:
             checks[name] = f"unavailable: {type(exc).__name__}"
     ready = all(v == "ok" for v in checks.values())
     return web.json_response(
-        {"status": "ready" if ready else "not ready", "checks": checks},
+        {
+            "status": "ready" if ready else "not ready",
+            "checks": checks,
+            # The content hash of the template catalog this process loaded and renders from.
+            "catalog_hash": request.app.get(CATALOG_HASH_KEY),
+        },
         status=200 if ready else 503,
     )

@@ -1,9 +1,12 @@
-"""Operator API under /api/v1/internal: JSON replies and errors, the operator token.
+"""Operator API under /api/v1/internal: JSON replies and errors, the tokens.
 
-Reads (``http.reads``) are open to the internal network. Actions (``http.actions``) need
-``Authorization: Bearer <MAIL_OPERATOR_TOKEN>``; without a configured token they are
-disabled (403). Every refusal is ``{"error": {"code", "message", "field"}}``; input a
-client chose never causes a 500.
+Actions (``http.actions``) need ``Authorization: Bearer <token>`` with an operator token
+(``MAIL_OPERATOR_TOKEN``, acting as ``operator``, or a ``name:secret`` of
+``MAIL_OPERATOR_TOKENS``, acting as ``name``); without one configured they are disabled
+(403). Reads (``http.reads``) are open to the internal network unless
+``MAIL_OPERATOR_READ_TOKEN`` is set: then they need it or an operator token. The identity
+of the token that matched is what the audit trail records. Every refusal is
+``{"error": {"code", "message", "field"}}``; input a client chose never causes a 500.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from typing import Any
 
 from aiohttp import web
 
-from maildaemon.errors import OperatorError, StoreUnavailable
-from maildaemon.http.keys import OPERATOR_KEY, SETTINGS_KEY
+from maildaemon.errors import OperatorError, QueryTimeout, StoreUnavailable
+from maildaemon.http.keys import IDENTITY, OPERATOR_KEY, REFUSAL_KEY, SETTINGS_KEY
 from maildaemon.logs import event
 from maildaemon.operator.views import dump
 from maildaemon.store.operator import OperatorStore
@@ -52,9 +55,28 @@ def error_response(
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
+    except QueryTimeout as exc:
+        request.app[REFUSAL_KEY]("query_timeout")
+        timeout = request.app[SETTINGS_KEY].api_statement_timeout
+        event(
+            log,
+            "operator api: query timed out",
+            logging.WARNING,
+            path=request.path,
+            timeout_s=timeout,
+            error=str(exc),
+        )
+        return error_response(
+            503,
+            exc.code,
+            f"the query took longer than MAIL_API_STATEMENT_TIMEOUT ({timeout:g}s) and was "
+            "cancelled; narrow the filter or try again later",
+            headers={"Retry-After": "5"},
+        )
     except OperatorError as exc:
         return error_response(exc.status, exc.code, str(exc), exc.field)
     except StoreUnavailable as exc:
+        request.app[REFUSAL_KEY]("store_unavailable")
         event(
             log,
             "operator api: postgres unavailable",
@@ -90,32 +112,83 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return error_response(500, "internal_error", "internal error; see the daemon's log")
 
 
+def _bearer(request: web.Request) -> bytes | None:
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        return None
+    return given.strip().encode("utf-8", "surrogateescape")
+
+
+def _identity(given: bytes | None, tokens: dict[str, str]) -> str | None:
+    """The identity of the token given (every configured token is compared)."""
+    if given is None:
+        return None
+    found = None
+    for secret, name in tokens.items():
+        if hmac.compare_digest(given, secret.encode()):
+            found = name
+    return found
+
+
+def _unauthorized(request: web.Request, needed: str) -> web.Response:
+    request.app[REFUSAL_KEY]("unauthorized")
+    event(
+        log,
+        "operator api: unauthorized",
+        logging.WARNING,
+        path=request.path,
+        method=request.method,
+        remote=request.remote,
+    )
+    return error_response(
+        401,
+        "unauthorized",
+        f"Authorization: Bearer <{needed}> required",
+        field="Authorization",
+        headers={"WWW-Authenticate": 'Bearer realm="maildaemon"'},
+    )
+
+
 def guarded(handler: Handler) -> Handler:
-    """An action: the operator token is required, and disabled when none is configured."""
+    """An action: an operator token is required, and disabled when none is configured."""
 
     async def check(request: web.Request) -> web.StreamResponse:
-        token = request.app[SETTINGS_KEY].operator_token
-        if token is None or not token.get_secret_value():
+        tokens = request.app[SETTINGS_KEY].operator_identities()
+        if not tokens:
             return error_response(
                 403,
                 "actions_disabled",
-                "operator actions are disabled: MAIL_OPERATOR_TOKEN is not configured",
+                "operator actions are disabled: neither MAIL_OPERATOR_TOKEN nor "
+                "MAIL_OPERATOR_TOKENS is configured",
             )
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        expected = token.get_secret_value().encode()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode("utf-8", "surrogateescape"), expected
-        ):
-            return error_response(
-                401,
-                "unauthorized",
-                "Authorization: Bearer <MAIL_OPERATOR_TOKEN> required",
-                field="Authorization",
-                headers={"WWW-Authenticate": 'Bearer realm="maildaemon"'},
-            )
+        identity = _identity(_bearer(request), tokens)
+        if identity is None:
+            return _unauthorized(request, "operator token")
+        request[IDENTITY] = identity
         return await handler(request)
 
     return check
+
+
+def read_guarded(handler: Handler) -> Handler:
+    """A read: open unless MAIL_OPERATOR_READ_TOKEN is set; then it or an operator token."""
+
+    async def check(request: web.Request) -> web.StreamResponse:
+        settings = request.app[SETTINGS_KEY]
+        read_token = settings.read_token
+        if read_token is not None:
+            tokens = {**settings.operator_identities(), read_token: "reader"}
+            if _identity(_bearer(request), tokens) is None:
+                return _unauthorized(request, "MAIL_OPERATOR_READ_TOKEN or an operator token")
+        return await handler(request)
+
+    return check
+
+
+def identity(request: web.Request) -> str:
+    """Who acts, as the matched token says (set by ``guarded``)."""
+    name: str = request[IDENTITY]
+    return name
 
 
 def reply(view: Any, status: int = 200) -> web.Response:

@@ -112,11 +112,13 @@ class TemplateCatalog:
         self,
         variants: Mapping[str, Mapping[str, _Variant]],
         default_locale: str,
+        content_hash: str = "",
     ) -> None:
         # template_id -> locale_key -> variant
         self._variants = {tid: dict(by_locale) for tid, by_locale in variants.items()}
         self._default_key = locale_key(default_locale)
         self._template_ids = frozenset(self._variants)
+        self._content_hash = content_hash
 
     @classmethod
     def load(cls, template_dir: Path, default_locale: str) -> TemplateCatalog:
@@ -145,11 +147,19 @@ class TemplateCatalog:
                     html=compiled.get(prefix + BODY_HTML),
                     content_hash=_hash_sources(sources[name] for name in sorted(used)),
                 )
-        return cls(variants, default_locale)
+        files = _hash_sources(sources[name] for name in sorted(sources))
+        whole = hashlib.sha256(f"{files}\0{default_key}".encode()).hexdigest()
+        return cls(variants, default_locale, whole)
 
     @property
     def template_ids(self) -> frozenset[str]:
         return self._template_ids
+
+    @property
+    def content_hash(self) -> str:
+        """sha256 over every file of the catalog (name, length, bytes; in name order) and
+        the default locale: two catalogs with one hash render alike."""
+        return self._content_hash
 
     def locales(self, template_id: str) -> frozenset[str]:
         """The locale folders of a template, as named on disk; KeyError for an unknown id."""

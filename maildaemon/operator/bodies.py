@@ -63,7 +63,8 @@ Actor = Annotated[
         min_length=1,
         max_length=200,
         pattern=ACTOR,
-        description='Who acts (default: the X-Operator header, else "operator").',
+        description="A note on who acts (default: the X-Operator header), kept in the "
+        "audit detail as `actor_note`. The recorded actor is the identity of the token used.",
     ),
 ]
 Reason = Annotated[
@@ -84,17 +85,19 @@ class Body(BaseModel):
     reason: Reason | None = None
 
 
+DryRun = Annotated[bool, Field(description="Judge and report what would happen; write nothing.")]
+
+
 class DeliveryActionBody(Body):
     """Requeue or cancel one delivery."""
 
+    dry_run: DryRun = False
 
-class ReviewBody(BaseModel):
-    """Mark a dead letter reviewed."""
 
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+class ReviewBody(Body):
+    """Mark a dead letter reviewed (the note stays on it; the reason goes to the audit)."""
 
     note: Annotated[str, Field(min_length=1, max_length=2000, pattern=FREE_TEXT)]
-    actor: Actor | None = None
 
 
 class BulkRequeueBody(Body):
@@ -108,7 +111,7 @@ class BulkRequeueBody(Body):
     reply_class: Literal["2xx", "3xx", "4xx", "5xx"] | None = None
     created_after: Time | None = None
     created_before: Time | None = None
-    dry_run: bool = False
+    dry_run: DryRun = False
     rate_per_second: Annotated[float, Field(ge=0.001, le=100_000)] | None = Field(
         default=None,
         description="Release the requeued deliveries at this rate (default: all due now).",
@@ -119,6 +122,8 @@ class BulkRequeueBody(Body):
 class ReplayBody(Body):
     """Replay one malformed command."""
 
+    dry_run: DryRun = False
+
 
 class BulkReplayBody(Body):
     """Replay the malformed commands with this failure code."""
@@ -127,7 +132,7 @@ class BulkReplayBody(Body):
     source: (
         Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00]{1,200}$")] | None
     ) = None
-    dry_run: bool = False
+    dry_run: DryRun = False
     limit: Annotated[int, Field(ge=1, le=1000), BeforeValidator(_integral)] = 100
 
 

@@ -28,7 +28,6 @@ from maildaemon.store.filters import (
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
-DEFAULT_ACTOR = "operator"
 
 # Patterns are written for both Python (fullmatch) and ECMA-262 (the OpenAPI document).
 DELIVERY_ID = r"^[A-Za-z0-9][A-Za-z0-9._:@/+=-]{0,127}$"
@@ -128,11 +127,13 @@ def email_address(value: str, name: str = "address") -> str:
     return check(ADDRESS, value, name, "not an e-mail address (local@domain)").lower()
 
 
-def actor(body_actor: str | None, header: str | None) -> str:
-    """Who acts: the body's ``actor``, else the ``X-Operator`` header, else "operator"."""
+def actor_note(body_actor: str | None, header: str | None) -> str | None:
+    """A caller's note on who acts: the body's ``actor``, else the ``X-Operator`` header.
+
+    Only a note (kept in the audit detail): the recorded actor is the token's identity."""
     if header is not None:
         check(HEADER_ACTOR, header, "X-Operator", "must be 1-200 printable ASCII characters")
-    return body_actor or header or DEFAULT_ACTOR
+    return body_actor or header
 
 
 # --- query parameters --------------------------------------------------------------------

@@ -16,7 +16,8 @@ from maildaemon.delivery import IntakeEntry
 from maildaemon.errors import Conflict, NotFound
 from maildaemon.operator.views import Replay, ReplayItem
 from maildaemon.store.operator import OperatorStore
-from maildaemon.store.records import MalformedCommand
+from maildaemon.store.records import Actor, MalformedCommand
+from maildaemon.store.replicas import Replica
 
 
 def revalidate(record: MalformedCommand, policy: CommandPolicy) -> DeliveryCommand | Rejection:
@@ -54,10 +55,14 @@ async def replay_one(
     policy: CommandPolicy,
     window: float,
     malformed_id: int,
-    actor: str,
+    who: Actor,
     reason: str | None,
+    dry_run: bool = False,
 ) -> Replay:
-    """Replay one record; Conflict if it was replayed already or is still invalid."""
+    """Replay one record; Conflict if it was replayed already or is still invalid.
+
+    A dry run validates only and writes nothing; a still-invalid record is then reported
+    (``still_invalid`` 1) rather than refused."""
     record = await store.malformed_by_id(malformed_id)
     if record is None:
         raise NotFound(f"no malformed command {malformed_id}", field="id")
@@ -67,13 +72,13 @@ async def replay_one(
             f"{record.replayed_delivery_id!r})",
             code="already_replayed",
         )
-    result = await _replay(store, policy, window, [record], 1, False, actor, reason)
+    result = await _replay(store, policy, window, [record], 1, dry_run, who, reason)
     if not result.items:
         raise Conflict(
             f"malformed command {malformed_id} was replayed meanwhile", code="already_replayed"
         )
     item = result.items[0]
-    if item.outcome == "still_invalid":
+    if item.outcome == "still_invalid" and not dry_run:
         raise Conflict(
             f"still invalid: {item.failure_code}: {item.failure_detail}", code="still_invalid"
         )
@@ -88,7 +93,7 @@ async def replay_bulk(
     source: str | None,
     limit: int,
     dry_run: bool,
-    actor: str,
+    who: Actor,
     reason: str | None,
 ) -> Replay:
     """Replay up to ``limit`` unreplayed records with this failure code, oldest first."""
@@ -100,7 +105,7 @@ async def replay_bulk(
         records,
         matched,
         dry_run,
-        actor,
+        who,
         reason,
         {"failure_code": failure_code, "source": source},
     )
@@ -113,31 +118,21 @@ async def _replay(
     records: list[MalformedCommand],
     matched: int,
     dry_run: bool,
-    actor: str,
+    who: Actor,
     reason: str | None,
     detail: dict[str, object] | None = None,
 ) -> Replay:
-    items: dict[int, ReplayItem] = {}
-    valid: list[tuple[int, IntakeEntry]] = []
-    for record in records:
-        parsed = revalidate(record, policy)
-        if isinstance(parsed, Rejection):
-            items[record.id] = ReplayItem(
-                record.id,
-                record.stream_entry_id,
-                "still_invalid",
-                None,
-                parsed.failure_code,
-                parsed.failure_detail,
-            )
-            continue
-        valid.append((record.id, IntakeEntry(record.stream_entry_id, parsed, None, "")))
-        items[record.id] = ReplayItem(
-            record.id, record.stream_entry_id, "accepted", parsed.delivery_id, None, None
-        )
+    items, valid = _judge(records, policy)
     action_id = None
-    if valid and not dry_run:
-        outcome, action_id = await store.replay(valid, window, actor, reason, detail or {})
+    if not dry_run:
+        invalid = [i.id for i in items.values() if i.outcome == "still_invalid"]
+        outcome, action_id = await store.replay(
+            valid,
+            window,
+            who,
+            reason,
+            {**(detail or {}), "matched": matched, "still_invalid": invalid},
+        )
         for malformed_id, _ in valid:
             entry = items.pop(malformed_id)
             if malformed_id not in outcome:
@@ -161,3 +156,65 @@ async def _replay(
         items=ordered,
         action_id=action_id,
     )
+
+
+def _judge(
+    records: list[MalformedCommand], policy: CommandPolicy
+) -> tuple[dict[int, ReplayItem], list[tuple[int, IntakeEntry]]]:
+    """Each record validated again: its report item, and the entries intake would take."""
+    items: dict[int, ReplayItem] = {}
+    valid: list[tuple[int, IntakeEntry]] = []
+    for record in records:
+        parsed = revalidate(record, policy)
+        if isinstance(parsed, Rejection):
+            items[record.id] = ReplayItem(
+                record.id,
+                record.stream_entry_id,
+                "still_invalid",
+                None,
+                parsed.failure_code,
+                parsed.failure_detail,
+            )
+            continue
+        valid.append((record.id, IntakeEntry(record.stream_entry_id, parsed, None, "")))
+        items[record.id] = ReplayItem(
+            record.id, record.stream_entry_id, "accepted", parsed.delivery_id, None, None
+        )
+    return items, valid
+
+
+def judge_alike(
+    live: list[Replica], catalog_hash: str, policy_hash: str, template_dir: str
+) -> None:
+    """Refuse (Conflict ``judgement_differs``) unless every running replica judges commands
+    the way ``catalog_hash`` / ``policy_hash`` would: same catalog, same intake policy.
+
+    With no replica running, the catalog on disk is what the next daemon loads."""
+    catalogs = {r.catalog_hash for r in live}
+    policies = {r.policy_hash for r in live}
+    names = ", ".join(r.consumer_name for r in live)
+    if len(catalogs) > 1 or len(policies) > 1:
+        raise Conflict(
+            f"the running replicas ({names}) judge commands differently (a rollout in "
+            "progress?); replay once they agree, or through one daemon's API",
+            code="judgement_differs",
+        )
+    if catalogs and catalog_hash not in catalogs:
+        raise Conflict(
+            f"the running daemon ({names}) loaded template catalog {_short(catalogs)} but "
+            f"{template_dir} holds {catalog_hash[:12]}: restart the daemon to load it, or "
+            "replay through its API (POST /api/v1/internal/malformed-commands/…/replay), "
+            "which judges with the catalog it renders from",
+            code="judgement_differs",
+        )
+    if policies and policy_hash not in policies:
+        raise Conflict(
+            f"the running daemon ({names}) validates with other settings (MAIL_ALLOWED_*, "
+            "limits) than this CLI's environment: use the daemon's MAIL_* settings, or "
+            "replay through its API",
+            code="judgement_differs",
+        )
+
+
+def _short(values: set[str]) -> str:
+    return next(iter(values))[:12]

@@ -122,7 +122,8 @@ class ResultWriter:
         fields = {
             "delivery_id": r.delivery_id,
             "source": r.source,
-            "attempt": r.attempt_no,
+            "attempt": r.attempt_count,  # attempts on record, as the delivery's attempt_count
+            "attempt_recorded": r.record_attempt,
             "attempt_status": r.attempt_status,
             "status": r.delivery_status,
             "reply_code": r.reply_code,

@@ -20,7 +20,7 @@ from maildaemon.delivery import (
     IntakeResult,
     RenderedPin,
 )
-from maildaemon.errors import StoreRejected, StoreUnavailable
+from maildaemon.errors import QueryTimeout, StoreRejected, StoreUnavailable
 from maildaemon.store import queries as q
 from maildaemon.store import rows as convert
 
@@ -52,6 +52,9 @@ RETRYABLE: tuple[type[BaseException], ...] = (
 async def translate_errors(what: str) -> AsyncIterator[None]:
     try:
         yield
+    except asyncpg.exceptions.QueryCanceledError as exc:
+        # A statement timeout (the operator API's pool sets one) or a cancel by an admin.
+        raise QueryTimeout(f"{what}: the query was cancelled: {exc}") from exc
     except _UNAVAILABLE as exc:
         raise StoreUnavailable(f"{what}: PostgreSQL unavailable: {exc!r}") from exc
     except (asyncpg.exceptions.DataError, UnicodeError) as exc:
@@ -65,15 +68,30 @@ class Store:
         self.pool = pool
 
     @classmethod
-    async def open(cls, dsn: str, *, min_size: int = 2, max_size: int = 10) -> Store:
+    async def open(
+        cls,
+        dsn: str,
+        *,
+        min_size: int = 2,
+        max_size: int = 10,
+        statement_timeout: float | None = None,
+        application_name: str = "maildaemon",
+    ) -> Store:
+        """A pool; ``statement_timeout`` (seconds) bounds every statement run on it."""
+        # JIT compilation costs far more than these short statements save.
+        settings = {"application_name": application_name, "jit": "off"}
+        if statement_timeout is not None:
+            settings["statement_timeout"] = str(max(1, round(statement_timeout * 1000)))
+            # Plans for these parameters, not a generic one: an optional filter that was
+            # given can then use its index ("$3 IS NULL OR ..." folds away).
+            settings["plan_cache_mode"] = "force_custom_plan"
         async with translate_errors("open pool"):
             pool = await asyncpg.create_pool(
                 dsn,
                 min_size=min_size,
                 max_size=max_size,
                 command_timeout=60,
-                # JIT compilation costs far more than these short statements save.
-                server_settings={"application_name": "maildaemon", "jit": "off"},
+                server_settings=settings,
             )
         return cls(pool)
 

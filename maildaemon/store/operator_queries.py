@@ -1,8 +1,10 @@
 """The operator surface's SQL, one named statement per step.
 
-Optional filters are ``($n IS NULL OR ...)`` so each listing is one statement; listings are
-keyset-paginated on the same order as their index and fetch one row more than the page to
-know whether another page follows.
+Optional filters are ``($n IS NULL OR ...)`` so each listing is one statement (the API's
+pool plans each call for its own parameters, so a filter that was given can use its index:
+recipient and domain searches use the GIN indexes on ``mail.recipient_keys`` and
+``mail.recipient_domains`` of migration 0004). Listings are keyset-paginated on the same
+order as their index and fetch one row more than the page to know whether another follows.
 """
 
 from __future__ import annotations
@@ -45,9 +47,8 @@ SELECT {_SUMMARY}
 FROM mail.deliveries d
 WHERE ($1::text IS NULL OR d.status = $1)
   AND ($2::text IS NULL OR d.source = $2)
-  AND ($3::text IS NULL OR EXISTS (
-        SELECT 1 FROM unnest(d.to_addrs || d.cc_addrs || d.bcc_addrs) AS a(addr)
-        WHERE lower(a.addr) = $3))
+  AND ($3::text IS NULL
+       OR mail.recipient_keys(d.to_addrs, d.cc_addrs, d.bcc_addrs) @> ARRAY[$3::text])
   AND ($4::timestamptz IS NULL OR d.created_at >= $4)
   AND ($5::timestamptz IS NULL OR d.created_at < $5)
   AND ($6::timestamptz IS NULL OR (d.created_at, d.delivery_id) < ($6, $7::text))
@@ -74,6 +75,11 @@ SELECT status, source, claim_token, attempt_count FROM mail.deliveries
 WHERE delivery_id = $1 FOR UPDATE
 """
 
+# The same, unlocked (a dry run's judgement).
+DELIVERY_STATE = """
+SELECT status, source, claim_token, attempt_count FROM mail.deliveries WHERE delivery_id = $1
+"""
+
 # Back to the start of the retry ladder, due now; attempts and pending recipients are kept.
 # A `failed` delivery was never rendered (rendered_at is NULL), so it is rendered again.
 REQUEUE = """
@@ -94,9 +100,8 @@ UPDATE mail.dead_letters SET requeued_at = now(), requeued_by = $2 WHERE deliver
 # Parameters $1..$8 of every dead-letter filter (see DeadLetterFilter).
 _DEAD_LETTER_FILTER = """
     ($1::text IS NULL OR d.source = $1)
-AND ($2::text IS NULL OR EXISTS (
-        SELECT 1 FROM unnest(d.to_addrs || d.cc_addrs || d.bcc_addrs) AS a(addr)
-        WHERE lower(substring(a.addr FROM '@([^@]*)$')) = $2))
+AND ($2::text IS NULL
+     OR mail.recipient_domains(d.to_addrs, d.cc_addrs, d.bcc_addrs) @> ARRAY[$2::text])
 AND ($3::integer IS NULL OR dl.last_reply_code = $3)
 AND ($4::integer IS NULL OR dl.last_reply_code / 100 = $4)
 AND ($5::timestamptz IS NULL OR dl.created_at >= $5)
@@ -134,6 +139,16 @@ SELECT count(*)
 FROM mail.dead_letters dl
 JOIN mail.deliveries d USING (delivery_id)
 WHERE d.status = 'dead_letter' AND {_DEAD_LETTER_FILTER}
+"""
+
+# What BULK_REQUEUE would take, in its order (a dry run): at most $9 ids.
+BULK_REQUEUE_PREVIEW = f"""
+SELECT d.delivery_id
+FROM mail.dead_letters dl
+JOIN mail.deliveries d USING (delivery_id)
+WHERE d.status = 'dead_letter' AND {_DEAD_LETTER_FILTER}
+ORDER BY dl.created_at, d.delivery_id
+LIMIT $9
 """
 
 # Requeue up to $9 matching dead letters, oldest first, the n-th due n * $10 seconds from

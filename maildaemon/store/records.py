@@ -12,6 +12,15 @@ from typing import Any, Literal
 
 
 @dataclass(frozen=True, slots=True)
+class Actor:
+    """Who acts: the identity the audit records (from the token used, or the OS user for the
+    CLI), and an optional free-text note the caller chose (kept in the action's detail)."""
+
+    identity: str
+    note: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Attempt:
     attempt_no: int
     status: str
@@ -35,8 +44,9 @@ class Backlog:
 class BulkRequeue:
     dry_run: bool
     matched: int  # dead letters matching the filter now
-    requeued: int
-    delivery_ids: list[str]
+    requeued: int  # 0 on a dry run
+    would_requeue: int  # how many the limit lets this call take (dry run: would take)
+    delivery_ids: list[str]  # requeued; on a dry run the first 100 that would be
     first_due_at: datetime | None
     last_due_at: datetime | None
     rate_per_second: float | None
@@ -109,7 +119,8 @@ class DeliveryChange:
     previous_status: str
     status: str
     next_attempt_at: datetime | None
-    action_id: int
+    action_id: int | None  # None on a dry run
+    dry_run: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +233,7 @@ class PauseChange:
     changed: bool  # false when it already was in that state
     pause: Pause | None
     action_id: int
+    dry_run: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +260,7 @@ class Review:
     reviewed_by: str
     review_note: str
     action_id: int
+    dry_run: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +298,7 @@ class SuppressionChange:
     suppressed: bool
     suppression: Suppression | None
     action_id: int
+    dry_run: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -102,7 +102,7 @@ def event_fields(r: AttemptResult) -> dict[str, str | int]:
         "delivery_id": r.delivery_id,
         "source": r.source,
         "status": "retry_scheduled" if r.delivery_status == "queued" else r.delivery_status,
-        "attempt": r.attempt_no,
+        "attempt": r.attempt_count,  # attempts on record (0: ended before any attempt)
         "attempt_status": r.attempt_status,
         "reply_code": r.reply_code if r.reply_code is not None else "",
         "reply_text": (r.reply_text or "")[:500],

@@ -157,13 +157,13 @@ def test_bodies_are_strict_json_objects() -> None:
         assert info.value.field == field, raw
 
 
-def test_actor_comes_from_the_body_then_the_header() -> None:
-    assert inputs.actor("alice", "bob") == "alice"
-    assert inputs.actor(None, "bob") == "bob"
-    assert inputs.actor(None, None) == "operator"
+def test_actor_note_comes_from_the_body_then_the_header() -> None:
+    assert inputs.actor_note("alice", "bob") == "alice"
+    assert inputs.actor_note(None, "bob") == "bob"
+    assert inputs.actor_note(None, None) is None
     for header in ("", "tab\there", "caf\u00e9"):
         with pytest.raises(InvalidInput) as info:
-            inputs.actor("alice", header)
+            inputs.actor_note("alice", header)
         assert info.value.field == "X-Operator"
 
 
