@@ -36,6 +36,4 @@ OPERATOR_KEY = web.AppKey("operator_store", OperatorStore)
 CATALOG_HASH_KEY = web.AppKey("catalog_hash", str)
 # Counts a refused request by reason (the mail.api.refusals metric).
 REFUSAL_KEY: web.AppKey[Callable[[str], None]] = web.AppKey("on_refusal")
-# Per request: who the token says is acting (the identity the audit records).
-IDENTITY = "operator_identity"
 RETRY_KEY = web.AppKey("retry_policy", RetryPolicy)

@@ -20,7 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from maildaemon.errors import OperatorError, QueryTimeout, StoreUnavailable
-from maildaemon.http.keys import IDENTITY, OPERATOR_KEY, REFUSAL_KEY, SETTINGS_KEY
+from maildaemon.http.keys import OPERATOR_KEY, REFUSAL_KEY, SETTINGS_KEY
 from maildaemon.logs import event
 from maildaemon.operator.views import dump
 from maildaemon.store.operator import OperatorStore
@@ -161,10 +161,8 @@ def guarded(handler: Handler) -> Handler:
                 "operator actions are disabled: neither MAIL_OPERATOR_TOKEN nor "
                 "MAIL_OPERATOR_TOKENS is configured",
             )
-        identity = _identity(_bearer(request), tokens)
-        if identity is None:
+        if _identity(_bearer(request), tokens) is None:
             return _unauthorized(request, "operator token")
-        request[IDENTITY] = identity
         return await handler(request)
 
     return check
@@ -186,8 +184,11 @@ def read_guarded(handler: Handler) -> Handler:
 
 
 def identity(request: web.Request) -> str:
-    """Who acts, as the matched token says (set by ``guarded``)."""
-    name: str = request[IDENTITY]
+    """Who acts: the identity of the operator token the request carries (``guarded`` let
+    only such requests through)."""
+    name = _identity(_bearer(request), request.app[SETTINGS_KEY].operator_identities())
+    if name is None:  # not behind ``guarded``: a programming error, never client input
+        raise RuntimeError("identity() needs a request that passed guarded()")
     return name
 
 

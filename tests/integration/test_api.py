@@ -24,6 +24,7 @@ from tests.support import Db, command, running_app, wait_for, xadd
 MakeSettings = Callable[..., Settings]
 P = "/api/v1/internal"
 TOKEN = "operator-token-for-tests"
+BOB_TOKEN = "bob-has-his-own-token"
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -213,7 +214,7 @@ async def test_dead_letters_review_requeue_and_stats(
 ) -> None:
     smtp_sink.behaviour.rcpt_replies["alice@example.com"] = ["452 4.2.2 mailbox full"] * 2
     smtp_sink.behaviour.rcpt_replies["bob@example.com"] = ["421 4.7.0 try later"] * 2
-    settings = settings_for(make_settings)
+    settings = settings_for(make_settings, operator_tokens=f"bob:{BOB_TOKEN}")
     db = Db(settings.dsn)
     async with daemon(settings) as api:
         await xadd(
@@ -231,7 +232,7 @@ async def test_dead_letters_review_requeue_and_stats(
             {"note": "provider throttles us"},
             headers={"X-Operator": "alice-oncall"},
         )
-        assert status == 200 and done["reviewed_by"] == "alice-oncall"
+        assert status == 200 and done["reviewed_by"] == "operator"  # the token's identity
         status, page = await api.get(f"{P}/dead-letters")
         assert [d["delivery_id"] for d in page["items"]] == ["d-a", "d-b"]  # unreviewed first
         assert page["items"][1]["review_note"] == "provider throttles us"
@@ -261,8 +262,11 @@ async def test_dead_letters_review_requeue_and_stats(
         assert dead["last_error"]["reply_code"] == 452
         assert dead["retry_plan"]["attempts_remaining"] == 0
 
+        # A named token: the audit records its name, whatever the body claims.
         status, change = await api.post(
-            f"{P}/deliveries/d-a/requeue", {"reason": "mailbox emptied", "actor": "bob"}
+            f"{P}/deliveries/d-a/requeue",
+            {"reason": "mailbox emptied", "actor": "mallory"},
+            token=BOB_TOKEN,
         )
         assert status == 200, change
         assert change["previous_status"] == "dead_letter" and change["status"] == "queued"
@@ -284,7 +288,10 @@ async def test_dead_letters_review_requeue_and_stats(
         assert [(a["action"], a["actor"], a["reason"]) for a in audit["items"]] == [
             ("delivery.requeue", "bob", "mailbox emptied")
         ]
-        assert audit["items"][0]["detail"] == {"previous_status": "dead_letter"}
+        assert audit["items"][0]["detail"] == {
+            "previous_status": "dead_letter",
+            "actor_note": "mallory",
+        }
 
 
 async def test_bulk_requeue_dry_run_then_spread_release(
@@ -350,7 +357,8 @@ async def test_bulk_requeue_dry_run_then_spread_release(
         assert (due[1] - due[0]).total_seconds() == pytest.approx(0.5, abs=0.01)
         status, audit = await api.get(f"{P}/operator-actions", action="dead_letters.requeue")
         entry = audit["items"][0]
-        assert entry["actor"] == "carol" and entry["reason"] == "provider recovered"
+        assert entry["actor"] == "operator" and entry["reason"] == "provider recovered"
+        assert entry["detail"]["actor_note"] == "carol"  # the header is only a note
         assert sorted(entry["detail"]["delivery_ids"]) == ["d-a", "d-b"]
         assert entry["detail"]["filter"] == {
             "source": "authsession",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
 import os
 from datetime import UTC, datetime, timedelta
@@ -136,12 +137,13 @@ def test_cli_reads_and_repairs_deliveries(env: str, capsys: pytest.CaptureFixtur
         "--actor",
         "ops-alice",
     )
-    assert done["reviewed_by"] == "ops-alice"
+    assert done["reviewed_by"] == f"{getpass.getuser()}@cli"  # --actor is only a note
     code, out, _ = run(capsys, "dead-letters", "list", "--unreviewed")
     assert "d-dead-1" in out and "d-dead-2" not in out
 
     dry = run_json(capsys, "dead-letters", "requeue", "--reply-code", "421", "--dry-run")
-    assert (dry["matched"], dry["requeued"]) == (2, 0)
+    assert (dry["matched"], dry["requeued"], dry["would_requeue"]) == (2, 0, 2)
+    assert sorted(dry["delivery_ids"]) == ["d-dead-1", "d-dead-2"] and dry["dry_run"] is True
     change = run_json(capsys, "deliveries", "requeue", "d-dead-1", "--reason", "retry now")
     assert (change["previous_status"], change["status"]) == ("dead_letter", "queued")
     code, out, _ = run(capsys, "dead-letters", "requeue", "--reply-class", "4xx", "--rate", "10")
@@ -164,8 +166,9 @@ def test_cli_reads_and_repairs_deliveries(env: str, capsys: pytest.CaptureFixtur
         ("delivery.requeue", "d-dead-1"),
         ("dead_letter.review", "d-dead-2"),
     ]
-    user = audit["items"][0]["actor"]
-    assert user.endswith("@cli")
+    assert {a["actor"] for a in audit["items"]} == {f"{getpass.getuser()}@cli"}
+    review = audit["items"][3]
+    assert review["detail"] == {"note": "bounced domain", "actor_note": "ops-alice"}
 
 
 def test_cli_pause_suppressions_malformed_and_commands(
