@@ -157,13 +157,21 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     document = _command_from_args(args)
     catalog = TemplateCatalog.load(settings.template_dir, settings.default_locale)
     raw = json.dumps(document, ensure_ascii=False)
-    parsed = parse_command(raw, command_policy(settings, catalog))
+    policy = command_policy(settings, catalog)
+    parsed = parse_command(raw, policy)
     if isinstance(parsed, Rejection):
         print(
             f"maildaemon: command rejected ({parsed.failure_code}): {parsed.failure_detail}",
             file=sys.stderr,
         )
         return 2
+    # Judged as the running daemon will judge it: refused if it loaded another catalog.
+    from maildaemon.cli.ops import daemon_disagrees
+
+    differs = asyncio.run(daemon_disagrees(settings, catalog.content_hash, policy.fingerprint()))
+    if differs is not None:
+        print(f"maildaemon: {differs}", file=sys.stderr)
+        return 1
 
     async def send() -> str:
         client = redis_client(settings)

@@ -256,6 +256,29 @@ async def test_the_cli_judges_a_replay_as_the_running_daemon_does(
             settings, tmp_path, "malformed", "replay", "--failure-code", "unknown_template"
         )
         assert code == 1 and "loaded template catalog" in err
+        # enqueue validates too, and is judged the same way: nothing reaches the stream.
+        client = redis_client(settings.redis_master_addr)
+        try:
+            length = await client.xlen(settings.command_stream)
+            code, out, err = await cli(
+                settings,
+                tmp_path,
+                "enqueue",
+                "--source",
+                "authsession",
+                "--template",
+                "welcome",
+                "--to",
+                "ada@example.com",
+                "--var",
+                "code=1",
+                "--var",
+                "expires_minutes=5",
+            )
+            assert code == 1 and "loaded template catalog" in err, (out, err)
+            assert await client.xlen(settings.command_stream) == length
+        finally:
+            await client.aclose()
         # The daemon's API judges with its own catalog, so it agrees: still invalid.
         status, body = await api.post(f"{P}/malformed-commands/{malformed_id}/replay")
         assert status == 409 and body["error"]["code"] == "still_invalid"
