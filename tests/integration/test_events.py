@@ -13,6 +13,7 @@ from maildaemon.config import Settings
 from maildaemon.devstack.smtp_sink import SmtpSink
 from maildaemon.store.db import Store
 from maildaemon.store.operator import OperatorStore
+from maildaemon.store.records import Actor
 from tests.support import Db, TcpProxy, command, ingest_one, redis_client, running_app, wait_for
 
 MakeSettings = Callable[..., Settings]
@@ -84,7 +85,9 @@ async def test_cancel_goes_through_the_outcome_path_and_publishes(
         later: dict[str, Any] = command("ev-cancel", send_at="2099-01-01T00:00:00Z")
         await ingest_one(store, later)
         async with running_app(settings):
-            change = await OperatorStore(store.pool).cancel("ev-cancel", "ops@example", "dup")
+            change = await OperatorStore(store.pool).cancel(
+                "ev-cancel", Actor("ops@example"), "dup"
+            )
             assert change.status == "cancelled"
 
             async def cancelled() -> list[dict[str, str]]:
