@@ -166,7 +166,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         )
         return 2
     # Judged as the running daemon will judge it: refused if it loaded another catalog.
-    from maildaemon.cli.ops import daemon_disagrees
+    from maildaemon.cli.judge import daemon_disagrees
 
     differs = asyncio.run(daemon_disagrees(settings, catalog.content_hash, policy.fingerprint()))
     if differs is not None:

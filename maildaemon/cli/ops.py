@@ -19,8 +19,6 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-import asyncpg
-
 from maildaemon import errors
 from maildaemon.cli import tables
 from maildaemon.config import Settings, load_settings
@@ -100,35 +98,6 @@ def _reason(args: argparse.Namespace) -> str | None:
     if reason is not None:
         inputs.check(inputs.FREE_TEXT, reason, "reason", "must not contain NUL")
     return reason
-
-
-async def daemon_disagrees(settings: Settings, catalog_hash: str, policy_hash: str) -> str | None:
-    """Why a running daemon would judge a command otherwise than this catalog and policy, or
-    None. Best effort (for ``enqueue``): PostgreSQL out of reach is a warning, not a refusal."""
-    from maildaemon.operator.replay import judge_alike
-    from maildaemon.store import replicas
-
-    async def live() -> list[replicas.Replica]:
-        store = await Store.open(settings.dsn, min_size=1, max_size=1)
-        try:
-            return await replicas.live(store.pool)
-        finally:
-            await store.close()
-
-    try:
-        running = await asyncio.wait_for(live(), 5)
-    except (errors.MailDaemonError, TimeoutError, OSError, asyncpg.PostgresError) as exc:
-        print(
-            f"maildaemon: warning: could not read which catalog the running daemon loaded "
-            f"({type(exc).__name__}); validated against {settings.template_dir} only",
-            file=sys.stderr,
-        )
-        return None
-    try:
-        judge_alike(running, catalog_hash, policy_hash, str(settings.template_dir))
-    except errors.Conflict as exc:
-        return str(exc)
-    return None
 
 
 # --- commands ----------------------------------------------------------------------------
