@@ -13,9 +13,10 @@ from aiohttp import web
 
 from maildaemon.contract.command import CommandPolicy
 from maildaemon.errors import Unavailable
-from maildaemon.http.keys import POLICY_KEY, SETTINGS_KEY
+from maildaemon.http.keys import CATALOG_HASH_KEY, POLICY_KEY, SETTINGS_KEY
 from maildaemon.http.respond import identity, operator_store, reply
 from maildaemon.operator import bodies, inputs, replay
+from maildaemon.store import replicas
 from maildaemon.store.filters import GLOBAL_SCOPE
 from maildaemon.store.records import Actor
 
@@ -79,13 +80,25 @@ async def bulk_requeue(request: web.Request) -> web.Response:
     return reply(result)
 
 
-def _policy(request: web.Request) -> CommandPolicy:
+async def _policy(request: web.Request) -> CommandPolicy:
+    """This daemon's intake policy, once every other live replica judges alike: a replayed
+    delivery may be claimed and rendered by any of them (a rollout in progress: 409)."""
     policy = request.app.get(POLICY_KEY)
-    if policy is None:
+    catalog_hash = request.app.get(CATALOG_HASH_KEY)
+    if policy is None or catalog_hash is None:
         raise Unavailable(
             "replay needs the daemon's template catalog, which this listener was not given",
             code="replay_unavailable",
         )
+    me = request.app[SETTINGS_KEY].consumer_name
+    others = [r for r in await replicas.live(operator_store(request).pool) if r.consumer_name != me]
+    replay.judge_alike(
+        others,
+        catalog_hash,
+        policy.fingerprint(),
+        f"this daemon ({me})",
+        "replay once every replica runs the same catalog (restart the others)",
+    )
     return policy
 
 
@@ -95,7 +108,7 @@ async def replay_one(request: web.Request) -> web.Response:
     window = request.app[SETTINGS_KEY].idempotency_window
     result = await replay.replay_one(
         operator_store(request),
-        _policy(request),
+        await _policy(request),
         window,
         malformed_id,
         _who(request, body),
@@ -110,7 +123,7 @@ async def replay_bulk(request: web.Request) -> web.Response:
     window = request.app[SETTINGS_KEY].idempotency_window
     result = await replay.replay_bulk(
         operator_store(request),
-        _policy(request),
+        await _policy(request),
         window,
         body.failure_code,
         body.source,

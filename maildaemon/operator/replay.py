@@ -183,8 +183,19 @@ def _judge(
     return items, valid
 
 
+_CLI_ADVICE = (
+    "restart the daemon to load it, or replay through its API "
+    "(POST /api/v1/internal/malformed-commands/…/replay), which judges with the catalog it "
+    "renders from"
+)
+
+
 def judge_alike(
-    live: list[Replica], catalog_hash: str, policy_hash: str, template_dir: str
+    live: list[Replica],
+    catalog_hash: str,
+    policy_hash: str,
+    template_dir: str,
+    advice: str = _CLI_ADVICE,
 ) -> None:
     """Refuse (Conflict ``judgement_differs``) unless every running replica judges commands
     the way ``catalog_hash`` / ``policy_hash`` would: same catalog, same intake policy.
@@ -202,9 +213,7 @@ def judge_alike(
     if catalogs and catalog_hash not in catalogs:
         raise Conflict(
             f"the running daemon ({names}) loaded template catalog {_short(catalogs)} but "
-            f"{template_dir} holds {catalog_hash[:12]}: restart the daemon to load it, or "
-            "replay through its API (POST /api/v1/internal/malformed-commands/…/replay), "
-            "which judges with the catalog it renders from",
+            f"{template_dir} holds {catalog_hash[:12]}: {advice}",
             code="judgement_differs",
         )
     if policies and policy_hash not in policies:

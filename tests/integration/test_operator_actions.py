@@ -389,3 +389,34 @@ async def test_attempt_counter_agrees_with_the_records(
         assert (published["status"], published["attempt"]) == ("expired", "0")
     [line] = [r for r in caplog.records if r.getMessage() == "delivery expired"]
     assert line.__dict__["attempt"] == 0 and line.__dict__["attempt_recorded"] is False
+
+
+async def test_the_api_refuses_a_replay_while_replicas_run_different_catalogs(
+    make_settings: MakeSettings, smtp_sink: SmtpSink, templates: Path, tmp_path: Path
+) -> None:
+    """A rollout in progress: the new replica could take the replay in, but an old one may
+    claim the delivery and cannot render it; the replay waits until they agree."""
+    old = settings_for(make_settings, templates, consumer_name="replica-old")
+    db = Db(old.dsn)
+    new_templates = tmp_path / "new-templates"
+    shutil.copytree(templates, new_templates)
+    deploy_welcome(new_templates)
+    new = settings_for(make_settings, new_templates, consumer_name="replica-new")
+    async with daemon(old):
+        await xadd(old, command("d-w1", template_id="welcome"))
+        await wait_for(lambda: db.fetchval("SELECT count(*) = 1 FROM mail.malformed_commands"))
+        [malformed_id] = (await _malformed_ids(db)).values()
+        async with daemon(new) as api:
+            await wait_for(lambda: db.fetchval("SELECT count(*) = 2 FROM mail.replicas"))
+            before = await db.fetchval(_STATE)
+            for body in ({"dry_run": True}, {}):
+                status, result = await api.post(
+                    f"{P}/malformed-commands/{malformed_id}/replay", body
+                )
+                assert status == 409 and result["error"]["code"] == "judgement_differs"
+                assert "replica-old" in result["error"]["message"]
+            assert await db.fetchval(_STATE) == before
+    async with daemon(new) as api:  # the old replica is gone: one judgement again
+        status, result = await api.post(f"{P}/malformed-commands/{malformed_id}/replay")
+        assert status == 200 and result["accepted"] == 1, result
+        await db.wait_status("d-w1", "sent")
