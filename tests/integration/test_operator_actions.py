@@ -22,11 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 
 from maildaemon.config import Settings
 from maildaemon.devstack.smtp_sink import SmtpSink
 from maildaemon.message.render import TemplateCatalog
+from maildaemon.store.db import Store
+from maildaemon.store.filters import DeadLetterFilter
+from maildaemon.store.operator import OperatorStore
+from maildaemon.store.records import Actor
 from tests.support import Db, command, redis_client, running_app, wait_for, xadd
 
 MakeSettings = Callable[..., Settings]
@@ -420,3 +425,42 @@ async def test_the_api_refuses_a_replay_while_replicas_run_different_catalogs(
         status, result = await api.post(f"{P}/malformed-commands/{malformed_id}/replay")
         assert status == 200 and result["accepted"] == 1, result
         await db.wait_status("d-w1", "sent")
+
+
+async def test_a_bulk_requeue_dry_run_lists_the_first_100_ids_in_release_order(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    db = Db(pg_dsn)
+    setup = await asyncpg.connect(pg_dsn)
+    await setup.execute(
+        """
+        INSERT INTO mail.deliveries (delivery_id, source, idempotency_key, command_hash,
+            status, payload_mode, to_addrs)
+        SELECT 'd-' || lpad(n::text, 3, '0'), 'authsession', 'k-' || n, '\\x00',
+            'dead_letter', 'template', ARRAY['a' || n || '@example.com']
+        FROM generate_series(1, 120) AS n;
+        INSERT INTO mail.dead_letters (delivery_id, attempt_count, last_status, created_at)
+        SELECT delivery_id, 2, 'transport_failed',
+            now() - make_interval(secs => 1000 - substring(delivery_id FROM 3)::int)
+        FROM mail.deliveries;
+        """
+    )
+    await setup.close()
+    before = await db.fetchval(_STATE)
+    store = await Store.open(pg_dsn, min_size=1, max_size=1)
+    try:
+        ops = OperatorStore(store.pool)
+        who = Actor("tester")
+        dry = await ops.bulk_requeue(DeadLetterFilter(), 1000, 10.0, who, None, True)
+        assert (dry.dry_run, dry.matched, dry.requeued, dry.would_requeue) == (True, 120, 0, 120)
+        assert dry.delivery_ids == [f"d-{n:03d}" for n in range(1, 101)]
+        assert dry.action_id is None
+        assert dry.first_due_at and dry.last_due_at
+        assert (dry.last_due_at - dry.first_due_at).total_seconds() == pytest.approx(11.9)
+        small = await ops.bulk_requeue(DeadLetterFilter(), 3, None, who, None, True)
+        assert (small.would_requeue, small.delivery_ids) == (3, ["d-001", "d-002", "d-003"])
+        assert await db.fetchval(_STATE) == before
+        done = await ops.bulk_requeue(DeadLetterFilter(), 3, None, who, "go", False)
+        assert done.delivery_ids == small.delivery_ids  # the dry run showed what moved
+    finally:
+        await store.close()
