@@ -1,9 +1,10 @@
 """The operator surface's SQL, one named statement per step.
 
 Optional filters are ``($n IS NULL OR ...)`` so each listing is one statement (the API's
-pool plans each call for its own parameters, so a filter that was given can use its index:
-recipient and domain searches use the GIN indexes on ``mail.recipient_keys`` and
-``mail.recipient_domains`` of migration 0004). Listings are keyset-paginated on the same
+pool plans each call for its own parameters, so a filter that was given can use its index);
+a recipient search has its own statement that starts from the GIN index on
+``mail.recipient_keys`` (migration 0004), the dead-letter domain filter can use the one on
+``mail.recipient_domains``. Listings are keyset-paginated on the same
 order as their index and fetch one row more than the page to know whether another follows.
 """
 
@@ -47,8 +48,26 @@ SELECT {_SUMMARY}
 FROM mail.deliveries d
 WHERE ($1::text IS NULL OR d.status = $1)
   AND ($2::text IS NULL OR d.source = $2)
-  AND ($3::text IS NULL
-       OR mail.recipient_keys(d.to_addrs, d.cc_addrs, d.bcc_addrs) @> ARRAY[$3::text])
+  AND $3::text IS NULL  -- with a recipient: LIST_DELIVERIES_BY_RECIPIENT
+  AND ($4::timestamptz IS NULL OR d.created_at >= $4)
+  AND ($5::timestamptz IS NULL OR d.created_at < $5)
+  AND ($6::timestamptz IS NULL OR (d.created_at, d.delivery_id) < ($6, $7::text))
+ORDER BY d.created_at DESC, d.delivery_id DESC
+LIMIT $8
+"""
+
+# The same listing for one recipient ($3, required): the recipient's deliveries are found
+# through the GIN index first (materialized, so the planner cannot instead walk the
+# created_at index and evaluate the recipients of every row), then filtered and ordered.
+LIST_DELIVERIES_BY_RECIPIENT = f"""
+WITH hits AS MATERIALIZED (
+    SELECT {_SUMMARY}
+    FROM mail.deliveries d
+    WHERE mail.recipient_keys(d.to_addrs, d.cc_addrs, d.bcc_addrs) @> ARRAY[$3::text]
+)
+SELECT * FROM hits d
+WHERE ($1::text IS NULL OR d.status = $1)
+  AND ($2::text IS NULL OR d.source = $2)
   AND ($4::timestamptz IS NULL OR d.created_at >= $4)
   AND ($5::timestamptz IS NULL OR d.created_at < $5)
   AND ($6::timestamptz IS NULL OR (d.created_at, d.delivery_id) < ($6, $7::text))

@@ -69,8 +69,11 @@ class OperatorReads:
     async def deliveries(self, flt: DeliveryFilter, page: PageRequest) -> DeliveryPage:
         after = page.after or (None, None)
         async with translate_errors("delivery listing"):
+            statement = (
+                q.LIST_DELIVERIES if flt.recipient is None else q.LIST_DELIVERIES_BY_RECIPIENT
+            )
             rows = await self.pool.fetch(
-                q.LIST_DELIVERIES,
+                statement,
                 flt.status,
                 flt.source,
                 flt.recipient,

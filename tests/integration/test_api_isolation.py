@@ -15,8 +15,8 @@ from maildaemon.config import Settings
 from maildaemon.devstack.smtp_sink import SmtpSink
 from maildaemon.store import operator_queries as q
 from maildaemon.store.db import Store
-from maildaemon.store.filters import DeadLetterFilter
-from maildaemon.store.operator_reads import dl_args
+from maildaemon.store.filters import DeadLetterFilter, DeliveryFilter, PageRequest
+from maildaemon.store.operator_reads import OperatorReads, dl_args
 from tests.support import Db, command, running_app, wait_for, xadd
 
 MakeSettings = Callable[..., Settings]
@@ -146,10 +146,9 @@ async def test_recipient_searches_use_their_index(pg_dsn: str) -> None:
     try:
         async with store.pool.acquire() as conn:
             args = (None, None, "user4242@domain4242.example", None, None, None, None, 50)
-            plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {q.LIST_DELIVERIES}", *args)
+            statement = q.LIST_DELIVERIES_BY_RECIPIENT
+            plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {statement}", *args)
             assert "deliveries_recipients_idx" in plan, json.dumps(json.loads(plan), indent=1)
-            rows = await conn.fetch(q.LIST_DELIVERIES, *args)
-            assert [r["delivery_id"] for r in rows] == ["d-4242"]
 
             flt = DeadLetterFilter(recipient_domain="domain4242.example")
             dl = (*dl_args(flt), None, None, None, 50)
@@ -158,5 +157,15 @@ async def test_recipient_searches_use_their_index(pg_dsn: str) -> None:
             rows = await conn.fetch(q.LIST_DEAD_LETTERS, *dl)
             expected = {f"d-{n}" for n in range(4242, 60001, 5000) if n % 3 == 0}
             assert {r["delivery_id"] for r in rows} == expected and expected
+        # What the API runs for ?recipient=: case-insensitive, cc included, one statement.
+        reads = OperatorReads(store.pool)
+        for recipient in ("user4242@domain4242.example", "cc4242@copies.example"):
+            page = await reads.deliveries(DeliveryFilter(recipient=recipient), PageRequest())
+            assert [d.delivery_id for d in page.items] == ["d-4242"], recipient
+        page = await reads.deliveries(
+            DeliveryFilter(recipient="user4242@domain4242.example", status="sent"),
+            PageRequest(),
+        )
+        assert page.items == []  # d-4242 is a dead letter: the other filters still apply
     finally:
         await store.close()
