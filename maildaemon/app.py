@@ -17,6 +17,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -99,8 +100,15 @@ async def _step(name: str, action: Callable[[], Awaitable[T]], timeout: float, *
 class App:
     """The daemon: owns every resource and task from start to exit."""
 
-    def __init__(self, settings: Settings, telemetry: Telemetry | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        telemetry: Telemetry | None = None,
+        *,
+        dev_maildir: Path | None = None,
+    ) -> None:
         self.settings = settings
+        self.dev_maildir = dev_maildir  # `maildaemon dev`: the sink's maildir (dev inbox)
         self.telemetry = telemetry or Telemetry()
         self.readiness = Readiness()
         self._stop = asyncio.Event()
@@ -183,7 +191,14 @@ class App:
     async def _start_http(self, store: Store, catalog: TemplateCatalog) -> web.AppRunner:
         host, port = self.settings.http_host_port
         runner = web.AppRunner(
-            build_app(self.settings, store, self.readiness, command_policy(self.settings, catalog)),
+            build_app(
+                self.settings,
+                store,
+                self.readiness,
+                command_policy(self.settings, catalog),
+                catalog=catalog,
+                dev_maildir=self.dev_maildir,
+            ),
             access_log=None,
             handle_signals=False,
             shutdown_timeout=1.0,

@@ -6,12 +6,17 @@ This module builds the app and registers every route group itself; the groups im
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from aiohttp import web
 
 from maildaemon.config import Settings
 from maildaemon.contract.command import CommandPolicy
-from maildaemon.http import openapi, probes
+from maildaemon.http import console, openapi, probes
 from maildaemon.http.keys import (
+    CATALOG_KEY,
+    CONSOLE_KEY,
+    DEV_MAILDIR_KEY,
     OPERATOR_KEY,
     POLICY_KEY,
     PREFIX,
@@ -23,13 +28,21 @@ from maildaemon.http.keys import (
 )
 from maildaemon.http.respond import guarded, json_errors
 from maildaemon.http.routes import OPERATIONS
+from maildaemon.message.render import TemplateCatalog
 from maildaemon.retry import RetryPolicy
+from maildaemon.store.console_reads import ConsoleReads
 from maildaemon.store.db import Store
 from maildaemon.store.operator import OperatorStore
 
 
 def build_app(
-    settings: Settings, store: Store, readiness: Readiness, policy: CommandPolicy | None = None
+    settings: Settings,
+    store: Store,
+    readiness: Readiness,
+    policy: CommandPolicy | None = None,
+    *,
+    catalog: TemplateCatalog | None = None,
+    dev_maildir: Path | None = None,
 ) -> web.Application:
     app = web.Application(client_max_size=1024 * 1024)
     app[STORE_KEY] = store
@@ -38,6 +51,11 @@ def build_app(
     if policy is not None:
         app[POLICY_KEY] = policy
     app[OPERATOR_KEY] = OperatorStore(store.pool)
+    app[CONSOLE_KEY] = ConsoleReads(store.pool)
+    if catalog is not None:
+        app[CATALOG_KEY] = catalog
+    if dev_maildir is not None:  # only under `maildaemon dev`: the dev inbox
+        app[DEV_MAILDIR_KEY] = dev_maildir
     app[RETRY_KEY] = RetryPolicy(
         settings.retry_ladder, settings.retry_jitter, settings.unknown_outcome_policy
     )
@@ -48,4 +66,5 @@ def build_app(
         app.router.add_route(op.method.upper(), op.path, handler)
     app.router.add_get("/readyz", probes.readyz)
     app.router.add_get(f"{PREFIX}/openapi.json", openapi.serve)
+    console.register(app)
     return app

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from aiohttp import web
 
 from maildaemon.config import Settings
 from maildaemon.contract.command import CommandPolicy
+from maildaemon.message.render import TemplateCatalog
 from maildaemon.retry import RetryPolicy
+from maildaemon.store.console_reads import ConsoleReads
 from maildaemon.store.db import Store
 from maildaemon.store.operator import OperatorStore
 
@@ -33,3 +36,8 @@ READINESS_KEY = web.AppKey("readiness", Readiness)
 POLICY_KEY = web.AppKey("command_policy", CommandPolicy)
 OPERATOR_KEY = web.AppKey("operator_store", OperatorStore)
 RETRY_KEY = web.AppKey("retry_policy", RetryPolicy)
+# Added for the operator console: its reads, the loaded template catalog (preview) and,
+# under `maildaemon dev` only, the SMTP sink's maildir (the dev inbox).
+CONSOLE_KEY = web.AppKey("console_reads", ConsoleReads)
+CATALOG_KEY = web.AppKey("template_catalog", TemplateCatalog)
+DEV_MAILDIR_KEY = web.AppKey("dev_maildir", Path)
