@@ -18,11 +18,9 @@ from maildaemon.errors import Conflict, InvalidInput, MailDaemonError, NotFound,
 from maildaemon.http.keys import CATALOG_KEY, CONSOLE_KEY, DEV_MAILDIR_KEY, SETTINGS_KEY
 from maildaemon.http.respond import operator_store, query_pairs, reply
 from maildaemon.message.compose import Composer
+from maildaemon.message.preview import DEFAULT_SENDER, render_preview
 from maildaemon.operator import inbox, inputs, mailview
 from maildaemon.store.records import MalformedPage
-
-DEFAULT_SENDER = "maildaemon <noreply@maildaemon.localhost>"
-PREVIEW_RECIPIENT = "preview@example.invalid"
 
 STATS_PARAMS = (
     inputs.Param(
@@ -180,23 +178,8 @@ async def get_preview(request: web.Request) -> web.Response:
         raise Unavailable("preview needs the daemon's template catalog", code="preview_unavailable")
     sender = request.app[SETTINGS_KEY].smtp_from or DEFAULT_SENDER
     template_id, locale = query["template_id"], query["locale"]
-    data = render_preview(Composer(catalog, sender), template_id, locale, variables)
-    return reply(Preview(template_id, locale, mailview.view(data)))
-
-
-def render_preview(
-    composer: Composer, template_id: str, locale: str | None, variables: dict[str, Any]
-) -> bytes:
-    """The message a template command with these values would send (to a placeholder)."""
-    command: dict[str, Any] = {
-        "payload_mode": "template",
-        "template_id": template_id,
-        "locale": locale,
-        "variables": variables,
-        "to": [{"address": PREVIEW_RECIPIENT}],
-    }
     try:
-        _, _, data = composer.compose("preview", command)
+        data = render_preview(Composer(catalog, sender), template_id, locale, variables)
     except MailDaemonError as exc:
         raise InvalidInput(str(exc), field="template_id") from None
-    return data
+    return reply(Preview(template_id, locale, mailview.view(data)))
