@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import itertools
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -57,7 +58,7 @@ async def test_stats_series_counts_outcomes_per_interval(
         points = series["points"]
         assert len(points) == 60
         starts = [datetime.fromisoformat(p["start"]) for p in points]
-        assert all(b - a == timedelta(minutes=1) for a, b in zip(starts, starts[1:], strict=False))
+        assert all(b - a == timedelta(minutes=1) for a, b in itertools.pairwise(starts))
         assert starts[-1] <= datetime.now(UTC) < starts[-1] + timedelta(minutes=1, seconds=5)
         assert series["totals"] == {"sent": 2, "failed": 1, "dead_lettered": 1, "malformed": 1}
         assert sum(p["sent"] for p in points[-2:]) == 2  # in the last minute or two
