@@ -14,7 +14,12 @@ from typing import Any
 
 from aiohttp import web
 
-from maildaemon.errors import Conflict, InvalidInput, MailDaemonError, NotFound, Unavailable
+from maildaemon.errors import (
+    Conflict,
+    MailDaemonError,
+    NotFound,
+    Unavailable,
+)
 from maildaemon.http.keys import CATALOG_KEY, CONSOLE_KEY, DEV_MAILDIR_KEY, SETTINGS_KEY
 from maildaemon.http.respond import operator_store, query_pairs, reply
 from maildaemon.message.compose import Composer
@@ -41,13 +46,8 @@ INBOX_PARAMS = (
 _TEMPLATE_ID = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
 _LOCALE = r"^[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8}){0,3}$"
 _VAR = r"^[A-Za-z_][A-Za-z0-9_]{0,63}=[^\x00]{0,10000}$"
+TEMPLATE_ID = _TEMPLATE_ID
 PREVIEW_PARAMS = (
-    inputs.Param(
-        "template_id",
-        inputs._string(_TEMPLATE_ID),
-        "The template to render (required).",
-        inputs._text(_TEMPLATE_ID, "must be a template id"),
-    ),
     inputs.Param(
         "locale",
         inputs._string(_LOCALE),
@@ -73,7 +73,8 @@ class CaughtMessage:
 class Preview:
     template_id: str
     locale: str | None
-    message: mailview.MessageView
+    message: mailview.MessageView | None  # None: it cannot be rendered with these values
+    error: str | None  # why not (e.g. a variable is missing), as a delivery would fail
 
 
 async def get_stats(request: web.Request) -> web.Response:
@@ -169,17 +170,20 @@ async def get_preview(request: web.Request) -> web.Response:
     pairs = list(request.query.items())
     singles = [(k, v) for k, v in pairs if k != "var"]
     query = inputs.parse_query(singles, PREVIEW_PARAMS)
-    if query["template_id"] is None:
-        raise InvalidInput("template_id: required", field="template_id")
-    var_spec = PREVIEW_PARAMS[2]
+    template_id = inputs.check(
+        TEMPLATE_ID, request.match_info["template_id"], "template_id", "must be a template id"
+    )
+    var_spec = PREVIEW_PARAMS[1]
     variables = preview_variables([var_spec.convert(v, "var") for k, v in pairs if k == "var"])
     catalog = request.app.get(CATALOG_KEY)
     if catalog is None:
         raise Unavailable("preview needs the daemon's template catalog", code="preview_unavailable")
     sender = request.app[SETTINGS_KEY].smtp_from or DEFAULT_SENDER
-    template_id, locale = query["template_id"], query["locale"]
+    locale = query["locale"]
+    if template_id not in catalog.template_ids:
+        raise NotFound(f"no template {template_id!r} in the catalog", field="template_id")
     try:
         data = render_preview(Composer(catalog, sender), template_id, locale, variables)
-    except MailDaemonError as exc:
-        raise InvalidInput(str(exc), field="template_id") from None
-    return reply(Preview(template_id, locale, mailview.view(data)))
+    except MailDaemonError as exc:  # a missing variable, a template that raises: the result
+        return reply(Preview(template_id, locale, None, str(exc)))
+    return reply(Preview(template_id, locale, mailview.view(data), None))

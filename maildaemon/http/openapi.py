@@ -29,6 +29,7 @@ _PATH_PARAMS: dict[str, dict[str, Any]] = {
     "stream_entry_id": {"type": "string", "pattern": inputs.STREAM_ENTRY_ID},
     "id": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1},
     "name": {"type": "string", "pattern": inbox.NAME},
+    "template_id": {"type": "string", "pattern": r"^[a-z0-9][a-z0-9_.-]{0,63}$"},
 }
 
 

@@ -274,11 +274,12 @@ OPERATIONS = (
     Op(
         console_api.get_preview,
         "get",
-        f"{_P}/preview",
+        f"{_P}/templates/{{template_id}}/preview",
         "Render a template with the daemon's loaded catalog, without sending.",
         console_api.Preview,
         console_api.PREVIEW_PARAMS,
-        errors=(400,),
+        path_params=("template_id",),
+        errors=(400, 404),
         tags=("templates",),
     ),
     Op(

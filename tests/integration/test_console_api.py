@@ -161,9 +161,9 @@ async def test_template_preview_renders_with_the_loaded_catalog(
 ) -> None:
     settings = settings_for(make_settings)
     async with running_app(settings) as app, aiohttp.ClientSession() as s:
-        url = f"http://127.0.0.1:{app.http_port}{P}/preview"
+        templates = f"http://127.0.0.1:{app.http_port}{P}/templates"
+        url = f"{templates}/signin_code/preview"
         query = [
-            ("template_id", "signin_code"),
             ("locale", "de"),
             ("var", "code=493817"),
             ("var", "expires_minutes=10"),
@@ -171,6 +171,7 @@ async def test_template_preview_renders_with_the_loaded_catalog(
         async with s.get(url, params=query) as resp:
             assert resp.status == 200
             preview = await resp.json()
+        assert preview["error"] is None
         message = preview["message"]
         assert "493817" in message["text"] and "493817" in (message["html"] or "")
         assert message["to"] == "preview@example.invalid"
@@ -178,19 +179,24 @@ async def test_template_preview_renders_with_the_loaded_catalog(
         async with s.get(url, params=english) as resp:
             assert (await resp.json())["message"]["subject"] != message["subject"]
 
-        for params, field in (
-            ([("template_id", "no_such_template")], "template_id"),
-            ([("locale", "de")], "template_id"),
-            ([("template_id", "signin_code"), ("var", "no equals sign")], "var"),
-            ([("template_id", "signin_code"), ("bogus", "1")], "bogus"),
+        async with s.get(f"{templates}/no_such_template/preview") as resp:
+            body = await resp.json()
+            assert resp.status == 404 and body["error"]["field"] == "template_id"
+        for name, params, field in (
+            ("Bad Id", [], "template_id"),
+            ("signin_code", [("var", "no equals sign")], "var"),
+            ("signin_code", [("bogus", "1")], "bogus"),
+            ("signin_code", [("locale", "d e")], "locale"),
         ):
-            async with s.get(url, params=params) as resp:
+            async with s.get(f"{templates}/{name}/preview", params=params) as resp:
                 body = await resp.json()
                 assert resp.status == 400, body
                 assert body["error"]["field"] == field
         # A template needing a variable that was not given: a clear 400, no 500.
-        async with s.get(url, params=[("template_id", "signin_code")]) as resp:
-            assert resp.status == 400
+        async with s.get(url) as resp:
+            body = await resp.json()
+            assert resp.status == 200 and body["message"] is None, body
+            assert "'code' is undefined" in body["error"]  # names the missing variable
 
 
 async def test_dev_inbox_lists_and_serves_caught_mail_only_in_dev(

@@ -559,12 +559,12 @@ async function preview() {
   const out = h("div", { id: "results" });
   show(h("h2", {}, "Template preview"), h("p", { class: "muted" }, "Rendered with the daemon's loaded catalog; nothing is sent."), form, out);
   if (!p.template_id) return;
-  const q = new URLSearchParams({ template_id: p.template_id });
+  const q = new URLSearchParams();
   if (p.locale) q.append("locale", p.locale);
   for (const line of (p.vars || "").split("\n")) if (line.trim()) q.append("var", line.trim());
   try {
-    const r = await api("GET", "/preview?" + q.toString());
-    out.replaceChildren(messageView(r.message, null));
+    const r = await api("GET", "/templates/" + encodeURIComponent(p.template_id) + "/preview" + (q.toString() ? "?" + q.toString() : ""));
+    out.replaceChildren(r.message ? messageView(r.message, null) : h("p", { class: "error", role: "alert" }, "Cannot be rendered: " + r.error));
   } catch (e) { out.replaceChildren(failed(e)); }
 }
 
