@@ -18,7 +18,7 @@ function h(tag, attrs, ...children) {
     else if (k === "class") el.className = v;
     else el.setAttribute(k, v === true ? "" : String(v));
   }
-  for (const c of children.flat()) {
+  for (const c of children.flat(Infinity)) {
     if (c === null || c === undefined || c === false) continue;
     el.append(c instanceof Node ? c : document.createTextNode(String(c)));
   }
@@ -35,7 +35,7 @@ function main() { return document.getElementById("main"); }
 
 function show(...nodes) {
   const m = main();
-  m.replaceChildren(...nodes.flat());
+  m.replaceChildren(...nodes.flat(Infinity).filter((n) => n !== null && n !== undefined && n !== false));
 }
 
 function flash(text, isError) {
@@ -184,7 +184,7 @@ function chart(series) {
   const pts = series.points;
   const max = Math.max(1, ...pts.flatMap((p) => SERIES.map((k) => p[k])));
   const W = 600, H = 160, pad = 4, step = (W - 2 * pad) / Math.max(1, pts.length - 1);
-  const g = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "outcomes per interval", preserveAspectRatio: "none" });
+  const g = svg("svg", { class: "plot", viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "outcomes per interval", preserveAspectRatio: "none" });
   for (const k of SERIES) {
     const d = pts.map((p, i) => `${(pad + i * step).toFixed(1)},${(H - pad - (p[k] / max) * (H - 2 * pad)).toFixed(1)}`).join(" ");
     g.append(svg("polyline", { points: d, class: "s-" + k, fill: "none", "stroke-width": 2, "vector-effect": "non-scaling-stroke" }));
