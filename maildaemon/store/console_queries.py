@@ -6,9 +6,10 @@ from __future__ import annotations
 
 # Counts per interval: $1 bucket width (seconds), $2 number of buckets. The buckets are
 # aligned to the width on the database clock and the last one holds now; generate_series
-# makes quiet intervals read as zeros. Each count is one range scan on an index:
-# deliveries_finished_status_idx (index-only), dead_letters_created_idx,
-# malformed_received_idx.
+# makes quiet intervals read as zeros. Each count is one range scan: deliveries_finished_idx,
+# malformed_received_idx, dead_letters_created_idx (or a scan of that small table). EXPLAIN
+# on 300,000 deliveries: 3-9 ms for 1h, 80-150 ms for 24h (tests/integration/
+# test_stats_series_plan.py).
 STATS_SERIES = """
 WITH w AS (
     SELECT to_timestamp((floor(extract(epoch FROM now()) / $1::float8) - ($2::integer - 1))
