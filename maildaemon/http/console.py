@@ -9,10 +9,15 @@ in a sandboxed frame), ``nosniff``, and ``no-cache`` so a new version is picked 
 from __future__ import annotations
 
 import hashlib
+import logging
 from functools import cache
 from importlib import resources
 
 from aiohttp import web
+
+from maildaemon.logs import event
+
+log = logging.getLogger("maildaemon.api")
 
 CONSOLE_PATH = "/console/"
 _TYPES = {
@@ -58,6 +63,10 @@ async def redirect_home(request: web.Request) -> web.StreamResponse:
 async def serve(request: web.Request) -> web.StreamResponse:
     name = request.match_info.get("name") or "index.html"
     found = files().get(name)
+    if found is None and "index.html" not in files():
+        # The package was built without its data files (package-data in pyproject.toml).
+        event(log, "operator console files missing", logging.ERROR, path=request.path)
+        raise web.HTTPServiceUnavailable(reason="the operator console is not installed")
     if found is None:
         raise web.HTTPNotFound(reason=f"no console file {name[:100]!r}")
     data, content_type, etag = found
