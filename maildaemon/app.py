@@ -17,6 +17,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -101,8 +102,15 @@ async def _step(name: str, action: Callable[[], Awaitable[T]], timeout: float, *
 class App:
     """The daemon: owns every resource and task from start to exit."""
 
-    def __init__(self, settings: Settings, telemetry: Telemetry | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        telemetry: Telemetry | None = None,
+        *,
+        dev_maildir: Path | None = None,
+    ) -> None:
         self.settings = settings
+        self.dev_maildir = dev_maildir  # `maildaemon dev`: the sink's maildir (dev inbox)
         self.telemetry = telemetry or Telemetry()
         self.readiness = Readiness()
         self._stop = asyncio.Event()
@@ -203,6 +211,8 @@ class App:
             self.readiness,
             command_policy(s, catalog),
             catalog_hash=catalog.content_hash,
+            catalog=catalog,
+            dev_maildir=self.dev_maildir,
             on_refusal=lambda reason: self.telemetry.instruments.api_refusals.add(
                 1, {"reason": reason}
             ),

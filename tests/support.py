@@ -7,6 +7,7 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -21,9 +22,11 @@ from maildaemon.store.db import Store
 
 
 @contextlib.asynccontextmanager
-async def running_app(settings: Settings, *, ready_timeout: float = 20.0) -> AsyncIterator[App]:
+async def running_app(
+    settings: Settings, *, ready_timeout: float = 20.0, dev_maildir: Path | None = None
+) -> AsyncIterator[App]:
     """Start the daemon in this loop; stop it (as SIGTERM would) when the block ends."""
-    app = App(settings)
+    app = App(settings, dev_maildir=dev_maildir)
     task = asyncio.create_task(app.run())
     try:
         deadline = time.monotonic() + ready_timeout

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import importlib.util
 import json
 import logging
+import mimetypes
 import sys
 import uuid
 from collections.abc import Callable, Sequence
@@ -21,6 +23,7 @@ from maildaemon.config import Settings, load_settings, redact_dsn
 from maildaemon.errors import ConfigError, MailDaemonError, StartupError
 
 Handler = Callable[[argparse.Namespace], int]
+_TIME_HELP = "time (RFC 3339, e.g. 2026-05-01T12:00:00Z)"
 
 # `maildaemon dev` runs on these; they come with the distribution's `embedded` extra.
 DIST_NAME = "mailconveyor"
@@ -120,6 +123,12 @@ def _command_from_args(args: argparse.Namespace) -> dict[str, Any]:
         command["cc"] = args.cc
     if args.bcc:
         command["bcc"] = args.bcc
+    if args.reply_to:
+        command["reply_to"] = {"address": args.reply_to}
+    if args.header:
+        command["headers"] = dict(_header(h) for h in args.header)
+    if args.attach:
+        command["attachments"] = [_attachment(a) for a in args.attach]
     if args.send_at:
         command["send_at"] = args.send_at
     if args.expires_at:
@@ -147,13 +156,36 @@ def _pair(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip():
+        raise ConfigError(f"--header wants 'Name: value', not {text!r}")
+    return name.strip(), value.strip()
+
+
+def _attachment(text: str) -> dict[str, str]:
+    path_text, _, content_type = text.partition(";")
+    path = Path(path_text)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"--attach {path_text}: {exc.strerror or exc}") from None
+    guessed = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return {
+        "filename": path.name,
+        "content_type": content_type.strip() or guessed,
+        "content": base64.b64encode(data).decode("ascii"),
+    }
+
+
 def cmd_enqueue(args: argparse.Namespace) -> int:
     from maildaemon.app import command_policy, redis_client
+    from maildaemon.cli.console_cmds import client_settings
     from maildaemon.contract.command import COMMAND_FIELD, Rejection
     from maildaemon.contract.parsing import parse_command
     from maildaemon.message.render import TemplateCatalog
 
-    settings = _settings()
+    settings = client_settings()  # Redis and the catalog only: no PostgreSQL, no SMTP
     document = _command_from_args(args)
     catalog = TemplateCatalog.load(settings.template_dir, settings.default_locale)
     raw = json.dumps(document, ensure_ascii=False)
@@ -194,6 +226,51 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     return 0
 
 
+def _enqueue_parser(sub: Any) -> None:
+    p = sub.add_parser("enqueue", help="validate a delivery command and XADD it to the stream")
+    p.add_argument("--file", help="a JSON command document ('-' for stdin); other flags ignored")
+    p.add_argument("--to", action="append", metavar="ADDRESS", help="recipient (repeatable)")
+    p.add_argument("--cc", action="append", metavar="ADDRESS", help="cc recipient (repeatable)")
+    p.add_argument("--bcc", action="append", metavar="ADDRESS", help="bcc recipient (repeatable)")
+    p.add_argument("--reply-to", metavar="ADDRESS", help="Reply-To address")
+    p.add_argument(
+        "--source",
+        default="notification",
+        help="producer name, one of MAIL_ALLOWED_SOURCES (default: %(default)s)",
+    )
+    p.add_argument("--delivery-id", help="default: cli-<random>")
+    p.add_argument("--idempotency-key", help="default: random (never a duplicate)")
+    p.add_argument(
+        "--priority",
+        default="normal",
+        choices=["critical", "high", "normal", "low"],
+        help="claim order (default: %(default)s)",
+    )
+    p.add_argument("--template", help="template_id (payload_mode=template)")
+    p.add_argument("--locale", help="template locale, e.g. de (default: MAIL_DEFAULT_LOCALE)")
+    p.add_argument(
+        "--var", action="append", metavar="NAME=VALUE", help="template variable (repeatable)"
+    )
+    p.add_argument("--subject", help="subject (payload_mode=rendered)")
+    p.add_argument("--text", help="plain text body (payload_mode=rendered)")
+    p.add_argument("--html", help="HTML body (payload_mode=rendered)")
+    p.add_argument(
+        "--header",
+        action="append",
+        metavar="'NAME: VALUE'",
+        help="custom header, one of MAIL_ALLOWED_HEADERS (repeatable)",
+    )
+    p.add_argument(
+        "--attach",
+        action="append",
+        metavar="PATH[;TYPE]",
+        help="attach a file; the content type is guessed unless given (repeatable)",
+    )
+    p.add_argument("--send-at", help=f"send no earlier than this {_TIME_HELP}")
+    p.add_argument("--expires-at", help=f"do not send after this {_TIME_HELP}")
+    p.set_defaults(handler=cmd_enqueue)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="maildaemon",
@@ -204,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="run the daemon")
-    p.add_argument("--no-uvloop", action="store_true", help="use the stdlib event loop")
+    p.add_argument("--no-uvloop", action="store_true", help="use the standard library's event loop")
     p.set_defaults(handler=cmd_run)
 
     p = sub.add_parser("migrate", help="apply database migrations and exit")
@@ -222,33 +299,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=".maildaemon-dev",
         help="where the local servers keep their data (default: %(default)s)",
     )
-    p.add_argument("--http-addr", default=None, help="internal HTTP address (host:port)")
+    p.add_argument(
+        "--http-addr", default=None, help="internal HTTP address, host:port (default: 8080 if free)"
+    )
     p.set_defaults(handler=cmd_dev)
 
     p = sub.add_parser("schema", help="print the delivery command JSON Schema")
     p.set_defaults(handler=cmd_schema)
 
-    p = sub.add_parser("enqueue", help="validate a delivery command and XADD it to the stream")
-    p.add_argument("--file", help="a JSON command document ('-' for stdin)")
-    p.add_argument("--to", action="append", help="recipient address (repeatable)")
-    p.add_argument("--cc", action="append")
-    p.add_argument("--bcc", action="append")
-    p.add_argument("--source", default="notification")
-    p.add_argument("--delivery-id")
-    p.add_argument("--idempotency-key")
-    p.add_argument("--priority", default="normal", choices=["critical", "high", "normal", "low"])
-    p.add_argument("--template", help="template_id (payload_mode=template)")
-    p.add_argument("--locale")
-    p.add_argument("--var", action="append", help="template variable NAME=VALUE (repeatable)")
-    p.add_argument("--subject", help="subject (payload_mode=rendered)")
-    p.add_argument("--text", help="plain text body (payload_mode=rendered)")
-    p.add_argument("--html", help="HTML body (payload_mode=rendered)")
-    p.add_argument("--send-at", help="ISO-8601 time to send at")
-    p.add_argument("--expires-at", help="ISO-8601 time after which not to send")
-    p.set_defaults(handler=cmd_enqueue)
+    _enqueue_parser(sub)
 
+    from maildaemon.cli import console_cmds
     from maildaemon.cli import ops as cli_ops
 
+    console_cmds.register(sub)
     cli_ops.register(sub)
     return parser
 

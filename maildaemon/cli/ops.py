@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from maildaemon import errors
-from maildaemon.cli import tables
+from maildaemon.cli import console_cmds, tables
 from maildaemon.config import Settings, load_settings
 from maildaemon.contract.command import FAILURE_CODES
 from maildaemon.operator import inputs
@@ -35,6 +35,7 @@ from maildaemon.store.records import Actor
 T = TypeVar("T")
 EXIT_REFUSED = 1  # not found, conflict
 EXIT_INVALID = 2  # bad input (as argparse)
+_TIME = "RFC 3339 time, e.g. 2026-05-01T12:00:00Z"
 
 
 def _run(work: Callable[[OperatorStore, Settings], Awaitable[T]]) -> T:
@@ -107,13 +108,18 @@ def _reason(args: argparse.Namespace) -> str | None:
 def cmd_show(args: argparse.Namespace) -> int:
     delivery_id = inputs.delivery_id(args.delivery_id)
 
-    async def work(ops: OperatorStore, s: Settings) -> v.DeliveryDetail:
+    async def work(ops: OperatorStore, s: Settings) -> v.DeliveryDetail | None:
         record = await ops.delivery(delivery_id)
-        if record is None:
-            raise errors.NotFound(f"no delivery {delivery_id!r}")
-        return m.delivery_detail(record, RetryPolicy(s.retry_ladder, s.retry_jitter))
+        return (
+            None
+            if record is None
+            else m.delivery_detail(record, RetryPolicy(s.retry_ladder, s.retry_jitter))
+        )
 
-    return _out(args, _run(work))
+    detail = _run(work)
+    if detail is None:
+        raise errors.NotFound(console_cmds.not_found_hint(delivery_id))
+    return _out(args, detail)
 
 
 @_handler
@@ -178,6 +184,8 @@ def cmd_bulk_requeue(args: argparse.Namespace) -> int:
 
 @_handler
 def cmd_malformed(args: argparse.Namespace) -> int:
+    if args.delivery_id is not None:
+        return _out(args, console_cmds.malformed_page(args.delivery_id))
     names = ["failure_code", "source", "replayed", "limit", "cursor"]
     flt, page = inputs.malformed_query(_pairs(args, names))
     return _out(args, _run(lambda ops, _: ops.malformed(flt, page)))
@@ -307,17 +315,26 @@ def _page_args(p: argparse.ArgumentParser) -> None:
 
 def _bool_arg(p: argparse.ArgumentParser, name: str, yes: str, no: str) -> None:
     group = p.add_mutually_exclusive_group()
-    group.add_argument(f"--{yes}", dest=name, action="store_const", const=True)
-    group.add_argument(f"--{no}", dest=name, action="store_const", const=False)
+    group.add_argument(
+        f"--{yes}", dest=name, action="store_const", const=True, help=f"only {yes} ones"
+    )
+    group.add_argument(f"--{no}", dest=name, action="store_const", const=False, help=f"only {no}")
 
 
 def _dl_filters(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source")
-    p.add_argument("--recipient-domain", dest="recipient_domain")
+    p.add_argument("--source", help="only this source")
+    p.add_argument(
+        "--recipient-domain", dest="recipient_domain", help="only with a recipient at this domain"
+    )
     p.add_argument("--reply-code", dest="reply_code", help="last SMTP reply code, e.g. 421")
-    p.add_argument("--reply-class", dest="reply_class", choices=["2xx", "3xx", "4xx", "5xx"])
-    p.add_argument("--created-after", dest="created_after", help="RFC 3339 time")
-    p.add_argument("--created-before", dest="created_before", help="RFC 3339 time")
+    p.add_argument(
+        "--reply-class",
+        dest="reply_class",
+        choices=["2xx", "3xx", "4xx", "5xx"],
+        help="last SMTP reply class",
+    )
+    p.add_argument("--created-after", dest="created_after", help=_TIME)
+    p.add_argument("--created-before", dest="created_before", help=_TIME)
 
 
 def register(sub: Any) -> None:
@@ -325,14 +342,14 @@ def register(sub: Any) -> None:
     p = sub.add_parser("deliveries", help="look deliveries up, requeue or cancel one")
     d = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     x = _common(d.add_parser("show", help="one delivery with attempts and retry plan"))
-    x.add_argument("delivery_id")
+    x.add_argument("delivery_id", help="the command's delivery_id")
     x.set_defaults(handler=cmd_show)
     x = _common(d.add_parser("list", help="deliveries, newest first"))
-    x.add_argument("--status", choices=filters.DELIVERY_STATUSES)
-    x.add_argument("--source")
-    x.add_argument("--recipient")
-    x.add_argument("--created-after", dest="created_after", help="RFC 3339 time")
-    x.add_argument("--created-before", dest="created_before", help="RFC 3339 time")
+    x.add_argument("--status", choices=filters.DELIVERY_STATUSES, help="only this status")
+    x.add_argument("--source", help="only this source")
+    x.add_argument("--recipient", help="only deliveries to this address (to, cc or bcc)")
+    x.add_argument("--created-after", dest="created_after", help=_TIME)
+    x.add_argument("--created-before", dest="created_before", help=_TIME)
     _page_args(x)
     x.set_defaults(handler=cmd_list)
     for name, handler, text in (
@@ -340,7 +357,7 @@ def register(sub: Any) -> None:
         ("cancel", cmd_cancel, "cancel a queued delivery"),
     ):
         x = _common(d.add_parser(name, help=text), action=True)
-        x.add_argument("delivery_id")
+        x.add_argument("delivery_id", help="the delivery's id")
         x.add_argument("--dry-run", action="store_true", help="check only; change nothing")
         x.set_defaults(handler=handler)
 
@@ -353,8 +370,8 @@ def register(sub: Any) -> None:
     _page_args(x)
     x.set_defaults(handler=cmd_dead_letters)
     x = _common(d.add_parser("review", help="mark a dead letter reviewed"), action=True)
-    x.add_argument("delivery_id")
-    x.add_argument("--note", required=True)
+    x.add_argument("delivery_id", help="the dead letter's delivery id")
+    x.add_argument("--note", required=True, help="what was found or done (audit trail)")
     x.set_defaults(handler=cmd_review)
     x = _common(
         d.add_parser("requeue", help="requeue the dead letters matching filters"), action=True
@@ -370,8 +387,11 @@ def register(sub: Any) -> None:
     p = sub.add_parser("malformed", help="list or replay malformed commands")
     d = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     x = _common(d.add_parser("list", help="refused stream entries, newest first"))
-    x.add_argument("--failure-code", dest="failure_code", choices=FAILURE_CODES)
-    x.add_argument("--source")
+    x.add_argument(
+        "--failure-code", dest="failure_code", choices=FAILURE_CODES, help="only this failure"
+    )
+    x.add_argument("--source", help="only entries naming this source")
+    x.add_argument("--delivery-id", help="only entries naming this delivery id (no paging)")
     _bool_arg(x, "replayed", "replayed", "not-replayed")
     _page_args(x)
     x.set_defaults(handler=cmd_malformed)
@@ -385,7 +405,7 @@ def register(sub: Any) -> None:
         choices=FAILURE_CODES,
         help="all unreplayed ones with this failure code",
     )
-    x.add_argument("--source")
+    x.add_argument("--source", help="only entries naming this source")
     x.add_argument("--limit", type=int, default=100, help="at most this many (1-1000)")
     x.add_argument("--dry-run", action="store_true", help="validate only; change nothing")
     x.set_defaults(handler=cmd_replay)
@@ -393,22 +413,22 @@ def register(sub: Any) -> None:
     p = sub.add_parser("commands", help="what became of a stream entry")
     d = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     x = _common(d.add_parser("show", help="the delivery, duplicate or malformed record"))
-    x.add_argument("stream_entry_id")
+    x.add_argument("stream_entry_id", help="the entry id XADD returned, e.g. 1700000000000-0")
     x.set_defaults(handler=cmd_command)
 
     p = sub.add_parser("suppressions", help="list, add or remove suppressed addresses")
     d = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     x = _common(d.add_parser("list", help="suppressed addresses"))
-    x.add_argument("--address")
-    x.add_argument("--domain")
+    x.add_argument("--address", help="only this address")
+    x.add_argument("--domain", help="only addresses at this domain")
     _page_args(x)
     x.set_defaults(handler=cmd_suppressions)
     x = _common(d.add_parser("add", help="suppress an address"), action=True)
-    x.add_argument("address")
-    x.add_argument("--expires-at", dest="expires_at", help="RFC 3339 time (default: never)")
+    x.add_argument("address", help="the address to suppress")
+    x.add_argument("--expires-at", dest="expires_at", help=f"{_TIME} (default: never)")
     x.set_defaults(handler=cmd_suppress)
     x = _common(d.add_parser("remove", help="stop suppressing an address"), action=True)
-    x.add_argument("address")
+    x.add_argument("address", help="the address to stop suppressing")
     x.set_defaults(handler=cmd_unsuppress)
 
     for name, handler, text in (
@@ -423,8 +443,8 @@ def register(sub: Any) -> None:
     x.set_defaults(handler=cmd_stats)
 
     x = _common(sub.add_parser("audit", help="operator actions, newest first"))
-    x.add_argument("--action")
-    x.add_argument("--actor")
-    x.add_argument("--target")
+    x.add_argument("--action", help="only this action, e.g. delivery.requeue")
+    x.add_argument("--actor", help="only actions by this actor")
+    x.add_argument("--target", help="only actions on this target (delivery id, address, …)")
     _page_args(x)
     x.set_defaults(handler=cmd_audit)

@@ -27,7 +27,9 @@ def cell(value: Any, width: int = 60) -> str:
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], cursor: str | None = None) -> str:
     cells = [[cell(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    if not cells:
+        return "(none)"
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
     lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
     more = [f"(more: --cursor {cursor})"] if cursor else []
@@ -41,6 +43,15 @@ def fields(pairs: Sequence[tuple[str, Any]]) -> str:
 
 def _reply(code: int | None, text: str | None) -> str | None:
     return f"{code or ''} {text or ''}".strip() or None
+
+
+def _still_owed(d: v.DeliveryDetail) -> str:
+    """Recipients still owed the message: NULL in the row means all of them — but only
+    while the delivery can still be attempted; once it has ended nobody is owed it."""
+    pending = d.recipients.pending
+    if pending is not None:
+        return ", ".join(pending) or "none"
+    return "all recipients" if d.status in ("queued", "sending") else "none"
 
 
 @singledispatch
@@ -64,7 +75,7 @@ def _(d: v.DeliveryDetail) -> str:
                 ("to", ", ".join(r.to)),
                 ("cc", ", ".join(r.cc) or None),
                 ("bcc", ", ".join(r.bcc) or None),
-                ("pending", ", ".join(r.pending) if r.pending is not None else "all"),
+                ("still owed", _still_owed(d)),
                 ("created", when(d.created_at)),
                 ("send at", when(d.send_at)),
                 ("expires", when(d.expires_at)),

@@ -18,13 +18,15 @@ maildaemon dev: local stack in {state_dir}
   SMTP sink   {smtp}   STARTTLS, CA {ca_file}
               received mail is kept as .eml files in {maildir}
   HTTP API    http://{http}
+  Console     http://{http}/console/   (dev inbox: http://{http}/console/#/inbox)
+  Operator token  {token}   (MAIL_OPERATOR_TOKEN, also in {env_file})
 
 Send a test mail from another shell:
   set -a; . {env_file}; set +a
   {cli} enqueue --source authsession --template signin_code \\
       --to you@example.com --var code=123456 --var expires_minutes=10
   curl -s http://{http}/api/v1/internal/deliveries/<delivery_id>
-  ls {maildir}
+  open http://{http}/console/#/inbox to read the caught mail
 
 Ctrl-C stops the daemon and every server started here.
 """
@@ -40,7 +42,11 @@ def run_dev(state_dir: Path, http_addr: str | None = None) -> int:
         if http_addr:
             env["MAIL_INTERNAL_HTTP_ADDR"] = http_addr
         env_file = stack.state_dir / "dev.env"
-        env_file.write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items()))
+        # It holds the operator token: readable by its owner only.
+        fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write("".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items()))
+        env_file.chmod(0o600)
         os.environ.update(env)
         os.environ.setdefault("MAIL_LOG_FORMAT", "text")
         settings = load_settings()
@@ -56,12 +62,13 @@ def run_dev(state_dir: Path, http_addr: str | None = None) -> int:
                 http=env["MAIL_INTERNAL_HTTP_ADDR"],
                 env_file=env_file,
                 cli=_cli_path(),
+                token=env["MAIL_OPERATOR_TOKEN"],
             ),
             file=sys.stderr,
             flush=True,
         )
         setup_logging(settings.log_level, settings.log_format)
-        return asyncio.run(App(settings).run())
+        return asyncio.run(App(settings, dev_maildir=stack.maildir).run())
     finally:
         stack.stop()
 

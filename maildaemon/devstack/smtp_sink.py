@@ -242,6 +242,11 @@ class SmtpSink:
         return f"{self.host}:{self.port}"
 
     @property
+    def maildir(self) -> Path | None:
+        """Where accepted messages are written as ``.eml`` files (None: not kept)."""
+        return self._maildir
+
+    @property
     def ca(self) -> trustme.CA:
         return self._ca
 

@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import secrets
 import select
 import signal
 import subprocess
@@ -141,8 +142,25 @@ class DevStack:
             "MAIL_SMTP_SECURITY": "starttls",
             "MAIL_TEMPLATE_DIR": str(templates_dir()),
             "MAIL_INTERNAL_HTTP_ADDR": f"127.0.0.1:{http_port}",
+            # Actions in the API and console answer 403 without a token: the dev stack has
+            # its own, generated once and kept in the state directory.
+            "MAIL_OPERATOR_TOKEN": self.operator_token(),
         }
         return dict(self.env)
+
+    def operator_token(self) -> str:
+        """The dev stack's operator token (generated on first use, kept mode 0600)."""
+        path = self.state_dir / "operator-token"
+        try:
+            token = path.read_text().strip()
+        except FileNotFoundError:
+            token = ""
+        if not token:
+            token = secrets.token_urlsafe(24)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(token + "\n")
+        return token
 
     def stop(self) -> None:
         """Stop the sink, Redis and PostgreSQL (each even if another fails); idempotent."""

@@ -7,14 +7,18 @@ This module builds the app and registers every route group itself; the groups im
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from aiohttp import web
 
 from maildaemon.config import Settings
 from maildaemon.contract.command import CommandPolicy
-from maildaemon.http import openapi, probes
+from maildaemon.http import console, openapi, probes
 from maildaemon.http.keys import (
     CATALOG_HASH_KEY,
+    CATALOG_KEY,
+    CONSOLE_KEY,
+    DEV_MAILDIR_KEY,
     OPERATOR_KEY,
     POLICY_KEY,
     PREFIX,
@@ -27,7 +31,9 @@ from maildaemon.http.keys import (
 )
 from maildaemon.http.respond import guarded, json_errors, read_guarded
 from maildaemon.http.routes import OPERATIONS
+from maildaemon.message.render import TemplateCatalog
 from maildaemon.retry import RetryPolicy
+from maildaemon.store.console_reads import ConsoleReads
 from maildaemon.store.db import Store
 from maildaemon.store.operator import OperatorStore
 
@@ -44,6 +50,8 @@ def build_app(
     *,
     catalog_hash: str | None = None,
     on_refusal: Callable[[str], None] = _ignore,
+    catalog: TemplateCatalog | None = None,
+    dev_maildir: Path | None = None,
 ) -> web.Application:
     """The listener's app over ``store`` (the operator API's own pool)."""
     app = web.Application(client_max_size=1024 * 1024)
@@ -56,6 +64,11 @@ def build_app(
     if catalog_hash is not None:
         app[CATALOG_HASH_KEY] = catalog_hash
     app[OPERATOR_KEY] = OperatorStore(store.pool)
+    app[CONSOLE_KEY] = ConsoleReads(store.pool)
+    if catalog is not None:
+        app[CATALOG_KEY] = catalog
+    if dev_maildir is not None:  # only under `maildaemon dev`: the dev inbox
+        app[DEV_MAILDIR_KEY] = dev_maildir
     app[RETRY_KEY] = RetryPolicy(
         settings.retry_ladder, settings.retry_jitter, settings.unknown_outcome_policy
     )
@@ -71,4 +84,5 @@ def build_app(
         app.router.add_route(op.method.upper(), op.path, handler)
     app.router.add_get("/readyz", probes.readyz)
     app.router.add_get(f"{PREFIX}/openapi.json", openapi.serve)
+    console.register(app)
     return app

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from aiohttp import web
 
 from maildaemon.config import Settings
 from maildaemon.contract.command import CommandPolicy
+from maildaemon.message.render import TemplateCatalog
 from maildaemon.retry import RetryPolicy
+from maildaemon.store.console_reads import ConsoleReads
 from maildaemon.store.db import Store
 from maildaemon.store.operator import OperatorStore
 
@@ -37,3 +40,8 @@ CATALOG_HASH_KEY = web.AppKey("catalog_hash", str)
 # Counts a refused request by reason (the mail.api.refusals metric).
 REFUSAL_KEY: web.AppKey[Callable[[str], None]] = web.AppKey("on_refusal")
 RETRY_KEY = web.AppKey("retry_policy", RetryPolicy)
+# Added for the operator console: its reads, the loaded template catalog (preview) and,
+# under `maildaemon dev` only, the SMTP sink's maildir (the dev inbox).
+CONSOLE_KEY = web.AppKey("console_reads", ConsoleReads)
+CATALOG_KEY = web.AppKey("template_catalog", TemplateCatalog)
+DEV_MAILDIR_KEY = web.AppKey("dev_maildir", Path)

@@ -18,7 +18,7 @@ from pydantic import TypeAdapter
 from maildaemon import __version__
 from maildaemon.http.keys import PREFIX
 from maildaemon.http.routes import OPERATIONS, Op
-from maildaemon.operator import inputs
+from maildaemon.operator import inbox, inputs
 from maildaemon.operator import views as v
 
 _REF = "#/components/schemas/{model}"
@@ -28,6 +28,8 @@ _PATH_PARAMS: dict[str, dict[str, Any]] = {
     "delivery_id": {"type": "string", "pattern": inputs.DELIVERY_ID, "maxLength": 128},
     "stream_entry_id": {"type": "string", "pattern": inputs.STREAM_ENTRY_ID},
     "id": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1},
+    "name": {"type": "string", "pattern": inbox.NAME},
+    "template_id": {"type": "string", "pattern": r"^[a-z0-9][a-z0-9_.-]{0,63}$"},
 }
 
 
@@ -77,6 +79,9 @@ def _operation(op: Op) -> dict[str, Any]:
         for p in op.params
     ]
     responses: dict[str, Any] = {"200": _json(_ref(op.response), "OK")}
+    if op.media_type != "application/json":
+        binary = {"type": "string", "contentMediaType": op.media_type}
+        responses["200"] = {"description": "OK", "content": {op.media_type: {"schema": binary}}}
     error = _ref(v.ErrorBody)
     statuses = set(op.errors) | ({503} if op.path.startswith(PREFIX) else set())
     out: dict[str, Any] = {
@@ -116,7 +121,9 @@ def _operation_id(op: Op) -> str:
 
 
 def _schemas() -> dict[str, Any]:
-    kinds: list[type[Any]] = [op.response for op in OPERATIONS] + [v.ErrorBody]
+    kinds: list[type[Any]] = [
+        op.response for op in OPERATIONS if op.media_type == "application/json"
+    ] + [v.ErrorBody]
     bodies = [op.body for op in OPERATIONS if op.body is not None]
     entries = [((k.__name__, "serialization"), "serialization", TypeAdapter(k)) for k in kinds]
     entries += [((b.__name__, "validation"), "validation", TypeAdapter(b)) for b in bodies]

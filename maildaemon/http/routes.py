@@ -10,10 +10,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from maildaemon.http import actions, probes, reads
+from maildaemon.http import actions, console_api, probes, reads
 from maildaemon.http.keys import PREFIX
 from maildaemon.http.respond import Handler
-from maildaemon.operator import bodies, inputs
+from maildaemon.operator import bodies, inbox, inputs, mailview
 from maildaemon.operator import views as v
 from maildaemon.store import records
 
@@ -30,6 +30,7 @@ class Op:
     body: type[BaseModel] | None = None
     errors: tuple[int, ...] = ()
     tags: tuple[str, ...] = field(default_factory=tuple)
+    media_type: str = "application/json"  # of the 200 response
 
 
 _P = PREFIX
@@ -159,11 +160,12 @@ OPERATIONS = (
         tags=("malformed commands",),
     ),
     Op(
-        reads.get_stats,
+        console_api.get_stats,
         "get",
         f"{_P}/stats",
-        "The figures an operator checks first.",
+        "The figures an operator checks first; with `window`, counts per interval too.",
         records.Stats,
+        console_api.STATS_PARAMS,
         errors=(400,),
         tags=("figures",),
     ),
@@ -236,5 +238,79 @@ OPERATIONS = (
         inputs.ACTION_PARAMS,
         errors=(400,),
         tags=("audit",),
+    ),
+    # Added for the operator console (issue 13).
+    Op(
+        console_api.get_message,
+        "get",
+        f"{_P}/deliveries/{{delivery_id}}/message",
+        "The exact bytes sent (message/rfc822), as rendered and pinned at the first attempt.",
+        bytes,
+        path_params=("delivery_id",),
+        errors=(400, 404, 409),
+        tags=("deliveries",),
+        media_type="message/rfc822",
+    ),
+    Op(
+        console_api.get_rendered,
+        "get",
+        f"{_P}/deliveries/{{delivery_id}}/rendered",
+        "The pinned message parsed: headers, text, HTML, attachments and source.",
+        mailview.MessageView,
+        path_params=("delivery_id",),
+        errors=(400, 404, 409),
+        tags=("deliveries",),
+    ),
+    Op(
+        console_api.get_delivery_malformed,
+        "get",
+        f"{_P}/deliveries/{{delivery_id}}/malformed",
+        "Stream entries refused at intake that named this delivery id, newest first.",
+        records.MalformedPage,
+        path_params=("delivery_id",),
+        errors=(400,),
+        tags=("malformed commands",),
+    ),
+    Op(
+        console_api.get_preview,
+        "get",
+        f"{_P}/templates/{{template_id}}/preview",
+        "Render a template with the daemon's loaded catalog, without sending.",
+        console_api.Preview,
+        console_api.PREVIEW_PARAMS,
+        path_params=("template_id",),
+        errors=(400, 404),
+        tags=("templates",),
+    ),
+    Op(
+        console_api.list_inbox,
+        "get",
+        f"{_P}/dev/inbox",
+        "`maildaemon dev` only: the mail the SMTP sink caught, newest first.",
+        inbox.InboxPage,
+        console_api.INBOX_PARAMS,
+        errors=(400, 404),
+        tags=("dev inbox",),
+    ),
+    Op(
+        console_api.get_caught,
+        "get",
+        f"{_P}/dev/inbox/{{name}}",
+        "`maildaemon dev` only: one caught message, parsed.",
+        console_api.CaughtMessage,
+        path_params=("name",),
+        errors=(400, 404),
+        tags=("dev inbox",),
+    ),
+    Op(
+        console_api.get_caught_raw,
+        "get",
+        f"{_P}/dev/inbox/{{name}}/raw",
+        "`maildaemon dev` only: one caught message as received (message/rfc822).",
+        bytes,
+        path_params=("name",),
+        errors=(400, 404),
+        tags=("dev inbox",),
+        media_type="message/rfc822",
     ),
 )

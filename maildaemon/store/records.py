@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
+from maildaemon.store.console_records import StatsSeries
+
 
 @dataclass(frozen=True, slots=True)
 class Actor:
@@ -279,6 +281,7 @@ class Stats:
     malformed_commands_last_hour: int
     attempts_last_hour: dict[str, int]
     sending: SendingState
+    series: StatsSeries | None = None  # with ?window=1h|24h: counts per interval
 
 
 @dataclass(frozen=True, slots=True)

@@ -214,3 +214,16 @@ def test_clean_venv_migrates_with_the_packaged_migrations(
             conn.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
             )
+
+
+def test_wheel_carries_the_operator_console(dist: tuple[Path, Path]) -> None:
+    _, wheel = dist
+    folder = Path(maildaemon.__file__).parent / "http" / "console"
+    with zipfile.ZipFile(wheel) as zf:
+        shipped = {
+            n.removeprefix("maildaemon/http/console/"): zf.read(n)
+            for n in zf.namelist()
+            if n.startswith("maildaemon/http/console/")
+        }
+    assert shipped == {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    assert {"index.html", "console.js", "console.css"} <= set(shipped)

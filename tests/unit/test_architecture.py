@@ -45,7 +45,17 @@ ALLOWED: dict[str, set[str]] = {
         "telemetry",
     },
     "operator": {"contract", "delivery", "errors", "retry", "store"},
-    "http": {"__init__", "config", "contract", "errors", "logs", "operator", "retry", "store"},
+    "http": {
+        "__init__",
+        "config",
+        "contract",
+        "errors",
+        "logs",
+        "message",
+        "operator",
+        "retry",
+        "store",
+    },
     "app": {
         "config",
         "contract",
