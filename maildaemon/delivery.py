@@ -77,7 +77,9 @@ class ClaimedDelivery:
     rendered: bytes | None  # the pinned message bytes, once rendered
 
     def envelope_recipients(self) -> tuple[str, ...]:
-        if self.pending_rcpts is not None:
+        # An empty list with nobody served is a record left by an older release (a 4xx to
+        # MAIL FROM stored no pending recipients): everyone is still owed the message.
+        if self.pending_rcpts is not None and (self.pending_rcpts or self.rcpts_accepted):
             return self.pending_rcpts
         seen: dict[str, None] = {}
         for addr in (*self.to_addrs, *self.cc_addrs, *self.bcc_addrs):

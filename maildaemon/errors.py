@@ -41,17 +41,25 @@ class CatalogError(TemplateError):
 class TransportError(MailDaemonError):
     """An SMTP exchange failed.
 
-    ``code`` and ``text`` carry the server's reply when there was one.
+    ``code`` and ``text`` carry the server's reply when there was one; ``stage`` names the
+    step that failed (``connect`` (TCP and banner), ``ehlo``, ``starttls``, ``auth``,
+    ``mail``, ``rcpt``, ``data``, ``end of data``) when it is known.
     """
 
     permanent = False
 
     def __init__(
-        self, message: str | None = None, *, code: int | None = None, text: str | None = None
+        self,
+        message: str | None = None,
+        *,
+        code: int | None = None,
+        text: str | None = None,
+        stage: str | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.text = text
+        self.stage = stage
 
 
 class TransientTransportError(TransportError):

@@ -76,10 +76,13 @@ class AttemptWorker:
         except TimeoutError:
             in_data = self._conn.in_data
             self._conn.abort()
+            stage = self._conn.stage
             exc: TransportError = (
-                UnknownOutcome("MAIL_SMTP_TIMEOUT reached during DATA, before the reply")
+                UnknownOutcome(
+                    "MAIL_SMTP_TIMEOUT reached during DATA, before the reply", stage=stage
+                )
                 if in_data
-                else TransportTimeout("MAIL_SMTP_TIMEOUT reached")
+                else TransportTimeout(f"MAIL_SMTP_TIMEOUT reached at {stage}", stage=stage)
             )
             return self._failed(job, exc, started)
         except TransportError as exc:
@@ -103,6 +106,8 @@ class AttemptWorker:
             attempt=job.claim.attempt_no,
             error_class=type(exc).__name__,
             error=str(exc),
+            stage=exc.stage,
             reply_code=exc.code,
+            reply_text=exc.text,
         )
         return from_error(job.claim, job.recipients, exc, self._policy, started, finished)

@@ -23,13 +23,39 @@ from maildaemon.errors import TransportError, TransportTimeout, UnknownOutcome
 from maildaemon.retry import RetryPolicy
 from maildaemon.sending.reply import Reply, SendReport
 
-# Permanent refusals that say the address itself is bad: these go on the suppression list.
-_BAD_MAILBOX_CODES = frozenset({550, 551, 553})
-_ENHANCED = re.compile(r"^\s*5\.1\.\d+")
+# RFC 3463 enhanced status code at the start of the reply text: class.subject.detail.
+_ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})(?!\d)")
+# X.1.7 and X.1.8 are about the *sender's* address: they say nothing about the recipient.
+_SENDER_ADDRESS_DETAILS = frozenset({7, 8})
+
+
+def enhanced_code(reply: Reply) -> tuple[int, int, int] | None:
+    """The RFC 3463 enhanced status code the reply text starts with, if any."""
+    match = _ENHANCED.match(reply.text)
+    if match is None:
+        return None
+    klass, subject, detail = (int(g) for g in match.groups())
+    return klass, subject, detail
 
 
 def is_bad_mailbox(reply: Reply) -> bool:
-    return reply.code in _BAD_MAILBOX_CODES or bool(_ENHANCED.match(reply.text))
+    """A permanent failure that says the recipient's mailbox is dead: suppress the address.
+
+    Only mailbox-level codes count (RFC 3463): 5.1.x address codes (bad mailbox, bad
+    destination system, bad syntax, moved, null MX, ...; not 5.1.7/5.1.8, which are about
+    the sender) and 5.2.1 (mailbox disabled). Policy and content refusals (5.7.x: spam,
+    DMARC, blocked sender), system and network codes, and a 5xx without an enhanced code
+    fail the delivery for that recipient without listing the address.
+    """
+    if reply.code < 500:
+        return False
+    code = enhanced_code(reply)
+    if code is None or code[0] != 5:
+        return False
+    _, subject, detail = code
+    if subject == 1:
+        return detail not in _SENDER_ADDRESS_DETAILS
+    return (subject, detail) == (2, 1)
 
 
 def _make(
@@ -124,47 +150,12 @@ def from_report(
     for addr, rep in report.deferred.items():
         outcomes[addr] = RecipientOutcome("deferred", rep.code, rep.text)
     suppress = tuple(addr for addr, rep in report.refused.items() if is_bad_mailbox(rep))
-    data = report.data_reply
-    if data is None:
-        # Nobody got the message: MAIL or DATA refused, or no RCPT accepted.
-        whole = report.data_refused
-        if whole is not None and whole.code >= 500:
-            for addr in report.accepted:
-                outcomes[addr] = RecipientOutcome("refused", whole.code, whole.text)
-            return _make(
-                claim,
-                started,
-                finished,
-                "provider_rejected",
-                _final_status(claim, 0),
-                reply_code=whole.code,
-                reply_text=whole.text,
-                recipients=outcomes,
-                suppress=suppress,
-                status_reason=f"permanently rejected: {whole.code} {whole.text}",
-            )
-        retry = tuple(a for a in recipients if a in report.deferred or a in report.accepted)
-        if whole is None and not retry:
-            first = next(iter(report.refused.values()), None)
-            return _make(
-                claim,
-                started,
-                finished,
-                "provider_rejected",
-                _final_status(claim, 0),
-                reply_code=first.code if first else None,
-                reply_text=first.text if first else None,
-                recipients=outcomes,
-                suppress=suppress,
-                status_reason="every remaining recipient was refused",
-            )
-        reply = whole or next(iter(report.deferred.values()), None)
-        reason = f"{reply.code} {reply.text}" if reply else "no recipient accepted"
-        result = _retry_or_give_up(
-            claim, policy, "transport_failed", reply, reason, started, finished, outcomes, retry
+    if report.data_reply is None:
+        return _nobody_got_it(
+            claim, recipients, report, policy, started, finished, outcomes, suppress
         )
-        return replace(result, suppress=suppress)
     # DATA accepted: every accepted recipient has the message now.
+    data = report.data_reply
     for addr in report.accepted:
         outcomes[addr] = RecipientOutcome("accepted", data.code, data.text)
     if not report.deferred:
@@ -201,9 +192,71 @@ def from_report(
     )
 
 
-def _final_status(claim: ClaimedDelivery, accepted_now: int) -> DeliveryStatus:
-    """Nothing is left to try: `sent` if anyone got the message, else `suppressed`."""
-    return "sent" if claim.rcpts_accepted + accepted_now > 0 else "suppressed"
+def _nobody_got_it(
+    claim: ClaimedDelivery,
+    recipients: Sequence[str],
+    report: SendReport,
+    policy: RetryPolicy,
+    started: datetime,
+    finished: datetime,
+    outcomes: dict[str, RecipientOutcome],
+    suppress: tuple[str, ...],
+) -> AttemptResult:
+    """No message data was accepted: MAIL FROM or DATA refused, or no RCPT accepted.
+
+    Every recipient the server did not refuse for good is still owed the message: a 4xx
+    to MAIL FROM (no RCPT was even sent) or to DATA retries all of them.
+    """
+    whole = report.data_refused
+    if whole is not None and whole.code >= 500:
+        for addr in recipients:
+            if addr not in report.refused:
+                outcomes[addr] = RecipientOutcome("refused", whole.code, whole.text)
+        return _make(
+            claim,
+            started,
+            finished,
+            "provider_rejected",
+            _final_status(claim, suppressed_all=False),
+            reply_code=whole.code,
+            reply_text=whole.text,
+            recipients=outcomes,
+            suppress=suppress,
+            status_reason=f"permanently rejected: {whole.code} {whole.text}",
+        )
+    retry = tuple(a for a in recipients if a not in report.refused)
+    if not retry:
+        first = next(iter(report.refused.values()), None)
+        listed = bool(suppress) and set(suppress) == set(report.refused)
+        reason = "every remaining recipient was refused"
+        if first is not None:
+            reason += f": {first.code} {first.text}"
+        return _make(
+            claim,
+            started,
+            finished,
+            "provider_rejected",
+            _final_status(claim, suppressed_all=listed),
+            reply_code=first.code if first else None,
+            reply_text=first.text if first else reason,
+            recipients=outcomes,
+            suppress=suppress,
+            status_reason=reason,
+        )
+    reply = whole or next(iter(report.deferred.values()), None)
+    reason = f"{reply.code} {reply.text}" if reply else "no recipient accepted"
+    result = _retry_or_give_up(
+        claim, policy, "transport_failed", reply, reason, started, finished, outcomes, retry
+    )
+    return replace(result, suppress=suppress)
+
+
+def _final_status(claim: ClaimedDelivery, *, suppressed_all: bool) -> DeliveryStatus:
+    """Nothing is left to try: `sent` if anyone got the message; `suppressed` when every
+    refused recipient went on the suppression list (dead mailboxes); else `failed`."""
+    if claim.rcpts_accepted > 0:
+        return "sent"
+    return "suppressed" if suppressed_all else "failed"
 
 
 def from_error(
@@ -249,9 +302,12 @@ def from_error(
             started,
             finished,
             "provider_rejected",
-            _final_status(claim, 0),
+            _final_status(claim, suppressed_all=False),
             reply_code=exc.code,
             reply_text=exc.text or reason,
+            recipients={
+                a: RecipientOutcome("refused", exc.code, exc.text or reason) for a in pending
+            },
             status_reason=f"permanently rejected: {reason}",
         )
     status: AttemptStatus = "timed_out" if isinstance(exc, TransportTimeout) else "transport_failed"

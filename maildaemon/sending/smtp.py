@@ -59,6 +59,7 @@ class SmtpConnection:
         self._client: aiosmtplib.SMTP | None = None
         self._dirty = False  # a transaction was left half-way: RSET before the next one
         self.in_data = False  # the message data may be on its way: an abort is "unknown"
+        self.stage = "connect"  # the SMTP step under way (errors and timeouts name it)
 
     async def close(self) -> None:
         client, self._client = self._client, None
@@ -86,44 +87,10 @@ class SmtpConnection:
             local_hostname=s.smtp_helo_name,
         )
         try:
-            await client.connect()
-            await client.ehlo()
-            if not implicit:
-                if not client.supports_extension("starttls"):
-                    raise InsecureTransportError(
-                        f"{self._host}:{self._port} does not offer STARTTLS; "
-                        "refusing to send in clear text"
-                    )
-                try:
-                    await client.starttls(tls_context=self._context)
-                except (ssl.SSLError, aiosmtplib.SMTPException, OSError) as exc:
-                    raise InsecureTransportError(f"STARTTLS handshake failed: {exc}") from exc
-                await client.ehlo()
-            if s.smtp_username and s.smtp_password:
-                await client.login(s.smtp_username, s.smtp_password.get_secret_value())
-        except InsecureTransportError:
+            await self._open_session(client, implicit)
+        except BaseException:
             client.close()
             raise
-        except aiosmtplib.SMTPAuthenticationError as exc:
-            client.close()
-            raise TransientTransportError(
-                f"SMTP authentication failed: {exc.message}", code=exc.code, text=exc.message
-            ) from exc
-        except aiosmtplib.SMTPTimeoutError as exc:
-            client.close()
-            raise TransportTimeout(f"timed out connecting to {self._host}:{self._port}") from exc
-        except aiosmtplib.SMTPResponseException as exc:
-            client.close()
-            raise TransientTransportError(
-                f"connection refused by the server: {exc.message}", code=exc.code, text=exc.message
-            ) from exc
-        except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as exc:
-            client.close()
-            if isinstance(exc, ssl.SSLError | ssl.CertificateError) or "certificate" in str(exc):
-                raise InsecureTransportError(f"TLS failed: {exc}") from exc
-            raise TransientTransportError(
-                f"cannot connect to {self._host}:{self._port}: {exc}"
-            ) from exc
         self._dirty = False
         event(
             log,
@@ -134,6 +101,73 @@ class SmtpConnection:
             tls=client.is_connected,
         )
         return client
+
+    async def _open_session(self, client: aiosmtplib.SMTP, implicit: bool) -> None:
+        """Connect, read the banner, EHLO, STARTTLS, EHLO again, AUTH; errors name the stage."""
+        s = self._settings
+        where = f"{self._host}:{self._port}"
+        try:
+            self.stage = "connect"
+            await client.connect()
+            self.stage = "ehlo"
+            await client.ehlo()
+            if not implicit:
+                self.stage = "starttls"
+                await self._starttls(client)
+                self.stage = "ehlo"
+                await client.ehlo()
+            if s.smtp_username and s.smtp_password:
+                self.stage = "auth"
+                await client.login(s.smtp_username, s.smtp_password.get_secret_value())
+        except InsecureTransportError:
+            raise
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            raise TransientTransportError(
+                f"SMTP authentication failed: {exc.code} {exc.message}",
+                code=exc.code,
+                text=exc.message,
+                stage="auth",
+            ) from exc
+        except aiosmtplib.SMTPTimeoutError as exc:
+            raise TransportTimeout(
+                f"timed out at {self.stage} with {where}", stage=self.stage
+            ) from exc
+        except aiosmtplib.SMTPResponseException as exc:
+            raise TransientTransportError(
+                f"{self.stage} refused by the server: {exc.code} {exc.message}",
+                code=exc.code,
+                text=exc.message,
+                stage=self.stage,
+            ) from exc
+        except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as exc:
+            if isinstance(exc, ssl.SSLError | ssl.CertificateError) or "certificate" in str(exc):
+                raise InsecureTransportError(f"TLS failed: {exc}", stage=self.stage) from exc
+            raise TransientTransportError(
+                f"cannot connect to {where} ({self.stage}): {exc}", stage=self.stage
+            ) from exc
+
+    async def _starttls(self, client: aiosmtplib.SMTP) -> None:
+        if not client.supports_extension("starttls"):
+            raise InsecureTransportError(
+                f"{self._host}:{self._port} does not offer STARTTLS; "
+                "refusing to send in clear text",
+                stage="starttls",
+            )
+        try:
+            await client.starttls(tls_context=self._context)
+        except aiosmtplib.SMTPTimeoutError:
+            raise
+        except aiosmtplib.SMTPResponseException as exc:
+            raise InsecureTransportError(
+                f"STARTTLS refused: {exc.code} {exc.message}",
+                code=exc.code,
+                text=exc.message,
+                stage="starttls",
+            ) from exc
+        except (ssl.SSLError, aiosmtplib.SMTPException, OSError) as exc:
+            raise InsecureTransportError(
+                f"STARTTLS handshake failed: {exc}", stage="starttls"
+            ) from exc
 
     async def send(self, sender: str, recipients: Sequence[str], message: bytes) -> SendReport:
         """Send one message; reconnects once if the kept-open link turned out to be dead."""
@@ -160,8 +194,10 @@ class SmtpConnection:
         started = time.perf_counter()
         try:
             if self._dirty:
+                self.stage = "rset"
                 await client.rset()
             self._dirty = True
+            self.stage = "mail"
             # MAIL and RCPT through execute_command with pre-encoded addresses: the
             # client's own mail()/rcpt() re-parse every address with email.utils.
             resp = await client.execute_command(b"MAIL", b"FROM:<" + envelope(sender) + b">")
@@ -169,6 +205,7 @@ class SmtpConnection:
                 await self._reset(client)
                 report.data_refused = Reply(resp.code, resp.message)
                 return report
+            self.stage = "rcpt"
             for rcpt in recipients:
                 resp = await client.execute_command(b"RCPT", b"TO:<" + envelope(rcpt) + b">")
                 if resp.code in (250, 251):
@@ -180,18 +217,21 @@ class SmtpConnection:
             if not report.accepted:
                 await self._reset(client)
                 return report
+            self.stage = "data"
             start = await client.execute_command(b"DATA")
             if start.code != 354:
                 await self._reset(client)
                 report.data_refused = Reply(start.code, start.message)
                 return report
             self.in_data = True
+            self.stage = "end of data"
             try:
                 resp2: SMTPResponse = await self._transfer(client, message)
             except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
                 self.abort()
                 raise UnknownOutcome(
-                    f"link lost during DATA, before the server's reply: {exc}"
+                    f"link lost during DATA, before the server's reply: {exc}",
+                    stage="end of data",
                 ) from exc
             self.in_data = False
             if resp2.code != 250:
@@ -205,18 +245,26 @@ class SmtpConnection:
             self.abort()
             if not fresh:
                 raise _StaleConnection(str(exc)) from exc
-            raise TransientTransportError(f"connection lost: {exc}") from exc
+            raise TransientTransportError(
+                f"connection lost at {self.stage}: {exc}", stage=self.stage
+            ) from exc
         except aiosmtplib.SMTPTimeoutError as exc:
             self.abort()
-            raise TransportTimeout(f"SMTP server did not answer in time: {exc}") from exc
+            raise TransportTimeout(
+                f"SMTP server did not answer in time at {self.stage}: {exc}", stage=self.stage
+            ) from exc
         except aiosmtplib.SMTPResponseException as exc:
             self.abort()
-            if exc.code >= 500:
-                raise PermanentTransportError(exc.message, code=exc.code, text=exc.message) from exc
-            raise TransientTransportError(exc.message, code=exc.code, text=exc.message) from exc
+            kind = PermanentTransportError if exc.code >= 500 else TransientTransportError
+            raise kind(
+                f"{self.stage}: {exc.code} {exc.message}",
+                code=exc.code,
+                text=exc.message,
+                stage=self.stage,
+            ) from exc
         except aiosmtplib.SMTPException as exc:
             self.abort()
-            raise TransientTransportError(str(exc)) from exc
+            raise TransientTransportError(f"{self.stage}: {exc}", stage=self.stage) from exc
         finally:
             report.duration_ms = (time.perf_counter() - started) * 1000
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -110,7 +111,58 @@ def test_unknown_mailbox_is_suppressed_and_listed() -> None:
 def test_policy_refusal_is_final_but_not_listed() -> None:
     report = SendReport(refused={"a@example.com": Reply(554, "5.7.1 policy")})
     result = from_report(claim(), ["a@example.com"], report, POLICY, NOW, NOW)
-    assert result.delivery_status == "suppressed" and result.suppress == ()
+    assert result.delivery_status == "failed" and result.suppress == ()
+    assert (result.reply_code, result.reply_text) == (554, "5.7.1 policy")
+
+
+def test_spam_rejection_with_550_does_not_suppress() -> None:
+    report = SendReport(refused={"a@example.com": Reply(550, "5.7.1 message rejected as spam")})
+    result = from_report(claim(), ["a@example.com"], report, POLICY, NOW, NOW)
+    assert (result.attempt_status, result.delivery_status) == ("provider_rejected", "failed")
+    assert result.suppress == ()
+
+
+def test_mixed_refusals_suppress_only_the_dead_mailbox() -> None:
+    rcpts = ["a@example.com", "b@example.com"]
+    report = SendReport(
+        refused={
+            "a@example.com": Reply(550, "5.1.1 no such user"),
+            "b@example.com": Reply(550, "5.7.26 DMARC policy"),
+        }
+    )
+    result = from_report(claim(to=tuple(rcpts)), rcpts, report, POLICY, NOW, NOW)
+    assert result.delivery_status == "failed" and result.suppress == ("a@example.com",)
+
+
+@pytest.mark.parametrize("code", [421, 451, 452])
+def test_transient_refusal_of_mail_from_retries_every_recipient(code: int) -> None:
+    rcpts = ["a@example.com", "b@example.com"]
+    report = SendReport(data_refused=Reply(code, "4.3.0 try later"))
+    result = from_report(claim(to=tuple(rcpts)), rcpts, report, POLICY, NOW, NOW)
+    assert (result.attempt_status, result.delivery_status) == ("transport_failed", "queued")
+    assert result.pending_rcpts == tuple(rcpts)
+    assert (result.reply_code, result.reply_text) == (code, "4.3.0 try later")
+
+
+def test_transient_data_refusal_keeps_deferred_and_accepted_but_not_refused() -> None:
+    rcpts = ["a@example.com", "b@example.com", "c@example.com"]
+    report = SendReport(
+        accepted={"a@example.com": Reply(250, "OK")},
+        deferred={"b@example.com": Reply(450, "busy")},
+        refused={"c@example.com": Reply(550, "5.1.1 no")},
+        data_refused=Reply(451, "4.3.0 local error"),
+    )
+    result = from_report(claim(to=tuple(rcpts)), rcpts, report, POLICY, NOW, NOW)
+    assert result.delivery_status == "queued"
+    assert result.pending_rcpts == ("a@example.com", "b@example.com")
+    assert result.suppress == ("c@example.com",)
+
+
+def test_empty_pending_list_from_an_older_release_means_everyone() -> None:
+    stuck = replace(claim(to=("a@example.com", "b@example.com")), pending_rcpts=())
+    assert stuck.envelope_recipients() == ("a@example.com", "b@example.com")
+    served = replace(stuck, rcpts_accepted=1)
+    assert served.envelope_recipients() == ()
 
 
 def test_partial_acceptance_retries_only_the_deferred() -> None:
@@ -151,7 +203,7 @@ def test_data_permanent_rejection() -> None:
         data_refused=Reply(554, "5.6.0 content rejected"),
     )
     result = from_report(claim(), ["a@example.com"], report, POLICY, NOW, NOW)
-    assert (result.attempt_status, result.delivery_status) == ("provider_rejected", "suppressed")
+    assert (result.attempt_status, result.delivery_status) == ("provider_rejected", "failed")
     assert result.reply_code == 554
 
 
@@ -180,7 +232,8 @@ def test_connection_level_failures_retry(exc: TransientTransportError, status: s
 def test_permanent_connection_failure() -> None:
     exc = PermanentTransportError("no", code=554, text="go away")
     result = from_error(claim(), ["a@example.com"], exc, POLICY, NOW, NOW)
-    assert result.delivery_status == "suppressed" and result.reply_code == 554
+    assert result.delivery_status == "failed" and result.reply_code == 554
+    assert result.recipients["a@example.com"].outcome == "refused"
 
 
 def test_unknown_outcome_retries_as_possible_duplicate() -> None:
@@ -199,10 +252,22 @@ def test_unknown_outcome_can_be_held() -> None:
     ("code", "text", "bad"),
     [
         (550, "5.1.1 user unknown", True),
-        (553, "mailbox name invalid", True),
+        (550, "5.1.10 recipient address has null MX", True),
+        (550, "5.2.1 mailbox disabled", True),
         (554, "5.1.2 bad destination", True),
+        (553, "5.1.3 bad address syntax", True),
+        (550, "5.1.8 bad sender's system address", False),
+        (553, "mailbox name invalid", False),
+        (550, "no such user", False),
+        (551, "user not local", False),
         (552, "5.3.4 too big", False),
         (554, "5.7.1 spam", False),
+        (550, "5.7.1 message rejected as spam", False),
+        (550, "5.7.26 unauthenticated mail is prohibited (DMARC)", False),
+        (550, "5.2.2 mailbox full", False),
+        (554, "5.4.4 unable to route", False),
+        (550, "4.1.1 odd mix", False),
+        (450, "4.1.1 try later", False),
     ],
 )
 def test_bad_mailbox_detection(code: int, text: str, bad: bool) -> None:
