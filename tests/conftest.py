@@ -31,6 +31,24 @@ REPO = Path(__file__).resolve().parent.parent
 TEMPLATE_DB = "mail_template"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    try:
+        parser.addoption(
+            "--long",
+            action="store_true",
+            default=False,
+            help="deep reliability runs (tests/reliability): more messages, more faults",
+        )
+    except ValueError:  # defined already by another conftest
+        pass
+
+
+@pytest.fixture(scope="session")
+def long_run(request: pytest.FixtureRequest) -> bool:
+    """True under ``pytest --long``: the reliability suite runs its deep variants."""
+    return bool(request.config.getoption("--long"))
+
+
 def _admin(dsn: str) -> psycopg.Connection[Any]:
     return psycopg.connect(dsn, autocommit=True)
 
