@@ -7,6 +7,7 @@ the migrated template ``mail_template``, a flushed Redis, and its own in-process
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
@@ -32,15 +33,13 @@ TEMPLATE_DB = "mail_template"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    try:
+    with contextlib.suppress(ValueError):  # defined already by another conftest
         parser.addoption(
             "--long",
             action="store_true",
             default=False,
             help="deep reliability runs (tests/reliability): more messages, more faults",
         )
-    except ValueError:  # defined already by another conftest
-        pass
 
 
 @pytest.fixture(scope="session")
