@@ -284,6 +284,7 @@ class App:
         the rest of the timeout, then results and their events."""
         s = self.settings
         deadline = time.monotonic() + s.shutdown_timeout
+        c.queue.stop()  # at once: no new SMTP transaction begins after the signal
         self.readiness.shutting_down = True
         self.readiness.workers_running = False
         event(log, "shutting down", timeout_s=s.shutdown_timeout, crashed=self._crashed or None)
@@ -299,13 +300,10 @@ class App:
         c.heartbeat.stop()
         stopping = ("command-consumer", "scheduler", "retention-worker", "replica-heartbeat")
         await self._finish(tasks, stopping, left())
-        unstarted = c.queue.close(len(c.workers))
-        if unstarted:
-            with contextlib.suppress(MailDaemonError):
-                released = await store.release(j.claim for j in unstarted)
-                event(log, "unstarted claims released", count=released)
+        await self._release_unstarted(c.queue, store)
         workers = tuple(f"attempt-worker-{w.index}" for w in c.workers)
         await self._finish(tasks, workers, left())
+        await self._release_unstarted(c.queue, store)  # taken by a worker, never begun
         c.results.close()
         # The writer gets a few seconds beyond the deadline: it holds results of sends
         # that already happened, and losing them would mean sending again.
@@ -313,6 +311,14 @@ class App:
         c.publisher.stop()  # one more pass for the last results; the rest waits in the outbox
         await self._finish(tasks, ("event-publisher",), left() + 2.0)
         event(log, "components stopped")
+
+    @staticmethod
+    async def _release_unstarted(queue: JobQueue, store: Store) -> None:
+        unstarted = queue.take_unstarted()
+        if unstarted:
+            with contextlib.suppress(MailDaemonError):
+                released = await store.release(j.claim for j in unstarted)
+                event(log, "unstarted claims released", count=released)
 
     async def _finish(
         self, tasks: dict[str, asyncio.Task[None]], names: tuple[str, ...], timeout: float
@@ -381,7 +387,9 @@ class _Components:
         composer = Composer(
             catalog, s.smtp_from or "maildaemon <noreply@maildaemon.localhost>", signer
         )
-        queue = JobQueue(max(s.attempt_worker_concurrency * 8, 16))
+        # Two jobs per connection: one in flight, one ready. This also bounds what a crash
+        # can leave with an open outcome (claimed, possibly sent, result not yet written).
+        queue = JobQueue(2 * s.attempt_worker_concurrency)
         publisher = EventPublisher(s, store, redis, inst)
         results = ResultWriter(s, store, inst, name, publisher.wake)
         scheduler = Scheduler(s, store, composer, queue, results, inst, name)

@@ -80,6 +80,11 @@ class TransportTimeout(TransientTransportError):
     """The SMTP exchange did not finish within MAIL_SMTP_TIMEOUT."""
 
 
+class NotBegun(TransportError):
+    """No SMTP transaction was begun (the daemon is stopping or the destination is down);
+    nothing was sent and the claim is given back."""
+
+
 class UnknownOutcome(TransientTransportError):
     """The link was lost after the message data was sent, before the server's reply."""
 

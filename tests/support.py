@@ -139,6 +139,14 @@ class Db:
             "SELECT * FROM mail.attempts WHERE delivery_id = $1 ORDER BY attempt_no", delivery_id
         )
 
+    async def finished_attempts(self, delivery_id: str) -> list[asyncpg.Record]:
+        """Attempts with their result (not the ones on record as `started`)."""
+        return await self.fetch(
+            "SELECT * FROM mail.attempts WHERE delivery_id = $1 AND status <> 'started' "
+            "ORDER BY attempt_no",
+            delivery_id,
+        )
+
 
 class TcpProxy:
     """A TCP relay that a test can cut and restore, to take a server 'down'."""

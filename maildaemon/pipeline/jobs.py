@@ -23,23 +23,30 @@ class JobQueue:
     """Claimed jobs waiting for a worker; bounded by the number of open slots.
 
     A slot is taken when a job is claimed and given back when its result is committed,
-    so claims never run ahead of what the workers and the writer can absorb.
+    so claims never run ahead of what the workers and the writer can absorb — and a crash
+    leaves at most ``slots`` claims whose outcome is open. ``stop()`` (SIGTERM) ends the
+    hand-out at once: no worker gets another job and no new SMTP transaction begins
+    (``accepting`` turns False); jobs not begun are taken back with ``take_unstarted()``.
     """
 
     def __init__(self, slots: int) -> None:
-        self._jobs: deque[Job | None] = deque()
+        self._jobs: deque[Job] = deque()
+        self._returned: list[Job] = []  # taken by a worker that did not begin it
         self._has_jobs = asyncio.Event()
         self._has_space = asyncio.Event()
         self._has_space.set()
         self._free = slots
         self.slots = slots
+        self.accepting = True
 
     async def wait_for_slots(self, enough: int) -> int:
-        """Wait until ``enough`` slots are free, or any slot while the workers starve."""
-        while self._free <= 0 or (self._free < enough and self._jobs):
+        """Wait until ``enough`` slots are free, or any slot while the workers starve.
+
+        Returns 0 at once when the queue is stopped."""
+        while self.accepting and (self._free <= 0 or (self._free < enough and self._jobs)):
             self._has_space.clear()
             await self._has_space.wait()
-        return self._free
+        return self._free if self.accepting else 0
 
     def put(self, jobs: list[Job]) -> None:
         self._free -= len(jobs)
@@ -48,10 +55,17 @@ class JobQueue:
             self._has_jobs.set()
 
     async def get(self) -> Job | None:
-        while not self._jobs:
+        """The next job; None once the queue is stopped (the worker then exits)."""
+        while self.accepting and not self._jobs:
             self._has_jobs.clear()
             await self._has_jobs.wait()
+        if not self.accepting:
+            return None
         return self._jobs.popleft()
+
+    def give_back(self, job: Job) -> None:
+        """A worker took ``job`` but began no SMTP transaction for it."""
+        self._returned.append(job)
 
     def release(self) -> None:
         """A job is finished with (its result committed): its slot is free again."""
@@ -61,10 +75,18 @@ class JobQueue:
     def release_after(self, _: asyncio.Future[bool]) -> None:
         self.release()
 
-    def close(self, workers: int) -> list[Job]:
-        """Take back every job not yet started and tell each worker to stop."""
-        left = [j for j in self._jobs if j is not None]
-        self._jobs.clear()
-        self._jobs.extend([None] * workers)
+    def stop(self) -> None:
+        """Hand out nothing more: waiting workers get None, a waiting scheduler wakes."""
+        self.accepting = False
         self._has_jobs.set()
+        self._has_space.set()
+
+    def take_unstarted(self) -> list[Job]:
+        """Take back every job no worker began (their claims go back to the store)."""
+        left = [*self._jobs, *self._returned]
+        self._jobs.clear()
+        self._returned.clear()
+        self._free += len(left)
+        if left:
+            self._has_space.set()
         return left

@@ -86,7 +86,7 @@ class Scheduler:
         backoff = Backoff()
         while not self._stopping.is_set():
             free = await self._queue.wait_for_slots(self._claim_size)
-            if self._stopping.is_set():
+            if self._stopping.is_set() or not self._queue.accepting:
                 break
             self._wake.clear()
             try:

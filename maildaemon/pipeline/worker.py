@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 from maildaemon.config import Settings
 from maildaemon.delivery import AttemptResult
-from maildaemon.errors import TransportError, TransportTimeout, UnknownOutcome
+from maildaemon.errors import NotBegun, TransportError, TransportTimeout, UnknownOutcome
 from maildaemon.logs import event
 from maildaemon.pipeline.jobs import Job, JobQueue
 from maildaemon.pipeline.results import ResultWriter
@@ -42,7 +42,7 @@ class AttemptWorker:
     ) -> None:
         self.index = index
         self._s = settings
-        self._conn = SmtpConnection(settings, context)
+        self._conn = SmtpConnection(settings, context, lambda: queue.accepting)
         self._sender = sender
         self._queue = queue
         self._results = results
@@ -58,6 +58,9 @@ class AttemptWorker:
                     return
                 try:
                     result = await self.attempt(job)
+                except NotBegun:
+                    self._queue.give_back(job)  # nothing sent: the claim goes back
+                    continue
                 except BaseException:
                     self._queue.release()
                     raise
@@ -67,8 +70,11 @@ class AttemptWorker:
             await asyncio.shield(self._conn.close())
 
     async def attempt(self, job: Job) -> AttemptResult:
+        """Send one job; raises NotBegun when no SMTP transaction was begun for it."""
         claim = job.claim
         await self._limiter.acquire(job.recipients)
+        if not self._queue.accepting:
+            raise NotBegun("stopping: no new SMTP transaction begins")
         started = datetime.now(UTC)
         try:
             async with asyncio.timeout(self._s.smtp_timeout):
@@ -85,6 +91,8 @@ class AttemptWorker:
                 else TransportTimeout(f"MAIL_SMTP_TIMEOUT reached at {stage}", stage=stage)
             )
             return self._failed(job, exc, started)
+        except NotBegun:
+            raise
         except TransportError as exc:
             return self._failed(job, exc, started)
         finished = datetime.now(UTC)

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import aiosmtplib
 from aiosmtplib import SMTPResponse
@@ -18,6 +18,7 @@ from aiosmtplib import SMTPResponse
 from maildaemon.config import Settings
 from maildaemon.errors import (
     InsecureTransportError,
+    NotBegun,
     PermanentTransportError,
     TransientTransportError,
     TransportError,
@@ -52,8 +53,15 @@ def envelope(address: str) -> bytes:
 class SmtpConnection:
     """One SMTP session, opened lazily and reused across messages."""
 
-    def __init__(self, settings: Settings, context: ssl.SSLContext) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        context: ssl.SSLContext,
+        may_begin: Callable[[], bool] | None = None,
+    ) -> None:
         self._settings = settings
+        # Asked right before MAIL FROM: False (shutdown) means no new transaction begins.
+        self._may_begin = may_begin
         self._context = context
         self._host, self._port = settings.smtp_host_port if settings.smtp_addr else ("", 0)
         self._client: aiosmtplib.SMTP | None = None
@@ -190,6 +198,8 @@ class SmtpConnection:
             self._client = await self._connect()
         client = self._client
         assert client is not None
+        if self._may_begin is not None and not self._may_begin():
+            raise NotBegun("stopping: no new SMTP transaction begins")
         report = SendReport()
         started = time.perf_counter()
         try:

@@ -263,10 +263,10 @@ class Store:
         if not claims:
             return 0
         async with translate_errors("release"):
-            status = await self.pool.execute(
+            released = await self.pool.fetchval(
                 q.RELEASE_CLAIMS, [c.delivery_id for c in claims], [c.claim_token for c in claims]
             )
-        return int(status.split()[-1])
+        return int(released)
 
     async def pin_rendered(self, pins: Sequence[RenderedPin]) -> set[str]:
         if not pins:

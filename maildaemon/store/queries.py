@@ -85,13 +85,16 @@ NOTIFY_DUE = "SELECT pg_notify('mail_due', '')"
 # paused and skipped (a global pause never gets here). The lease is the new
 # next_attempt_at: a claim whose holder died becomes due again when it expires.
 # A delivery still `sending` when claimed again was interrupted mid-attempt: it may
-# already have reached the recipient, so the new attempt counts as a possible duplicate.
+# already have reached the recipient, so the new attempt counts as a possible duplicate,
+# and the attempt its dead holder left open is closed as `unknown`. The same statement
+# puts the new attempt on record as `started` before any byte goes out (the result writer
+# completes the row), so an attempt is never invisible, at no extra round trip.
 CLAIM_DUE = """
 WITH due AS (
-    SELECT c.delivery_id
+    SELECT c.delivery_id, c.status AS was
     FROM unnest('{0,1,2,3}'::smallint[]) AS p(prio)
     CROSS JOIN LATERAL (
-        SELECT d.delivery_id
+        SELECT d.delivery_id, d.status
         FROM mail.deliveries d
         WHERE d.priority = p.prio
           AND d.next_attempt_at <= now()
@@ -101,37 +104,62 @@ WITH due AS (
         FOR UPDATE OF d SKIP LOCKED
     ) c
     LIMIT $1
+), claimed AS (
+    UPDATE mail.deliveries d
+    SET status = 'sending',
+        claim_token = d.claim_token + 1,
+        claimed_by = $3,
+        attempt_count = d.attempt_count + 1,
+        possible_duplicate = d.possible_duplicate OR due.was = 'sending',
+        next_attempt_at = now() + make_interval(secs => $2),
+        updated_at = now()
+    FROM due
+    WHERE d.delivery_id = due.delivery_id
+    RETURNING d.delivery_id, d.source, d.claim_token, d.attempt_count, d.priority, d.to_addrs,
+        d.rcpts_accepted, d.attempt_count - d.ladder_base AS ladder_rung,
+        d.cc_addrs, d.bcc_addrs, d.pending_rcpts, d.expires_at, d.message_id, d.traceparent,
+        d.possible_duplicate, d.rendered_at
+), abandoned AS (
+    UPDATE mail.attempts a
+    SET status = 'unknown', finished_at = now(),
+        reply_text = 'the process holding the lease stopped before recording a result '
+                     || '(lease expired, claim taken over): outcome unknown'
+    FROM due
+    WHERE a.delivery_id = due.delivery_id AND due.was = 'sending' AND a.status = 'started'
+), opened AS (
+    INSERT INTO mail.attempts (delivery_id, attempt_no, status, started_at, finished_at, worker)
+    SELECT delivery_id, attempt_count, 'started', now(), now(), $3 FROM claimed
+    ON CONFLICT (delivery_id, attempt_no) DO NOTHING
 )
-UPDATE mail.deliveries d
-SET status = 'sending',
-    claim_token = d.claim_token + 1,
-    claimed_by = $3,
-    attempt_count = d.attempt_count + 1,
-    possible_duplicate = d.possible_duplicate OR d.status = 'sending',
-    next_attempt_at = now() + make_interval(secs => $2),
-    updated_at = now()
-FROM due
-WHERE d.delivery_id = due.delivery_id
-RETURNING d.delivery_id, d.source, d.claim_token, d.attempt_count, d.priority, d.to_addrs,
-    d.rcpts_accepted, d.attempt_count - d.ladder_base AS ladder_rung,
-    d.cc_addrs, d.bcc_addrs, d.pending_rcpts, d.expires_at, d.message_id, d.traceparent,
-    d.possible_duplicate,
-    CASE WHEN d.rendered_at IS NULL THEN
-        (SELECT p.command::text FROM mail.delivery_payloads p WHERE p.delivery_id = d.delivery_id)
-    END AS command,
-    CASE WHEN d.rendered_at IS NOT NULL THEN
-        (SELECT p.rendered FROM mail.delivery_payloads p WHERE p.delivery_id = d.delivery_id)
-    END AS rendered
+SELECT c.delivery_id, c.source, c.claim_token, c.attempt_count, c.priority, c.to_addrs,
+    c.rcpts_accepted, c.ladder_rung, c.cc_addrs, c.bcc_addrs, c.pending_rcpts, c.expires_at,
+    c.message_id, c.traceparent, c.possible_duplicate,
+    CASE WHEN c.rendered_at IS NULL THEN p.command::text END AS command,
+    CASE WHEN c.rendered_at IS NOT NULL THEN p.rendered END AS rendered
+FROM claimed c
+LEFT JOIN mail.delivery_payloads p ON p.delivery_id = c.delivery_id
 """
 
-# Give unstarted claims back at shutdown: due again at once, fenced by the claim token.
+# Give unstarted claims back (shutdown, destination down): due again at once, fenced by
+# the claim token; the attempt opened by the claim is withdrawn (nothing was sent).
 RELEASE_CLAIMS = """
-UPDATE mail.deliveries d
-SET status = 'queued',
-    next_attempt_at = now(), claimed_by = NULL, attempt_count = d.attempt_count - 1,
-    updated_at = now()
-FROM unnest($1::text[], $2::bigint[]) AS r(delivery_id, claim_token)
-WHERE d.delivery_id = r.delivery_id AND d.claim_token = r.claim_token AND d.status = 'sending'
+WITH r AS (
+    SELECT * FROM unnest($1::text[], $2::bigint[]) AS r(delivery_id, claim_token)
+), upd AS (
+    UPDATE mail.deliveries d
+    SET status = 'queued',
+        next_attempt_at = now(), claimed_by = NULL, attempt_count = d.attempt_count - 1,
+        updated_at = now()
+    FROM r
+    WHERE d.delivery_id = r.delivery_id AND d.claim_token = r.claim_token
+      AND d.status = 'sending'
+    RETURNING d.delivery_id, d.attempt_count + 1 AS attempt_no
+), withdrawn AS (
+    DELETE FROM mail.attempts a USING upd
+    WHERE a.delivery_id = upd.delivery_id AND a.attempt_no = upd.attempt_no
+      AND a.status = 'started'
+)
+SELECT count(*) FROM upd
 """
 
 # Pin the rendered message before the first send (fenced).
@@ -200,6 +228,17 @@ WITH r AS (
            r.reply_code, r.reply_text, r.recipients, r.worker
     FROM r JOIN upd USING (delivery_id)
     WHERE r.record_attempt
+    ON CONFLICT (delivery_id, attempt_no) DO UPDATE
+    SET status = excluded.status, started_at = excluded.started_at,
+        finished_at = excluded.finished_at, reply_code = excluded.reply_code,
+        reply_text = excluded.reply_text, recipients = excluded.recipients,
+        worker = excluded.worker
+), withdrawn AS (
+    -- Nothing was tried (expired, every recipient suppressed, stub mode): the attempt the
+    -- claim opened is withdrawn.
+    DELETE FROM mail.attempts a USING r JOIN upd USING (delivery_id)
+    WHERE NOT r.record_attempt AND r.claimed AND a.delivery_id = r.delivery_id
+      AND a.attempt_no = r.attempt_no AND a.status = 'started'
 ), dl AS (
     INSERT INTO mail.dead_letters (delivery_id, attempt_count, last_status, last_reply_code,
                                    last_reply_text)
