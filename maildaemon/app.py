@@ -37,11 +37,13 @@ from maildaemon.pipeline.consumer import StreamConsumer
 from maildaemon.pipeline.events import EventPublisher
 from maildaemon.pipeline.heartbeat import ReplicaHeartbeat
 from maildaemon.pipeline.jobs import JobQueue
+from maildaemon.pipeline.probe import DestinationProbe
 from maildaemon.pipeline.results import ResultWriter
 from maildaemon.pipeline.retention import RetentionWorker
 from maildaemon.pipeline.scheduler import Scheduler
 from maildaemon.pipeline.worker import AttemptWorker
 from maildaemon.retry import RetryPolicy
+from maildaemon.sending.destination import Destination
 from maildaemon.sending.ratelimit import RateLimiter
 from maildaemon.sending.smtp import tls_context
 from maildaemon.store import replicas
@@ -241,6 +243,7 @@ class App:
         runner: web.AppRunner,
     ) -> int:
         c = _Components.build(self.settings, store, redis, catalog, signer, self.telemetry)
+        self.readiness.conditions["smtp_destination"] = c.destination.describe
         tasks: dict[str, asyncio.Task[None]] = {}
 
         def spawn(task_name: str, coro: Awaitable[None]) -> None:
@@ -262,6 +265,7 @@ class App:
             smtp_addr=s.smtp_addr,
             smtp_security=s.smtp_security,
         )
+        spawn("destination-probe", c.probe.run())
         spawn("scheduler", c.scheduler.run())
         spawn("command-consumer", c.consumer.run())
         spawn("retention-worker", c.retention.run())
@@ -298,7 +302,14 @@ class App:
         c.scheduler.stop()
         c.retention.stop()
         c.heartbeat.stop()
-        stopping = ("command-consumer", "scheduler", "retention-worker", "replica-heartbeat")
+        c.probe.stop()
+        stopping = (
+            "command-consumer",
+            "scheduler",
+            "retention-worker",
+            "replica-heartbeat",
+            "destination-probe",
+        )
         await self._finish(tasks, stopping, left())
         await self._release_unstarted(c.queue, store)
         workers = tuple(f"attempt-worker-{w.index}" for w in c.workers)
@@ -371,6 +382,8 @@ class _Components:
     retention: RetentionWorker
     heartbeat: ReplicaHeartbeat
     workers: list[AttemptWorker]
+    destination: Destination
+    probe: DestinationProbe
 
     @classmethod
     def build(
@@ -392,7 +405,8 @@ class _Components:
         queue = JobQueue(2 * s.attempt_worker_concurrency)
         publisher = EventPublisher(s, store, redis, inst)
         results = ResultWriter(s, store, inst, name, publisher.wake)
-        scheduler = Scheduler(s, store, composer, queue, results, inst, name)
+        destination = Destination(s.smtp_addr or "stub")
+        scheduler = Scheduler(s, store, composer, queue, results, inst, name, destination)
         policy = command_policy(s, catalog)
         consumer = StreamConsumer(s, redis, store, policy, inst, scheduler.wake)
         me = replicas.Identity(
@@ -403,10 +417,20 @@ class _Components:
         context = tls_context(s)
         workers = [
             AttemptWorker(
-                i, s, context, composer.sender_address, queue, results, retry, limiter, inst
+                i,
+                s,
+                context,
+                composer.sender_address,
+                queue,
+                results,
+                retry,
+                limiter,
+                inst,
+                destination,
             )
             for i in range(s.attempt_worker_concurrency)
         ]
+        probe = DestinationProbe(s, context, destination, queue, store, inst)
         return cls(
             queue,
             publisher,
@@ -416,4 +440,6 @@ class _Components:
             RetentionWorker(s, store),
             ReplicaHeartbeat(store, me, inst),
             workers,
+            destination,
+            probe,
         )

@@ -39,9 +39,13 @@ class Instruments:
     events_published: metrics.Counter
     events_unpublished: metrics.Counter
     api_refusals: metrics.Counter
+    destination_changes: metrics.Counter
+    redis_unpersisted: metrics.Counter
     # Gauges read from the scheduler's last observation.
     schedule_depth: int = 0
     schedule_oldest_age_ms: int = 0
+    destination_up: int = 1  # 1 while the SMTP destination can be reached, else 0
+    redis_persistence: int = -1  # 1 AOF on, 0 off, -1 not known (CONFIG refused)
 
 
 class Telemetry:
@@ -119,6 +123,14 @@ class Telemetry:
                 description="Operator API requests refused, by reason (unauthorized, "
                 "query_timeout, store_unavailable)",
             ),
+            destination_changes=meter.create_counter(
+                "mail.smtp.destination.changes",
+                description="The SMTP destination went down or came back up, by state",
+            ),
+            redis_unpersisted=meter.create_counter(
+                "mail.redis.unpersisted",
+                description="Startups that found Redis without an append-only file",
+            ),
         )
         inst = self.instruments
         meter.create_observable_gauge(
@@ -131,6 +143,16 @@ class Telemetry:
             unit="ms",
             callbacks=[_gauge(lambda: inst.schedule_oldest_age_ms)],
             description="How long the oldest due delivery has waited",
+        )
+        meter.create_observable_gauge(
+            "mail.smtp.destination.up",
+            callbacks=[_gauge(lambda: inst.destination_up)],
+            description="1 while the SMTP destination can be reached, 0 while it is down",
+        )
+        meter.create_observable_gauge(
+            "mail.redis.persistence",
+            callbacks=[_gauge(lambda: inst.redis_persistence)],
+            description="Redis append-only file: 1 on, 0 off (stream at risk), -1 unknown",
         )
 
     def shutdown(self) -> None:

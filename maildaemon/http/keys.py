@@ -27,6 +27,8 @@ class Readiness:
     workers_running: bool = False
     shutting_down: bool = False
     checks: dict[str, Callable[[], Awaitable[object]]] = field(default_factory=dict)
+    # States the daemon knows without asking anyone: "ok", or what is wrong.
+    conditions: dict[str, Callable[[], str]] = field(default_factory=dict)
 
 
 STORE_KEY = web.AppKey("store", Store)

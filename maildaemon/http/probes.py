@@ -29,6 +29,8 @@ async def readyz(request: web.Request) -> web.Response:
             checks[name] = "ok"
         except (StoreUnavailable, OSError, TimeoutError, Exception) as exc:
             checks[name] = f"unavailable: {type(exc).__name__}"
+    for name, condition in state.conditions.items():
+        checks[name] = condition()
     ready = all(v == "ok" for v in checks.values())
     return web.json_response(
         {

@@ -38,6 +38,7 @@ class JobQueue:
         self._free = slots
         self.slots = slots
         self.accepting = True
+        self.stopped = asyncio.Event()
 
     async def wait_for_slots(self, enough: int) -> int:
         """Wait until ``enough`` slots are free, or any slot while the workers starve.
@@ -78,6 +79,7 @@ class JobQueue:
     def stop(self) -> None:
         """Hand out nothing more: waiting workers get None, a waiting scheduler wakes."""
         self.accepting = False
+        self.stopped.set()
         self._has_jobs.set()
         self._has_space.set()
 

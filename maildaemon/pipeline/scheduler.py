@@ -28,6 +28,7 @@ from maildaemon.message.compose import Composer
 from maildaemon.pipeline.jobs import Job, JobQueue
 from maildaemon.pipeline.results import ResultWriter
 from maildaemon.retry import Backoff
+from maildaemon.sending.destination import Destination
 from maildaemon.sending.outcomes import without_attempt
 from maildaemon.store.db import Store
 from maildaemon.telemetry import Instruments
@@ -46,6 +47,7 @@ class Scheduler:
         results: ResultWriter,
         instruments: Instruments,
         worker_name: str,
+        destination: Destination,
     ) -> None:
         self._s = settings
         self._store = store
@@ -54,6 +56,7 @@ class Scheduler:
         self._results = results
         self._inst = instruments
         self._worker = worker_name
+        self._dest = destination
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         # Claim in useful batches: wait for this many free slots unless workers starve.
@@ -85,6 +88,9 @@ class Scheduler:
     async def _loop(self) -> None:
         backoff = Backoff()
         while not self._stopping.is_set():
+            if not self._dest.up:  # claim nothing for a destination that is down
+                await self._dest.wait_up(self._stopping)
+                continue
             free = await self._queue.wait_for_slots(self._claim_size)
             if self._stopping.is_set() or not self._queue.accepting:
                 break

@@ -19,6 +19,7 @@ from maildaemon.logs import event
 from maildaemon.pipeline.jobs import Job, JobQueue
 from maildaemon.pipeline.results import ResultWriter
 from maildaemon.retry import RetryPolicy
+from maildaemon.sending.destination import Destination, is_unreachable
 from maildaemon.sending.outcomes import from_error, from_report
 from maildaemon.sending.ratelimit import RateLimiter
 from maildaemon.sending.smtp import SmtpConnection
@@ -39,6 +40,7 @@ class AttemptWorker:
         policy: RetryPolicy,
         limiter: RateLimiter,
         instruments: Instruments,
+        destination: Destination,
     ) -> None:
         self.index = index
         self._s = settings
@@ -49,6 +51,7 @@ class AttemptWorker:
         self._policy = policy
         self._limiter = limiter
         self._inst = instruments
+        self._dest = destination
 
     async def run(self) -> None:
         try:
@@ -56,6 +59,10 @@ class AttemptWorker:
                 job = await self._queue.get()
                 if job is None:
                     return
+                if not self._dest.up:  # held, not charged: the probe gives the claim back
+                    self._queue.give_back(job)
+                    await self._dest.wait_up(self._queue.stopped)
+                    continue
                 try:
                     result = await self.attempt(job)
                 except NotBegun:
@@ -104,6 +111,8 @@ class AttemptWorker:
 
     def _failed(self, job: Job, exc: TransportError, started: datetime) -> AttemptResult:
         finished = datetime.now(UTC)
+        if is_unreachable(exc):
+            self._dest.mark_down(exc)
         self._inst.send_duration_ms.record((finished - started).total_seconds() * 1000)
         event(
             log,

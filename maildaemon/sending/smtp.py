@@ -177,6 +177,11 @@ class SmtpConnection:
                 f"STARTTLS handshake failed: {exc}", stage="starttls"
             ) from exc
 
+    async def open(self) -> None:
+        """Open the session now (connect, banner, EHLO, STARTTLS, AUTH) if it is not open."""
+        if self._client is None or not self._client.is_connected:
+            self._client = await self._connect()
+
     async def send(self, sender: str, recipients: Sequence[str], message: bytes) -> SendReport:
         """Send one message; reconnects once if the kept-open link turned out to be dead."""
         try:
