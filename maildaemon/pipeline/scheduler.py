@@ -77,13 +77,48 @@ class Scheduler:
             batch_size=self._s.scheduler_batch_size,
             poll_interval_s=self._s.scheduler_poll_interval,
         )
+        listener = asyncio.create_task(self._listen(), name="scheduler-listen")
         try:
-            async with self._store.listen("mail_due", self.wake):
-                await self._loop()
-        except StoreUnavailable:
-            # LISTEN needs a connection; without one, poll until PostgreSQL is back.
             await self._loop()
+        finally:
+            self._stopping.set()  # the listener leaves by itself; cancel only if it hangs
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(listener), 5.0)
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
         event(log, "scheduler stopped")
+
+    async def _listen(self) -> None:
+        """Keep a LISTEN connection for wake-ups from other replicas' intake; when it drops,
+        poll meanwhile and listen again with backoff."""
+        backoff = Backoff()
+        lost_before = False
+        while not self._stopping.is_set():
+            error = "connection lost"
+            try:
+                async with self._store.listen("mail_due", self.wake) as lost:
+                    if lost_before:
+                        event(log, "listen connection restored", component="scheduler")
+                        self.wake()  # catch up on what was announced meanwhile
+                    backoff.reset()
+                    await _first(lost, self._stopping)
+            except StoreUnavailable as exc:
+                error = str(exc)
+            if self._stopping.is_set():
+                return
+            lost_before = True
+            self._inst.store_unavailable.add(1, {"component": "listen"})
+            event(
+                log,
+                "listen connection lost",
+                logging.WARNING,
+                component="scheduler",
+                error=error,
+                retry_in_s=backoff.peek(),
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), backoff.next())
 
     async def _loop(self) -> None:
         backoff = Backoff()
@@ -250,3 +285,13 @@ class Scheduler:
             else:
                 jobs.append(Job(claim, message, remaining, suppressed))
         return jobs
+
+
+async def _first(*events: asyncio.Event) -> None:
+    """Wait until any of ``events`` is set."""
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

@@ -71,8 +71,12 @@ class AttemptWorker:
                 except BaseException:
                     self._queue.release()
                     raise
-                # The slot frees up when the result is committed, not before.
-                self._results.submit(result).add_done_callback(self._queue.release_after)
+                # The slot frees up when the result is committed, not before; and this
+                # worker begins no other transaction until then, so a crash leaves at most
+                # one accepted-but-unrecorded message per connection.
+                recorded = self._results.submit(result)
+                recorded.add_done_callback(self._queue.release_after)
+                await asyncio.shield(recorded)
         finally:
             await asyncio.shield(self._conn.close())
 

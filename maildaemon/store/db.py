@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -355,21 +356,39 @@ class Store:
         return deleted
 
     @contextlib.asynccontextmanager
-    async def listen(self, channel: str, callback: Callable[[], None]) -> AsyncIterator[None]:
-        """LISTEN on a dedicated connection for as long as the context is open."""
+    async def listen(
+        self, channel: str, callback: Callable[[], None]
+    ) -> AsyncIterator[asyncio.Event]:
+        """LISTEN on a dedicated connection for as long as the context is open.
+
+        Yields an event that is set when the connection is lost (the server restarted, the
+        backend was terminated): the caller then leaves the block and listens again."""
         async with translate_errors("listen"):
             conn = await self.pool.acquire()
+        lost = asyncio.Event()
 
         def _on_notify(*_: Any) -> None:
             callback()
 
-        try:
-            await conn.add_listener(channel, _on_notify)
-            yield
-        finally:
-            with contextlib.suppress(*_UNAVAILABLE):
+        def _on_lost(*_: Any) -> None:
+            lost.set()
+
+        async def unlisten() -> None:
+            with contextlib.suppress(*_UNAVAILABLE):  # a lost connection is detached already
                 await conn.remove_listener(channel, _on_notify)
-            await self.pool.release(conn)
+                conn.remove_termination_listener(_on_lost)
+            with contextlib.suppress(*_UNAVAILABLE):
+                await self.pool.release(conn)
+
+        try:
+            async with translate_errors("listen"):
+                conn.add_termination_listener(_on_lost)
+                await conn.add_listener(channel, _on_notify)
+            yield lost
+        finally:
+            # Shielded: a cancel arriving meanwhile must not keep the connection checked out
+            # (the pool would then wait for it forever when it closes).
+            await asyncio.shield(unlisten())
 
 
 async def write_outcomes(
