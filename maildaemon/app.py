@@ -37,6 +37,7 @@ from maildaemon.pipeline.consumer import StreamConsumer
 from maildaemon.pipeline.events import EventPublisher
 from maildaemon.pipeline.heartbeat import ReplicaHeartbeat
 from maildaemon.pipeline.jobs import JobQueue
+from maildaemon.pipeline.persistence import check_redis_persistence
 from maildaemon.pipeline.probe import DestinationProbe
 from maildaemon.pipeline.results import ResultWriter
 from maildaemon.pipeline.retention import RetentionWorker
@@ -156,6 +157,7 @@ class App:
             redis = redis_client(s)
             stack.push_async_callback(redis.aclose)
             await _step("redis ping", redis.ping, 10, addr=s.redis_master_addr)
+            await check_redis_persistence(redis, self.telemetry.instruments)
             store = await _step(
                 "postgres pool",
                 lambda: Store.open(
