@@ -15,6 +15,7 @@ import base64
 import contextlib
 import ssl
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +65,8 @@ class ScriptedSmtp:
         self.script = Script()
         self.received: list[Received] = []
         self.connections = 0
+        self.data_delay = 0.0  # seconds before the reply to the end of data (a slow server)
+        self.mail_times: list[float] = []  # time.time() of every MAIL FROM received
         self._ca = ca
         self._auth = auth
         self._server: asyncio.Server | None = None
@@ -170,6 +173,7 @@ class _Session:
             ok = self.server.credentials_ok(blob)
             await self.act("auth", _DEFAULTS["auth"] if ok else "535 5.7.8 bad credentials")
         elif verb == "MAIL":
+            self.server.mail_times.append(time.time())
             if not self.tls:
                 await self.act("mail", "530 5.7.0 must issue STARTTLS first")
                 return False
@@ -211,6 +215,8 @@ class _Session:
             if line == b".\r\n":
                 break
             chunks.append(line[1:] if line.startswith(b"..") else line)
+        if self.server.data_delay:
+            await asyncio.sleep(self.server.data_delay)
         reply = await self.act("end of data", _DEFAULTS["end of data"])
         if reply.startswith("2"):
             self.server.received.append(
