@@ -82,6 +82,22 @@ def command_policy(settings: Settings, catalog: TemplateCatalog) -> CommandPolic
     )
 
 
+def _log_configuration(s: Settings) -> None:
+    event(log, "configuration", **s.redacted())  # secrets and DSN passwords removed
+    if s.smtp_mode == "smtp" and not s.smtp_tls_verify:
+        event(
+            log,
+            "smtp certificate verification is OFF (MAIL_SMTP_TLS_VERIFY=false)",
+            logging.WARNING,
+        )
+    if s.smtp_mode == "stub":
+        event(
+            log,
+            "stub mode: deliveries are rendered and recorded, nothing is sent",
+            logging.WARNING,
+        )
+
+
 async def _step(name: str, action: Callable[[], Awaitable[T]], timeout: float, **fields: Any) -> T:
     """Run one startup step: logged once, bounded, any failure a StartupError naming it."""
     started = time.monotonic()
@@ -139,19 +155,7 @@ class App:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self._on_signal, sig)
-        event(log, "configuration", **s.redacted())  # secrets and DSN passwords removed
-        if s.smtp_mode == "smtp" and not s.smtp_tls_verify:
-            event(
-                log,
-                "smtp certificate verification is OFF (MAIL_SMTP_TLS_VERIFY=false)",
-                logging.WARNING,
-            )
-        if s.smtp_mode == "stub":
-            event(
-                log,
-                "stub mode: deliveries are rendered and recorded, nothing is sent",
-                logging.WARNING,
-            )
+        _log_configuration(s)
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(self.telemetry.shutdown)
             redis = redis_client(s)
