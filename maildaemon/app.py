@@ -421,20 +421,9 @@ class _Components:
         retry = RetryPolicy(s.retry_ladder, s.retry_jitter, s.unknown_outcome_policy)
         limiter = RateLimiter(s.global_rate_limit, s.domain_rate_limit, s.domain_backoff)
         context = tls_context(s)
+        shared = (composer.sender_address, queue, results, retry, limiter, inst, destination)
         workers = [
-            AttemptWorker(
-                i,
-                s,
-                context,
-                composer.sender_address,
-                queue,
-                results,
-                retry,
-                limiter,
-                inst,
-                destination,
-            )
-            for i in range(s.attempt_worker_concurrency)
+            AttemptWorker(i, s, context, *shared) for i in range(s.attempt_worker_concurrency)
         ]
         probe = DestinationProbe(s, context, destination, queue, store, inst)
         return cls(
