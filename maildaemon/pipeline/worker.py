@@ -21,7 +21,7 @@ from maildaemon.pipeline.results import ResultWriter
 from maildaemon.retry import RetryPolicy
 from maildaemon.sending.outcomes import from_error, from_report
 from maildaemon.sending.ratelimit import RateLimiter
-from maildaemon.sending.smtp import SmtpConnection
+from maildaemon.sending.pipelined import PipeliningConnection
 from maildaemon.telemetry import Instruments
 
 log = logging.getLogger("maildaemon.worker")
@@ -42,7 +42,7 @@ class AttemptWorker:
     ) -> None:
         self.index = index
         self._s = settings
-        self._conn = SmtpConnection(settings, context)
+        self._conn = PipeliningConnection(settings, context)
         self._sender = sender
         self._queue = queue
         self._results = results
