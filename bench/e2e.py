@@ -9,8 +9,13 @@ Phases (each on a fresh database and stream):
   latency    commands at a fixed rate; XADD → SMTP acceptance per message
   intake     sending paused: commands/s into PostgreSQL
   send       the paused backlog released: deliveries/s out of PostgreSQL
-  backlog    claim latency with 10k vs 1M queued rows, and with a large retry backlog
-             that is not yet due (see bench/claims.py)
+  backlog    claim latency with 10k vs --backlog-rows queued rows, and with a large
+             retry backlog that is not yet due (see bench/claims.py); opt-in
+  matrix     RTT x connections x MAIL_SMTP_PIPELINING over a delayed link (bench/link.py,
+             root only; see bench/matrix.py); opt-in
+
+Default phases: sink,throughput,latency,intake. ``--modes auto,off`` runs throughput and
+latency once per MAIL_SMTP_PIPELINING value, side by side in one run.
 
 Prints a short table and one JSON line (`BENCH_JSON {...}`).
 """
@@ -99,7 +104,9 @@ def command(i: int, run: str) -> str:
     )
 
 
-def daemon_env(dsn: str, servers: Servers, http_port: int, concurrency: int) -> dict[str, str]:
+def daemon_env(
+    dsn: str, servers: Servers, http_port: int, concurrency: int, pipelining: str = "auto"
+) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MAIL_", "OTEL_"))}
     env.update(
         {
@@ -115,6 +122,7 @@ def daemon_env(dsn: str, servers: Servers, http_port: int, concurrency: int) -> 
             "MAIL_ALLOWED_SOURCES": "notification,authsession",
             "MAIL_LOG_LEVEL": "WARNING",
             "MAIL_SHUTDOWN_TIMEOUT": "10s",
+            "MAIL_SMTP_PIPELINING": pipelining,
         }
     )
     return env
@@ -212,10 +220,13 @@ SENT = "SELECT count(*) FROM mail.deliveries WHERE status = 'sent'"
 ALL = "SELECT count(*) FROM mail.deliveries"
 
 
-async def phase_throughput(servers: Servers, n: int, concurrency: int) -> dict[str, Any]:
+async def phase_throughput(
+    servers: Servers, n: int, concurrency: int, pipelining: str = "auto"
+) -> dict[str, Any]:
     dsn = await servers.fresh_database()
     port = pick_free_port()
-    proc = await start_daemon(daemon_env(dsn, servers, port, concurrency), port)
+    proc = await start_daemon(daemon_env(dsn, servers, port, concurrency, pipelining), port)
+    flights0, messages0 = servers.sink.flights()
     cpu0 = proc.cpu_seconds()
     docs = [command(i, "tp") for i in range(n)]
     first = await xadd_all(servers.redis_addr, docs)
@@ -225,8 +236,12 @@ async def phase_throughput(servers: Servers, n: int, concurrency: int) -> dict[s
     stop_daemon(proc)
     attempts = await count(dsn, "SELECT count(*) FROM mail.attempts WHERE status = 'sent'")
     elapsed = done - first
+    await asyncio.sleep(1.1)  # the sink writes its counters every 0.5 s
+    flights1, messages1 = servers.sink.flights()
     return {
+        "pipelining": pipelining,
         "messages": n,
+        "round_trips_per_message": round((flights1 - flights0) / max(messages1 - messages0, 1), 2),
         "elapsed_s": round(elapsed, 3),
         "deliveries_per_s": round(n / elapsed, 1),
         "producer_per_s": round(n / (produced - first), 1),
@@ -237,10 +252,12 @@ async def phase_throughput(servers: Servers, n: int, concurrency: int) -> dict[s
     }
 
 
-async def phase_latency(servers: Servers, n: int, rate: float, concurrency: int) -> dict[str, Any]:
+async def phase_latency(
+    servers: Servers, n: int, rate: float, concurrency: int, pipelining: str = "auto"
+) -> dict[str, Any]:
     dsn = await servers.fresh_database()
     port = pick_free_port()
-    proc = await start_daemon(daemon_env(dsn, servers, port, concurrency), port)
+    proc = await start_daemon(daemon_env(dsn, servers, port, concurrency, pipelining), port)
     host, rport = servers.redis_addr.split(":")
     client = aioredis.Redis(host=host, port=int(rport))
     sent_at: dict[str, int] = {}
@@ -250,9 +267,9 @@ async def phase_latency(servers: Servers, n: int, rate: float, concurrency: int)
         delay = target - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        delivery_id = f"lat-{i}"
+        delivery_id = f"lat{pipelining}-{i}"
         sent_at[make_message_id(delivery_id, SENDER_DOMAIN)] = time.monotonic_ns()
-        await client.xadd("mail:delivery_commands", {"command": command(i, "lat")})
+        await client.xadd("mail:delivery_commands", {"command": command(i, f"lat{pipelining}")})
     await client.aclose()
     await wait_count(dsn, SENT, n, proc)
     stop_daemon(proc)
@@ -266,6 +283,7 @@ async def phase_latency(servers: Servers, n: int, rate: float, concurrency: int)
         return round(lat[min(len(lat) - 1, int(p * len(lat)))], 2)
 
     return {
+        "pipelining": pipelining,
         "messages": n,
         "rate_per_s": rate,
         "matched": len(lat),
@@ -385,6 +403,8 @@ def machine() -> dict[str, Any]:
 def table(results: dict[str, Any]) -> str:
     lines = []
     for phase, values in results.items():
+        if phase == "matrix_table":
+            lines.append(str(values))
         if phase == "machine" or not isinstance(values, dict):
             continue
         lines.append(f"{phase}:")
@@ -396,7 +416,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="maildaemon-bench-"))
     pg = EmbeddedPostgres(workdir / "pg", fast=False)  # fsync on: every commit is durable
     rd = EmbeddedRedis(workdir / "redis")
-    sink = SinkCluster(workdir / "sink", procs=args.sink_procs, log=workdir / "arrivals")
+    sink = SinkCluster(
+        workdir / "sink",
+        procs=args.sink_procs,
+        log=workdir / "arrivals",
+        chunking=not args.sink_no_chunking,
+    )
     results: dict[str, Any] = {"machine": machine()}
     try:
         admin = pg.start()
@@ -405,12 +430,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         servers = Servers(admin, redis_addr, sink, workdir)
         if "sink" in args.phases:
             results["sink_alone"] = phase_sink(servers, args.sink_seconds, 2, 8)
-        if "throughput" in args.phases:
-            results["throughput"] = await phase_throughput(servers, args.messages, args.concurrency)
-        if "latency" in args.phases:
-            results["latency"] = await phase_latency(
-                servers, args.latency_messages, args.rate, args.concurrency
-            )
+        for mode in args.modes:
+            key = "" if mode == args.modes[0] else f"[{mode}]"
+            if "throughput" in args.phases:
+                results[f"throughput{key}"] = await phase_throughput(
+                    servers, args.messages, args.concurrency, mode
+                )
+            if "latency" in args.phases:
+                results[f"latency{key}"] = await phase_latency(
+                    servers, args.latency_messages, args.rate, args.concurrency, mode
+                )
         if "intake" in args.phases:
             results["intake_then_send"] = await phase_intake_then_send(
                 servers, args.messages, args.concurrency
@@ -423,6 +452,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             results["backlog"]["daemon_with_retry_backlog"] = await phase_behind_backlog(
                 servers, claims_dsn, 1000, args.concurrency
             )
+        if "matrix" in args.phases:
+            from bench.matrix import phase_matrix
+            from bench.matrix import table as matrix_table
+
+            results["matrix"] = await phase_matrix(servers, workdir, args)
+            results["matrix_table"] = matrix_table(results["matrix"])
     finally:
         sink.stop()
         rd.stop()
@@ -460,9 +495,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backlog-rows", type=int, default=1_000_000)
     parser.add_argument(
         "--phases",
-        default="sink,throughput,latency,intake,backlog",
+        default="sink,throughput,latency,intake",
         type=lambda s: set(s.split(",")),
+        help="add backlog (claims behind --backlog-rows) and matrix (delayed link) explicitly",
     )
+    parser.add_argument(
+        "--modes",
+        default=["auto"],
+        type=lambda s: s.split(","),
+        help="MAIL_SMTP_PIPELINING values, e.g. auto,off (matrix and throughput/latency)",
+    )
+    parser.add_argument("--sink-no-chunking", action="store_true", help="sink without BDAT")
+    floats = lambda s: [float(x) for x in s.split(",")]  # noqa: E731
+    parser.add_argument("--rtts", default=[0, 5, 25, 50], type=floats, help="matrix RTTs, ms")
+    parser.add_argument(
+        "--conns", default=[1, 8, 32], type=lambda s: [int(x) for x in s.split(",")]
+    )
+    parser.add_argument("--matrix-seconds", type=float, default=4.0, help="burst size, s")
+    parser.add_argument("--matrix-messages", type=int, default=2000, help="burst size cap")
+    parser.add_argument("--matrix-rate", type=float, default=50.0, help="latency rate, /s")
+    parser.add_argument("--matrix-latency-seconds", type=float, default=4.0)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
     try:

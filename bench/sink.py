@@ -158,6 +158,7 @@ class SinkProtocol(asyncio.Protocol):
             self._write(b"250 OK\r\n")
         elif verb == b"QUIT":
             self._write(b"221 bye\r\n")
+            self._flush()
             assert self._transport is not None
             self._transport.close()
         else:
