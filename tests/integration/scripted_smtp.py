@@ -55,9 +55,10 @@ class _Conn(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None:
             self.server.connections.append(self)
-        self.transport = transport  # type: ignore[assignment]
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
         if not self.tls:
-            self.transport.write(b"220 scripted ESMTP\r\n")
+            transport.write(b"220 scripted ESMTP\r\n")
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.writer is not None:
