@@ -33,7 +33,7 @@ from bench.e2e import (
 from bench.link import SINK_IP, DelayedLink
 from bench.sink import SinkCluster
 from maildaemon.devstack.postgres import pick_free_port
-from maildaemon.mime import make_message_id
+from maildaemon.message.mime import make_message_id
 
 
 def _expected_round_trips(mode: str, chunking: bool) -> int:

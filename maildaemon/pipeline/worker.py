@@ -20,8 +20,8 @@ from maildaemon.pipeline.jobs import Job, JobQueue
 from maildaemon.pipeline.results import ResultWriter
 from maildaemon.retry import RetryPolicy
 from maildaemon.sending.outcomes import from_error, from_report
-from maildaemon.sending.ratelimit import RateLimiter
 from maildaemon.sending.pipelined import PipeliningConnection
+from maildaemon.sending.ratelimit import RateLimiter
 from maildaemon.telemetry import Instruments
 
 log = logging.getLogger("maildaemon.worker")

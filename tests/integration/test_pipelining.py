@@ -25,7 +25,7 @@ from maildaemon.errors import (
 )
 from maildaemon.sending import pipelined
 from maildaemon.sending.pipelined import PipeliningConnection
-from maildaemon.smtp import tls_context
+from maildaemon.sending.smtp import tls_context
 from tests.integration.scripted_smtp import ScriptedServer
 
 MESSAGE = (

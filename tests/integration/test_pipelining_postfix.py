@@ -21,7 +21,8 @@ import trustme
 from maildaemon.devstack.postgres import pick_free_port
 from maildaemon.errors import InsecureTransportError
 from maildaemon.sending.pipelined import PipeliningConnection
-from maildaemon.smtp import SendReport, tls_context
+from maildaemon.sending.reply import SendReport
+from maildaemon.sending.smtp import tls_context
 from tests.integration.test_pipelining import MESSAGE, settings_for
 
 POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
