@@ -272,14 +272,14 @@ class PipeliningConnection(SmtpConnection):
         if report.data_reply is not None:
             session.dirty = False
 
-    async def _exchange(self, reader: ReplyReader, data: bytes, replies: list[Reply]) -> None:
-        """Write one flight, then read replies until ``replies`` has its expected length.
+    async def _exchange(
+        self, reader: ReplyReader, data: bytes, expected: int, replies: list[Reply]
+    ) -> None:
+        """Write one flight, then read its ``expected`` replies into ``replies``.
 
-        ``replies`` holds what arrived even when this raises; more replies than commands
-        (in the same segments) raise ``OutOfStep``.
+        ``replies`` keeps what arrived when this raises. Replies beyond ``expected`` that
+        came with them (more replies than commands) raise ``OutOfStep``.
         """
-        expected = len(replies)
-        del replies[:]
         reader.write(data)
         async with asyncio.timeout(self._timeout):
             while len(replies) < expected:
@@ -288,9 +288,9 @@ class PipeliningConnection(SmtpConnection):
             raise OutOfStep("the server sent more replies than there were commands")
 
     async def _probe(self, reader: ReplyReader) -> None:
-        replies: list[Reply] = [Reply(0, "")]
+        replies: list[Reply] = []
         try:
-            await self._exchange(reader, b"NOOP\r\n", replies)
+            await self._exchange(reader, b"NOOP\r\n", 1, replies)
         except (LinkLost, OutOfStep, TimeoutError) as exc:
             self.abort()
             raise _StaleConnection(f"idle connection did not answer NOOP: {exc}") from exc
@@ -326,9 +326,9 @@ class PipeliningConnection(SmtpConnection):
         report: SendReport,
     ) -> None:
         reader = session.reader
-        replies = flight.slots()
+        replies: list[Reply] = []
         try:
-            await self._exchange(reader, commands, replies)
+            await self._exchange(reader, commands, flight.size, replies)
         except (LinkLost, OutOfStep, TimeoutError) as exc:
             self._closing(fresh, replies)
             raise self._failed_before_data(fresh, exc) from exc
@@ -346,7 +346,7 @@ class PipeliningConnection(SmtpConnection):
         if report.data_refused is not None or not report.accepted:
             # RFC 2920 3.1: DATA went ahead although nobody can get the message; end it empty.
             try:
-                await self._exchange(reader, b".\r\n", [Reply(0, "")])
+                await self._exchange(reader, b".\r\n", 1, [])
             except (LinkLost, OutOfStep, TimeoutError):
                 self.abort()
             return
@@ -356,9 +356,9 @@ class PipeliningConnection(SmtpConnection):
         if not payload.endswith(b"\r\n"):
             payload += b"\r\n"
         self.in_data = True
-        final = [Reply(0, "")]
+        final: list[Reply] = []
         try:
-            await self._exchange(reader, payload + b".\r\n", final)
+            await self._exchange(reader, payload + b".\r\n", 1, final)
         except (LinkLost, OutOfStep, TimeoutError) as exc:
             self.abort()
             raise UnknownOutcome(
@@ -374,10 +374,10 @@ class PipeliningConnection(SmtpConnection):
         flight: _Flight,
         report: SendReport,
     ) -> None:
-        replies = flight.slots()
+        replies: list[Reply] = []
         self.in_data = True  # the message is in this very write
         try:
-            await self._exchange(session.reader, data, replies)
+            await self._exchange(session.reader, data, flight.size, replies)
         except (LinkLost, OutOfStep, TimeoutError) as exc:
             self._closing(fresh, replies)
             if flight.nobody_accepted(replies):
@@ -401,9 +401,10 @@ class _Flight:
         self.recipients = recipients
         self.rcpt_count = len(recipients)
 
-    def slots(self) -> list[Reply]:
-        """A list of the flight's length (``_exchange`` fills it): [RSET] MAIL RCPT… last."""
-        return [Reply(0, "")] * (self.mail + 1 + self.rcpt_count + 1)
+    @property
+    def size(self) -> int:
+        """Replies in the flight: [RSET] MAIL RCPT… DATA|BDAT."""
+        return self.mail + 1 + self.rcpt_count + 1
 
     def nobody_accepted(self, replies: Sequence[Reply]) -> bool:
         """From the replies that did arrive: was the message refused before its data?"""
