@@ -224,8 +224,9 @@ def _serve(
                 with open(log_path, "ab") as fh:
                     fh.write(b"".join(log))
                 log.clear()
-            if log_path:
-                Path(f"{log_path}.stats").write_text(f"{Stats.flights} {Stats.messages}\n")
+            if log_path:  # atomically: the harness reads it at any time
+                Path(f"{log_path}.stats.tmp").write_text(f"{Stats.flights} {Stats.messages}\n")
+                os.replace(f"{log_path}.stats.tmp", f"{log_path}.stats")
             if stop.is_set():
                 break
         server.close()
