@@ -255,8 +255,14 @@ async def phase_throughput(
 
 
 async def phase_latency(
-    servers: Servers, n: int, rate: float, concurrency: int, pipelining: str = "auto"
+    servers: Servers,
+    n: int,
+    rate: float,
+    concurrency: int,
+    pipelining: str = "auto",
+    tag: str = "",
 ) -> dict[str, Any]:
+    """``tag`` keeps Message-IDs unique across runs against the same sink."""
     dsn = await servers.fresh_database()
     port = pick_free_port()
     proc = await start_daemon(daemon_env(dsn, servers, port, concurrency, pipelining), port)
@@ -269,9 +275,9 @@ async def phase_latency(
         delay = target - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        delivery_id = f"lat{pipelining}-{i}"
-        sent_at[make_message_id(delivery_id, SENDER_DOMAIN)] = time.monotonic_ns()
-        await client.xadd("mail:delivery_commands", {"command": command(i, f"lat{pipelining}")})
+        run = f"lat{pipelining}{tag}"
+        sent_at[make_message_id(f"{run}-{i}", SENDER_DOMAIN)] = time.monotonic_ns()
+        await client.xadd("mail:delivery_commands", {"command": command(i, run)})
     await client.aclose()
     await wait_count(dsn, SENT, n, proc)
     stop_daemon(proc)
@@ -489,7 +495,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
             if "latency" in args.phases:
                 results[f"latency{key}"] = await phase_latency(
-                    servers, args.latency_messages, args.rate, args.concurrency, mode
+                    servers, args.latency_messages, args.rate, args.concurrency, mode, str(i)
                 )
         if "intake" in args.phases:
             results["intake_then_send"] = await phase_intake_then_send(
