@@ -38,8 +38,15 @@ def available() -> str | None:
         return "needs root (network namespaces, TUN devices)"
     if shutil.which("ip") is None:
         return "ip (iproute2) is not installed"
-    if not os.path.exists("/dev/net/tun"):
-        return "/dev/net/tun is missing"
+    try:
+        os.close(os.open("/dev/net/tun", os.O_RDWR))
+    except OSError as exc:
+        return f"/dev/net/tun: {exc}"
+    probe = f"mdbprobe{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
+    if made.returncode != 0:
+        return f"cannot make a network namespace: {made.stderr.strip()}"
     return None
 
 
