@@ -12,9 +12,10 @@ Every reply is still paired with its command, so the report is the one the
 one-command-at-a-time transport gives: per-recipient replies, DATA refused when nobody
 was accepted (no message data is sent after DATA; with BDAT the server discards the
 chunk), ``UnknownOutcome`` when the link is lost after the message data went out and
-before its reply. A server that answers out of step (more replies than commands, a 354
-to something else) loses the connection; when the message data was already out, the
-attempt is ``UnknownOutcome`` too. Servers without PIPELINING, and
+before its reply. A server that answers out of step (more replies than commands in the
+segments read, lines that are not SMTP replies, DATA answered with neither 354 nor an
+error) loses the connection; when the message data was already out, the attempt is
+``UnknownOutcome`` too, never ``sent``. Servers without PIPELINING, and
 ``MAIL_SMTP_PIPELINING=off``, get ``SmtpConnection``'s one command at a time.
 """
 
