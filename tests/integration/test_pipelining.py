@@ -27,6 +27,7 @@ from maildaemon.sending import pipelined
 from maildaemon.sending.pipelined import PipeliningConnection
 from maildaemon.sending.smtp import tls_context
 from tests.integration.scripted_smtp import ScriptedServer
+from tests.support import Db, command, running_app, wait_for, xadd
 
 MESSAGE = (
     b"From: a@test.example\r\nTo: b@example.com\r\nSubject: pipelined\r\n"
@@ -431,3 +432,54 @@ async def test_bdat_refused_message_is_reported(
 def test_tls_context_verifies(ca_file: Path) -> None:
     ctx = tls_context(settings_for(25, ca_file))
     assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+
+
+# the daemon end to end over the scripted CHUNKING server ----------------------------------
+
+
+MakeSettings = Callable[..., Settings]
+
+
+async def test_daemon_bdat_one_flight_per_message_and_recorded_sent(
+    make_settings: MakeSettings, scripted: ScriptedServer
+) -> None:
+    settings = make_settings(smtp_addr=f"localhost:{scripted.port}")
+    db = Db(settings.dsn)
+    async with running_app(settings):
+        await xadd(settings, *(command(f"b-{i}", idempotency_key=f"b-{i}") for i in range(5)))
+        for i in range(5):
+            await db.wait_status(f"b-{i}", "sent")
+    assert len(scripted.received) == 5
+    assert scripted.transaction_verbs().count("BDAT") == 5
+    assert "DATA" not in scripted.transaction_verbs()
+    attempts = [a for i in range(5) for a in await db.attempts(f"b-{i}")]
+    assert [(a["status"], a["reply_code"]) for a in attempts] == [("sent", 250)] * 5
+
+
+@pytest.mark.parametrize(
+    ("extensions", "attempt_status"),
+    [(("PIPELINING", "CHUNKING"), "unknown"), (("PIPELINING",), "timed_out")],
+)
+async def test_daemon_silent_server_timeout_is_unknown_only_once_data_is_out(
+    make_settings: MakeSettings,
+    scripted: ScriptedServer,
+    extensions: tuple[str, ...],
+    attempt_status: str,
+) -> None:
+    """The worker's own MAIL_SMTP_TIMEOUT fires: with BDAT the message was in the first
+    write, so the attempt is `unknown` (retried as a possible duplicate); with DATA it
+    never left, so it is `timed_out`."""
+    scripted.script.extensions = extensions
+    scripted.script.silent = True
+    settings = make_settings(
+        smtp_addr=f"localhost:{scripted.port}", smtp_timeout=1, retry_ladder="30s"
+    )
+    db = Db(settings.dsn)
+    async with running_app(settings):
+        await xadd(settings, command("d-silent"))
+        await wait_for(lambda: db.attempts("d-silent"), timeout=15)
+    (attempt,) = await db.attempts("d-silent")
+    assert attempt["status"] == attempt_status
+    row = (await db.fetch("SELECT * FROM mail.deliveries WHERE delivery_id = 'd-silent'"))[0]
+    assert row["status"] == "queued"  # retry scheduled
+    assert row["possible_duplicate"] is (attempt_status == "unknown")
