@@ -7,10 +7,17 @@ Phases (each on a fresh database and stream):
   throughput N template commands XADDed as fast as a producer can; first XADD → last
              acceptance, every delivery `sent` and every attempt committed
   latency    commands at a fixed rate; XADD → SMTP acceptance per message
-  intake     sending paused: commands/s into PostgreSQL
-  send       the paused backlog released: deliveries/s out of PostgreSQL
-  backlog    claim latency with 10k vs 1M queued rows, and with a large retry backlog
-             that is not yet due (see bench/claims.py)
+  intake     sending paused: commands/s into PostgreSQL; then the paused backlog
+             released: deliveries/s out of PostgreSQL; opt-in
+  backlog    claim latency with 10k vs --backlog-rows queued rows, and with a large
+             retry backlog that is not yet due (see bench/claims.py); opt-in
+  matrix     RTT x connections x MAIL_SMTP_PIPELINING over a delayed link (bench/link.py,
+             root only; see bench/matrix.py); opt-in
+
+Default phases: sink,throughput,latency (30-45 s at --messages 2000 on the shared 2-core
+machine, most of it starting PostgreSQL and the daemon). ``--modes off,auto,auto,off``
+runs throughput and latency once per MAIL_SMTP_PIPELINING value, side by side in one run
+(an ABBA order cancels the drift from one phase to the next).
 
 Prints a short table and one JSON line (`BENCH_JSON {...}`).
 """
@@ -99,7 +106,9 @@ def command(i: int, run: str) -> str:
     )
 
 
-def daemon_env(dsn: str, servers: Servers, http_port: int, concurrency: int) -> dict[str, str]:
+def daemon_env(
+    dsn: str, servers: Servers, http_port: int, concurrency: int, pipelining: str = "auto"
+) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MAIL_", "OTEL_"))}
     env.update(
         {
@@ -115,6 +124,7 @@ def daemon_env(dsn: str, servers: Servers, http_port: int, concurrency: int) -> 
             "MAIL_ALLOWED_SOURCES": "notification,authsession",
             "MAIL_LOG_LEVEL": "WARNING",
             "MAIL_SHUTDOWN_TIMEOUT": "10s",
+            "MAIL_SMTP_PIPELINING": pipelining,
         }
     )
     return env
@@ -212,10 +222,13 @@ SENT = "SELECT count(*) FROM mail.deliveries WHERE status = 'sent'"
 ALL = "SELECT count(*) FROM mail.deliveries"
 
 
-async def phase_throughput(servers: Servers, n: int, concurrency: int) -> dict[str, Any]:
+async def phase_throughput(
+    servers: Servers, n: int, concurrency: int, pipelining: str = "auto"
+) -> dict[str, Any]:
     dsn = await servers.fresh_database()
     port = pick_free_port()
-    proc = await start_daemon(daemon_env(dsn, servers, port, concurrency), port)
+    proc = await start_daemon(daemon_env(dsn, servers, port, concurrency, pipelining), port)
+    flights0, messages0 = servers.sink.flights()
     cpu0 = proc.cpu_seconds()
     docs = [command(i, "tp") for i in range(n)]
     first = await xadd_all(servers.redis_addr, docs)
@@ -225,8 +238,12 @@ async def phase_throughput(servers: Servers, n: int, concurrency: int) -> dict[s
     stop_daemon(proc)
     attempts = await count(dsn, "SELECT count(*) FROM mail.attempts WHERE status = 'sent'")
     elapsed = done - first
+    await asyncio.sleep(1.1)  # the sink writes its counters every 0.5 s
+    flights1, messages1 = servers.sink.flights()
     return {
+        "pipelining": pipelining,
         "messages": n,
+        "round_trips_per_message": round((flights1 - flights0) / max(messages1 - messages0, 1), 2),
         "elapsed_s": round(elapsed, 3),
         "deliveries_per_s": round(n / elapsed, 1),
         "producer_per_s": round(n / (produced - first), 1),
@@ -237,10 +254,18 @@ async def phase_throughput(servers: Servers, n: int, concurrency: int) -> dict[s
     }
 
 
-async def phase_latency(servers: Servers, n: int, rate: float, concurrency: int) -> dict[str, Any]:
+async def phase_latency(
+    servers: Servers,
+    n: int,
+    rate: float,
+    concurrency: int,
+    pipelining: str = "auto",
+    tag: str = "",
+) -> dict[str, Any]:
+    """``tag`` keeps Message-IDs unique across runs against the same sink."""
     dsn = await servers.fresh_database()
     port = pick_free_port()
-    proc = await start_daemon(daemon_env(dsn, servers, port, concurrency), port)
+    proc = await start_daemon(daemon_env(dsn, servers, port, concurrency, pipelining), port)
     host, rport = servers.redis_addr.split(":")
     client = aioredis.Redis(host=host, port=int(rport))
     sent_at: dict[str, int] = {}
@@ -250,9 +275,9 @@ async def phase_latency(servers: Servers, n: int, rate: float, concurrency: int)
         delay = target - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        delivery_id = f"lat-{i}"
-        sent_at[make_message_id(delivery_id, SENDER_DOMAIN)] = time.monotonic_ns()
-        await client.xadd("mail:delivery_commands", {"command": command(i, "lat")})
+        run = f"lat{pipelining}{tag}"
+        sent_at[make_message_id(f"{run}-{i}", SENDER_DOMAIN)] = time.monotonic_ns()
+        await client.xadd("mail:delivery_commands", {"command": command(i, run)})
     await client.aclose()
     await wait_count(dsn, SENT, n, proc)
     stop_daemon(proc)
@@ -261,11 +286,14 @@ async def phase_latency(servers: Servers, n: int, rate: float, concurrency: int)
     lat = sorted((arrivals[m] - t) / 1e6 for m, t in sent_at.items() if m in arrivals)
     if not lat:
         raise RuntimeError("no arrivals matched")
+    stages = await latency_stages(dsn, sent_at, arrivals)
 
     def pct(p: float) -> float:
         return round(lat[min(len(lat) - 1, int(p * len(lat)))], 2)
 
     return {
+        "stages_p50_p99_ms": stages,
+        "pipelining": pipelining,
         "messages": n,
         "rate_per_s": rate,
         "matched": len(lat),
@@ -275,6 +303,51 @@ async def phase_latency(servers: Servers, n: int, rate: float, concurrency: int)
         "max_ms": round(lat[-1], 2),
         "mean_ms": round(statistics.fmean(lat), 2),
     }
+
+
+STAGES_SQL = """
+SELECT d.message_id,
+       extract(epoch FROM d.created_at) AS created,
+       extract(epoch FROM d.rendered_at) AS rendered,
+       extract(epoch FROM a.started_at) AS started
+  FROM mail.deliveries d JOIN mail.attempts a USING (delivery_id)
+"""
+
+
+async def latency_stages(
+    dsn: str, sent_at: dict[str, int], arrivals: dict[str, int]
+) -> dict[str, list[float]]:
+    """Where the latency goes, per message (p50 and p99 of each stage, ms):
+    intake (XADD → its intake transaction began), claim (→ rendered by the scheduler: intake
+    commit, XACK, wake-up, claim statement, render), queue (→ a worker began the attempt:
+    pin commit, queue wait), smtp (→ the sink accepted it)."""
+    offset = time.time() - time.monotonic()  # wall clock of the database vs monotonic here
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(STAGES_SQL)
+    finally:
+        await conn.close()
+    parts: dict[str, list[float]] = {"intake": [], "claim": [], "queue": [], "smtp": []}
+    for row in rows:
+        mid = row["message_id"]
+        if mid not in sent_at or mid not in arrivals or row["rendered"] is None:
+            continue
+        xadd = sent_at[mid] / 1e9 + offset
+        created, rendered, started = (float(row[k]) for k in ("created", "rendered", "started"))
+        arrived = arrivals[mid] / 1e9 + offset
+        parts["intake"].append(created - xadd)
+        parts["claim"].append(rendered - created)
+        parts["queue"].append(started - rendered)
+        parts["smtp"].append(arrived - started)
+    out = {}
+    for name, values in parts.items():
+        values.sort()
+        if values:
+            out[name] = [
+                round(values[len(values) // 2] * 1000, 2),
+                round(values[min(len(values) - 1, int(0.99 * len(values)))] * 1000, 2),
+            ]
+    return out
 
 
 async def phase_intake_then_send(servers: Servers, n: int, concurrency: int) -> dict[str, Any]:
@@ -385,6 +458,8 @@ def machine() -> dict[str, Any]:
 def table(results: dict[str, Any]) -> str:
     lines = []
     for phase, values in results.items():
+        if phase == "matrix_table":
+            lines.append(str(values))
         if phase == "machine" or not isinstance(values, dict):
             continue
         lines.append(f"{phase}:")
@@ -396,7 +471,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="maildaemon-bench-"))
     pg = EmbeddedPostgres(workdir / "pg", fast=False)  # fsync on: every commit is durable
     rd = EmbeddedRedis(workdir / "redis")
-    sink = SinkCluster(workdir / "sink", procs=args.sink_procs, log=workdir / "arrivals")
+    sink = SinkCluster(
+        workdir / "sink",
+        procs=args.sink_procs,
+        log=workdir / "arrivals",
+        chunking=not args.sink_no_chunking,
+    )
     results: dict[str, Any] = {"machine": machine()}
     try:
         admin = pg.start()
@@ -405,12 +485,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         servers = Servers(admin, redis_addr, sink, workdir)
         if "sink" in args.phases:
             results["sink_alone"] = phase_sink(servers, args.sink_seconds, 2, 8)
-        if "throughput" in args.phases:
-            results["throughput"] = await phase_throughput(servers, args.messages, args.concurrency)
-        if "latency" in args.phases:
-            results["latency"] = await phase_latency(
-                servers, args.latency_messages, args.rate, args.concurrency
-            )
+        for i, mode in enumerate(args.modes):
+            # ABBA orders (off,auto,auto,off) cancel the drift from one phase to the next.
+            again = args.modes[:i].count(mode)
+            key = "" if i == 0 else f"[{mode}{'#' + str(again + 1) if again else ''}]"
+            if "throughput" in args.phases:
+                results[f"throughput{key}"] = await phase_throughput(
+                    servers, args.messages, args.concurrency, mode
+                )
+            if "latency" in args.phases:
+                results[f"latency{key}"] = await phase_latency(
+                    servers, args.latency_messages, args.rate, args.concurrency, mode, str(i)
+                )
         if "intake" in args.phases:
             results["intake_then_send"] = await phase_intake_then_send(
                 servers, args.messages, args.concurrency
@@ -423,6 +509,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             results["backlog"]["daemon_with_retry_backlog"] = await phase_behind_backlog(
                 servers, claims_dsn, 1000, args.concurrency
             )
+        if "matrix" in args.phases:
+            from bench.matrix import phase_matrix
+            from bench.matrix import table as matrix_table
+
+            results["matrix"] = await phase_matrix(servers, workdir, args)
+            results["matrix_table"] = matrix_table(results["matrix"])
     finally:
         sink.stop()
         rd.stop()
@@ -447,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--messages", type=int, default=20000)
-    parser.add_argument("--latency-messages", type=int, default=2000)
+    parser.add_argument("--latency-messages", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument(
         "--concurrency",
@@ -456,13 +548,30 @@ def main(argv: list[str] | None = None) -> int:
         help="MAIL_ATTEMPT_WORKER_CONCURRENCY (SMTP connections)",
     )
     parser.add_argument("--sink-procs", type=int, default=2)
-    parser.add_argument("--sink-seconds", type=float, default=5.0)
+    parser.add_argument("--sink-seconds", type=float, default=2.0)
     parser.add_argument("--backlog-rows", type=int, default=1_000_000)
     parser.add_argument(
         "--phases",
-        default="sink,throughput,latency,intake,backlog",
+        default="sink,throughput,latency",
         type=lambda s: set(s.split(",")),
+        help="also: intake (intake only, then send only), backlog, matrix",
     )
+    parser.add_argument(
+        "--modes",
+        default=["auto"],
+        type=lambda s: s.split(","),
+        help="MAIL_SMTP_PIPELINING values, e.g. auto,off (matrix and throughput/latency)",
+    )
+    parser.add_argument("--sink-no-chunking", action="store_true", help="sink without BDAT")
+    floats = lambda s: [float(x) for x in s.split(",")]  # noqa: E731
+    parser.add_argument("--rtts", default=[0, 5, 25, 50], type=floats, help="matrix RTTs, ms")
+    parser.add_argument(
+        "--conns", default=[1, 8, 32], type=lambda s: [int(x) for x in s.split(",")]
+    )
+    parser.add_argument("--matrix-seconds", type=float, default=4.0, help="burst size, s")
+    parser.add_argument("--matrix-messages", type=int, default=2000, help="burst size cap")
+    parser.add_argument("--matrix-rate", type=float, default=50.0, help="latency rate, /s")
+    parser.add_argument("--matrix-latency-seconds", type=float, default=4.0)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
     try:

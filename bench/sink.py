@@ -2,8 +2,14 @@
 
 Runs ``--procs`` processes that share one port with SO_REUSEPORT (the kernel spreads the
 connections), each an asyncio protocol that speaks just enough ESMTP: EHLO/HELO,
-STARTTLS, MAIL, RCPT, DATA, RSET, NOOP, QUIT. Every accepted message's arrival time is
-appended to ``--log`` (one line per message: monotonic-ns and Message-ID) for latency.
+STARTTLS, MAIL, RCPT, DATA, BDAT (CHUNKING, unless turned off), RSET, NOOP, QUIT. Every
+accepted message's arrival time is appended to ``--log`` (one line per message:
+monotonic-ns and Message-ID) for latency.
+
+The replies to the commands of one received segment go out in one write, as a
+pipelining server does; each such write that answers a transaction command is a
+"flight", so flights per accepted message is the round trips a message costs.
+The sink may run inside a network namespace (``netns``), behind a delayed link.
 """
 
 from __future__ import annotations
@@ -21,18 +27,34 @@ import time
 from pathlib import Path
 
 CRLF = b"\r\n"
+CLONE_NEWNET = 0x40000000
+
+
+class Stats:
+    """Per process: reply flights that answered transaction commands, messages accepted."""
+
+    flights = 0
+    messages = 0
 
 
 class SinkProtocol(asyncio.Protocol):
-    def __init__(self, ctx: ssl.SSLContext, log: list[bytes], require_tls: bool) -> None:
+    def __init__(
+        self, ctx: ssl.SSLContext, log: list[bytes], require_tls: bool, chunking: bool = True
+    ) -> None:
         self._ctx = ctx
         self._log = log
         self._require_tls = require_tls
+        self._chunking = chunking
         self._buf = bytearray()
         self._in_data = False
+        self._bdat_left = -1  # bytes of a BDAT chunk still to come; -1: none
+        self._bdat_last = False
+        self._bdat = bytearray()
         self._tls = False
         self._transport: asyncio.Transport | None = None
         self._upgrade: asyncio.Future[None] | None = None
+        self._out: list[bytes] = []
+        self._answers_transaction = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
@@ -40,7 +62,37 @@ class SinkProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._buf += data
+        if self._upgrade is not None and not self._upgrade.done():
+            return  # decrypted data during the handshake's last step: after it
+        self._process()
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._out and self._transport is not None:
+            self._transport.write(b"".join(self._out))
+            self._out.clear()
+            if self._answers_transaction:
+                Stats.flights += 1
+        self._answers_transaction = False
+
+    def _process(self) -> None:
         while True:
+            if self._bdat_left >= 0:
+                take = min(self._bdat_left, len(self._buf))
+                if self._bdat_last:
+                    self._bdat += self._buf[:take]
+                del self._buf[:take]
+                self._bdat_left -= take
+                if self._bdat_left:
+                    return
+                self._bdat_left = -1
+                self._answers_transaction = True
+                if self._bdat_last:
+                    message, self._bdat = bytes(self._bdat), bytearray()
+                    self._accept(message)
+                else:
+                    self._write(b"250 2.0.0 chunk received\r\n")
+                continue
             if self._in_data:
                 end = self._buf.find(b"\r\n.\r\n")
                 if end < 0:
@@ -67,21 +119,31 @@ class SinkProtocol(asyncio.Protocol):
             stop = message.find(CRLF, start)
             mid = message[start + 11 : stop].strip()
         self._log.append(b"%d %s\n" % (time.monotonic_ns(), mid))
+        Stats.messages += 1
+        self._answers_transaction = True
         self._write(b"250 2.0.0 queued\r\n")
 
     def _write(self, data: bytes) -> None:
-        assert self._transport is not None
-        self._transport.write(data)
+        self._out.append(data)
 
     def _command(self, line: bytes) -> bool:
         verb = line[:4].upper()
+        if verb in (b"MAIL", b"RCPT", b"DATA", b"BDAT", b"RSET", b"NOOP"):
+            self._answers_transaction = True
         if verb in (b"EHLO", b"HELO"):
             ext = b"" if self._tls else b"250-STARTTLS\r\n"
-            self._write(b"250-bench-sink\r\n250-PIPELINING\r\n" + ext + b"250 8BITMIME\r\n")
+            chunking = b"250-CHUNKING\r\n" if self._chunking else b""
+            self._write(
+                b"250-bench-sink\r\n250-PIPELINING\r\n" + chunking + ext + b"250 8BITMIME\r\n"
+            )
         elif verb == b"STAR":
             self._write(b"220 2.0.0 go ahead\r\n")
+            self._flush()
             self._upgrade = asyncio.ensure_future(self._starttls())
             return True
+        elif verb == b"BDAT" and self._chunking:
+            size, _, last = line[5:].partition(b" ")
+            self._bdat_left, self._bdat_last = int(size), last.strip().upper() == b"LAST"
         elif verb == b"MAIL":
             if self._require_tls and not self._tls:
                 self._write(b"530 5.7.0 STARTTLS first\r\n")
@@ -96,6 +158,7 @@ class SinkProtocol(asyncio.Protocol):
             self._write(b"250 OK\r\n")
         elif verb == b"QUIT":
             self._write(b"221 bye\r\n")
+            self._flush()
             assert self._transport is not None
             self._transport.close()
         else:
@@ -107,12 +170,32 @@ class SinkProtocol(asyncio.Protocol):
         assert self._transport is not None
         self._transport = await loop.start_tls(self._transport, self, self._ctx, server_side=True)
         self._tls = True
-        if self._buf:
-            pending, self._buf = bytes(self._buf), bytearray()
-            self.data_received(pending)
+        self._process()
+        self._flush()
 
 
-def _serve(port: int, cert: str, key: str, log_path: str | None, ready: object) -> None:
+def _enter_netns(name: str) -> None:
+    """Move this process into the network namespace ``ip netns`` calls ``name``."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open(f"/var/run/netns/{name}") as fh:
+        if libc.setns(fh.fileno(), CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns({name}) failed")
+
+
+def _serve(
+    port: int,
+    cert: str,
+    key: str,
+    log_path: str | None,
+    ready: object,
+    host: str = "127.0.0.1",
+    netns: str | None = None,
+    chunking: bool = True,
+) -> None:
+    if netns:
+        _enter_netns(netns)
     try:
         import uvloop
 
@@ -125,26 +208,28 @@ def _serve(port: int, cert: str, key: str, log_path: str | None, ready: object) 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(("127.0.0.1", port))
+    sock.bind((host, port))
     sock.listen(512)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
-        server = await loop.create_server(lambda: SinkProtocol(ctx, log, True), sock=sock)
+        server = await loop.create_server(lambda: SinkProtocol(ctx, log, True, chunking), sock=sock)
         ready.set()  # type: ignore[attr-defined]
-        while not stop.is_set():
+        while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
             if log_path and log:
                 with open(log_path, "ab") as fh:
                     fh.write(b"".join(log))
                 log.clear()
+            if log_path:  # atomically: the harness reads it at any time
+                Path(f"{log_path}.stats.tmp").write_text(f"{Stats.flights} {Stats.messages}\n")
+                os.replace(f"{log_path}.stats.tmp", f"{log_path}.stats")
+            if stop.is_set():
+                break
         server.close()
-        if log_path and log:
-            with open(log_path, "ab") as fh:
-                fh.write(b"".join(log))
 
     asyncio.run(main())
 
@@ -152,15 +237,27 @@ def _serve(port: int, cert: str, key: str, log_path: str | None, ready: object) 
 class SinkCluster:
     """N sink processes on one port; ``stop()`` ends them. The CA file verifies them."""
 
-    def __init__(self, cert_dir: Path, procs: int = 2, log: Path | None = None) -> None:
+    def __init__(
+        self,
+        cert_dir: Path,
+        procs: int = 2,
+        log: Path | None = None,
+        *,
+        host: str = "127.0.0.1",
+        netns: str | None = None,
+        chunking: bool = True,
+    ) -> None:
         import trustme
 
         self.cert_dir = cert_dir
         self.procs = procs
         self.log = log
+        self.host = host
+        self.netns = netns
+        self.chunking = chunking
         cert_dir.mkdir(parents=True, exist_ok=True)
         ca = trustme.CA()
-        leaf = ca.issue_cert("localhost", "127.0.0.1")
+        leaf = ca.issue_cert("localhost", "127.0.0.1", host)
         self.ca_file = cert_dir / "ca.pem"
         ca.cert_pem.write_to_path(str(self.ca_file))
         self._cert = cert_dir / "cert.pem"
@@ -180,7 +277,16 @@ class SinkCluster:
             log = f"{self.log}.{i}" if self.log else None
             p = ctx.Process(
                 target=_serve,
-                args=(self.port, str(self._cert), str(self._key), log, ready),
+                args=(
+                    self.port,
+                    str(self._cert),
+                    str(self._key),
+                    log,
+                    ready,
+                    self.host,
+                    self.netns,
+                    self.chunking,
+                ),
                 daemon=True,
             )
             p.start()
@@ -211,6 +317,17 @@ class SinkCluster:
                 ts, _, mid = line.partition(b" ")
                 out.setdefault(mid.decode(), int(ts))
         return out
+
+    def flights(self) -> tuple[int, int]:
+        """(reply flights answering transaction commands, messages) so far, all processes;
+        the figures lag by up to the 0.5 s the processes take to write them."""
+        flights = messages = 0
+        for i in range(self.procs):
+            path = Path(f"{self.log}.{i}.stats")
+            if self.log is not None and path.exists():
+                f, m = path.read_text().split()
+                flights, messages = flights + int(f), messages + int(m)
+        return flights, messages
 
     def count(self) -> int:
         """Messages accepted so far (lines in the arrival logs)."""

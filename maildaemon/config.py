@@ -142,6 +142,7 @@ class Settings(BaseSettings):
     smtp_ca_file: Path | None = None
     smtp_tls_verify: bool = True
     smtp_helo_name: str | None = None
+    smtp_pipelining: Literal["auto", "off"] = "auto"
 
     # Delivery.
     attempt_worker_concurrency: int = Field(default=8, ge=1, le=512)

@@ -49,6 +49,7 @@ class SinkBehaviour:
     the sink reads a whole message and closes the connection without replying.
     ``close_after_messages``: the sink closes a connection after every N accepted messages.
     ``auth``: AUTH PLAIN/LOGIN with these credentials is required (offered after STARTTLS).
+    ``pipelining``: EHLO offers PIPELINING (RFC 2920; aiosmtpd reads commands in order).
     """
 
     offer_starttls: bool = True
@@ -58,6 +59,7 @@ class SinkBehaviour:
     drop_after_data: int = 0
     close_after_messages: int | None = None
     auth: tuple[str, str] | None = None
+    pipelining: bool = False
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,19 @@ class _Handler:
 
     def __init__(self, sink: SmtpSink) -> None:
         self.sink = sink
+
+    async def handle_EHLO(
+        self,
+        server: _Connection,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.sink.behaviour.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_RCPT(
         self,

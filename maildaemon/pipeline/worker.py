@@ -21,8 +21,8 @@ from maildaemon.pipeline.results import ResultWriter
 from maildaemon.retry import RetryPolicy
 from maildaemon.sending.destination import Destination, is_unreachable
 from maildaemon.sending.outcomes import from_error, from_report
+from maildaemon.sending.pipelined import PipeliningConnection
 from maildaemon.sending.ratelimit import RateLimiter
-from maildaemon.sending.smtp import SmtpConnection
 from maildaemon.telemetry import Instruments
 
 log = logging.getLogger("maildaemon.worker")
@@ -44,7 +44,7 @@ class AttemptWorker:
     ) -> None:
         self.index = index
         self._s = settings
-        self._conn = SmtpConnection(settings, context, lambda: queue.accepting)
+        self._conn = PipeliningConnection(settings, context, lambda: queue.accepting)
         self._sender = sender
         self._queue = queue
         self._results = results

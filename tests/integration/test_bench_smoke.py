@@ -7,9 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from bench.link import available
+
 REPO = Path(__file__).resolve().parents[2]
+MATRIX = available() is None  # the delayed link needs root, iproute2 and /dev/net/tun
 
 
+@pytest.mark.timeout(300)
 def test_benchmark_runs_end_to_end() -> None:
     out = subprocess.run(
         [
@@ -28,17 +34,40 @@ def test_benchmark_runs_end_to_end() -> None:
             "0.5",
             "--concurrency",
             "4",
+            "--phases",
+            "sink,throughput,latency,intake,backlog" + (",matrix" if MATRIX else ""),
+            "--modes",
+            "auto,off",
+            # matrix: one small cell per mode over the delayed link (root only)
+            "--rtts",
+            "5",
+            "--conns",
+            "2",
+            "--matrix-seconds",
+            "0.5",
+            "--matrix-rate",
+            "20",
+            "--matrix-latency-seconds",
+            "1",
         ],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=280,
         check=False,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     line = next(x for x in out.stdout.splitlines() if x.startswith("BENCH_JSON "))
     results = json.loads(line.removeprefix("BENCH_JSON "))
     assert results["throughput"]["sent_attempts_recorded"] == 60
+    assert results["throughput"]["round_trips_per_message"] == 1.0  # pipelined, BDAT
+    assert results["throughput[off]"]["round_trips_per_message"] == 4.0
+    assert set(results["latency"]["stages_p50_p99_ms"]) == {"intake", "claim", "queue", "smtp"}
+    if MATRIX:
+        cells = {c["mode"]: c for c in results["matrix"]}
+        assert cells["auto"]["round_trips_per_message"] == 1.0
+        assert cells["off"]["round_trips_per_message"] == 4.0
+        assert cells["auto"]["latency"]["matched"] == 20
     assert results["latency"]["matched"] == 20
     assert results["intake_then_send"]["messages"] == 60
     assert results["sink_alone"]["messages_per_s"] > 0
