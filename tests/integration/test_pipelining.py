@@ -477,7 +477,12 @@ async def test_daemon_silent_server_timeout_is_unknown_only_once_data_is_out(
     db = Db(settings.dsn)
     async with running_app(settings):
         await xadd(settings, command("d-silent"))
-        await wait_for(lambda: db.attempts("d-silent"), timeout=15)
+
+        async def finished() -> list[Any]:
+            # The claim opens the attempt as `started`; wait for its outcome.
+            return [a for a in await db.attempts("d-silent") if a["status"] != "started"]
+
+        await wait_for(finished, timeout=15)
     (attempt,) = await db.attempts("d-silent")
     assert attempt["status"] == attempt_status
     row = (await db.fetch("SELECT * FROM mail.deliveries WHERE delivery_id = 'd-silent'"))[0]
