@@ -7,12 +7,10 @@ The same pydantic model validates stream entries in the consumer, commands given
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -24,7 +22,19 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+
+from maildaemon.contract import limits
+from maildaemon.contract.parts import (
+    Attachment,
+    CommandPolicy,
+    Recipient,
+    TemplateNeeds,
+    custom_error,
+    no_crlf,
+    policy_of,
+)
+
+__all__ = ["Attachment", "CommandPolicy", "DeliveryCommand", "Recipient", "Rejection"]
 
 # Stream entry field that carries the command as a JSON document.
 COMMAND_FIELD = "command"
@@ -47,145 +57,26 @@ FAILURE_CODES = (
     "attachment_too_large",
     "invalid_attachment",
     "too_many_recipients",
+    "too_deep",
+    "too_many_variables",
+    "variables_too_large",
+    "too_many_attachments",
+    "missing_variable",
+    "invalid_link",
+    "intake_error",
     "already_expired",
     "idempotency_conflict",
     "delivery_id_conflict",
 )
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/+=-]{0,127}$")
-_SOURCE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
-_LOCALE = re.compile(r"^[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*$")
-_TEMPLATE_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,127}$")
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
-_HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")  # RFC 5322 ftext
-_CONTENT_TYPE = re.compile(
-    r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$"
-)
-# A pragmatic RFC 5321 mailbox: dot-atom local part, a domain of at least two labels
-# (IDN domains allowed, they are IDNA-encoded on the wire).
-_LOCAL = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
-_LABEL = r"(?:[A-Za-z0-9\u00a1-\uffff](?:[A-Za-z0-9\u00a1-\uffff-]{0,61}[A-Za-z0-9\u00a1-\uffff])?)"
-_ADDRESS = re.compile(rf"^{_LOCAL}@{_LABEL}(?:\.{_LABEL})+$")
-_CRLF = re.compile(r"[\r\n\x00]")
-_KEY = re.compile(r"^[^\x00-\x1f\x7f]{1,200}$")
-
-
-def _custom(code: str, message: str) -> PydanticCustomError:
-    return PydanticCustomError(code, message)
-
-
-def _no_crlf(value: str, what: str) -> str:
-    if _CRLF.search(value):
-        raise _custom("header_injection", f"{what} must not contain CR, LF or NUL")
-    return value
-
-
-@dataclass(frozen=True)
-class CommandPolicy:
-    """What the running daemon accepts, beyond the shape of the command."""
-
-    allowed_sources: frozenset[str]
-    allowed_headers: frozenset[str]  # lower-cased
-    known_templates: frozenset[str]
-    attachment_max_bytes: int
-    attachments_total_max_bytes: int
-    max_recipients: int
-    command_max_bytes: int
-
-    def fingerprint(self) -> str:
-        """sha256 over every field: two policies with one fingerprint judge alike."""
-        values = {
-            name: sorted(value) if isinstance(value, frozenset) else value
-            for name, value in sorted(asdict(self).items())
-        }
-        text = json.dumps(values, sort_keys=True, separators=(",", ":"), default=str)
-        return hashlib.sha256(text.encode()).hexdigest()
-
-
-class Recipient(BaseModel):
-    """A mailbox: an address and an optional display name."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    address: Annotated[str, Field(min_length=3, max_length=254)]
-    name: Annotated[str | None, Field(max_length=200)] = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_string(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return {"address": value}
-        return value
-
-    @field_validator("address")
-    @classmethod
-    def _address(cls, value: str) -> str:
-        value = value.strip()
-        if _CRLF.search(value):
-            raise _custom("header_injection", "address must not contain CR, LF or NUL")
-        local, _, domain = value.rpartition("@")
-        if not _ADDRESS.match(value) or len(local) > 64:
-            raise _custom("invalid_address", f"not a valid e-mail address: {value!r}")
-        try:
-            domain.encode("idna")
-        except UnicodeError:
-            raise _custom("invalid_address", f"not a valid domain: {domain!r}") from None
-        return value
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str | None) -> str | None:
-        return None if value is None else _no_crlf(value, "display name")
-
-
-class Attachment(BaseModel):
-    """A file attached to the message; ``content`` is base64."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    filename: Annotated[str, Field(min_length=1, max_length=255)]
-    content_type: Annotated[str, Field(min_length=3, max_length=255)] = "application/octet-stream"
-    content: str
-
-    @field_validator("filename")
-    @classmethod
-    def _filename(cls, value: str) -> str:
-        _no_crlf(value, "attachment filename")
-        if "/" in value or "\\" in value:
-            raise _custom("invalid_attachment", "attachment filename must not contain a path")
-        return value
-
-    @field_validator("content_type")
-    @classmethod
-    def _content_type(cls, value: str) -> str:
-        if not _CONTENT_TYPE.match(value):
-            raise _custom("invalid_attachment", f"not a MIME type: {value!r}")
-        return value.lower()
-
-    @field_validator("content")
-    @classmethod
-    def _content(cls, value: str, info: ValidationInfo) -> str:
-        try:
-            size = len(base64.b64decode(value, validate=True))
-        except (binascii.Error, ValueError):
-            raise _custom("invalid_attachment", "attachment content is not valid base64") from None
-        policy = _policy(info)
-        if policy is not None and size > policy.attachment_max_bytes:
-            raise _custom(
-                "attachment_too_large",
-                f"attachment is {size} bytes, the limit is {policy.attachment_max_bytes}",
-            )
-        return value
-
-    def decoded(self) -> bytes:
-        return base64.b64decode(self.content)
-
-
-def _policy(info: ValidationInfo) -> CommandPolicy | None:
-    context = info.context
-    if isinstance(context, CommandPolicy):
-        return context
-    return None
+# Every pattern is applied with fullmatch (a "$" would let a trailing newline through).
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+=-]{0,127}")
+_SOURCE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
+_LOCALE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8}){0,4}")
+_TEMPLATE_ID = re.compile(r"[a-z0-9][a-z0-9_.-]{0,127}")
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")  # RFC 5322 ftext
+_KEY = re.compile(r"[^\x00-\x1f\x7f]{1,200}")
 
 
 class DeliveryCommand(BaseModel):
@@ -203,7 +94,19 @@ class DeliveryCommand(BaseModel):
     payload_mode: Literal["template", "rendered"]
     template_id: str | None = None
     locale: str | None = None
-    variables: dict[str, Any] = Field(default_factory=dict)
+    variables: Annotated[
+        dict[str, Any],
+        Field(
+            max_length=limits.VARIABLES_MAX_COUNT,
+            description=(
+                f"Template variables: at most {limits.VARIABLES_MAX_COUNT} names of at most "
+                f"{limits.VARIABLE_NAME_MAX_CHARS} characters, {limits.VARIABLES_MAX_VALUES} "
+                f"values in all, containers nested at most {limits.VARIABLES_MAX_DEPTH} deep, "
+                f"{limits.VARIABLES_MAX_CHARS} characters of keys and strings in all. "
+                f"Variables named *{limits.LINK_SUFFIX} are links: absolute http(s) URLs."
+            ),
+        ),
+    ] = Field(default_factory=dict)
     subject: Annotated[str | None, Field(max_length=998)] = None
     text: str | None = None
     html: str | None = None
@@ -211,7 +114,9 @@ class DeliveryCommand(BaseModel):
     send_at: AwareDatetime | None = None
     expires_at: AwareDatetime | None = None
     headers: dict[str, str] = Field(default_factory=dict)
-    attachments: list[Attachment] = Field(default_factory=list)
+    attachments: Annotated[list[Attachment], Field(max_length=limits.ATTACHMENTS_MAX_COUNT)] = (
+        Field(default_factory=list)
+    )
     traceparent: str | None = None
 
     @model_validator(mode="before")
@@ -220,7 +125,7 @@ class DeliveryCommand(BaseModel):
         if isinstance(value, dict):
             mode = value.get("payload_mode")
             if mode is not None and mode not in ("template", "rendered"):
-                raise _custom(
+                raise custom_error(
                     "unknown_payload_mode",
                     f"payload_mode must be 'template' or 'rendered', not {mode!r}",
                 )
@@ -229,24 +134,24 @@ class DeliveryCommand(BaseModel):
     @field_validator("idempotency_key")
     @classmethod
     def _key(cls, value: str) -> str:
-        _no_crlf(value, "idempotency_key")
-        if not _KEY.match(value):
-            raise _custom("invalid_field", "must be 1-200 printable characters")
+        no_crlf(value, "idempotency_key")
+        if not _KEY.fullmatch(value):
+            raise custom_error("invalid_field", "must be 1-200 printable characters")
         return value
 
     @field_validator("send_at", "expires_at", mode="before")
     @classmethod
     def _timestamp_text(cls, value: Any) -> Any:
         if value is not None and not isinstance(value, str):
-            raise _custom("invalid_field", "must be an ISO-8601 date-time string with a zone")
+            raise custom_error("invalid_field", "must be an ISO-8601 date-time string with a zone")
         return value
 
     @field_validator("delivery_id")
     @classmethod
     def _identifier(cls, value: str) -> str:
-        _no_crlf(value, "identifier")
-        if not _ID.match(value):
-            raise _custom(
+        no_crlf(value, "identifier")
+        if not _ID.fullmatch(value):
+            raise custom_error(
                 "invalid_field",
                 "must be 1-128 characters of letters, digits and ._:@/+=- "
                 "starting with a letter or digit",
@@ -256,89 +161,148 @@ class DeliveryCommand(BaseModel):
     @field_validator("source")
     @classmethod
     def _source(cls, value: str, info: ValidationInfo) -> str:
-        if not _SOURCE.match(value):
-            raise _custom("invalid_field", "source must be lower-case letters, digits and _.-")
-        policy = _policy(info)
+        if not _SOURCE.fullmatch(value):
+            raise custom_error("invalid_field", "source must be lower-case letters, digits and _.-")
+        policy = policy_of(info)
         if policy is not None and value not in policy.allowed_sources:
-            raise _custom("unknown_source", f"source {value!r} is not one of the allowed sources")
+            raise custom_error(
+                "unknown_source", f"source {value!r} is not one of the allowed sources"
+            )
         return value
 
     @field_validator("locale")
     @classmethod
     def _locale(cls, value: str | None) -> str | None:
-        if value is not None and not _LOCALE.match(value):
-            raise _custom("invalid_field", f"not a locale tag: {value!r}")
+        if value is not None and not _LOCALE.fullmatch(value):
+            raise custom_error("invalid_field", f"not a locale tag: {value!r}")
         return None if value is None else value.replace("_", "-")
 
     @field_validator("subject")
     @classmethod
     def _subject(cls, value: str | None) -> str | None:
-        return None if value is None else _no_crlf(value, "subject")
+        return None if value is None else no_crlf(value, "subject")
 
     @field_validator("traceparent")
     @classmethod
     def _traceparent(cls, value: str | None) -> str | None:
-        if value is not None and not _TRACEPARENT.match(value):
-            raise _custom("invalid_field", "traceparent must be a W3C trace context header")
+        if value is not None and not _TRACEPARENT.fullmatch(value):
+            raise custom_error("invalid_field", "traceparent must be a W3C trace context header")
+        return value
+
+    @field_validator("variables", mode="before")
+    @classmethod
+    def _variables_bounded(cls, value: Any) -> Any:
+        try:
+            limits.check_variables(value)
+        except limits.LimitExceeded as exc:
+            raise custom_error(exc.code, str(exc)) from None
+        return value
+
+    @field_validator("attachments", mode="before")
+    @classmethod
+    def _attachments_counted(cls, value: Any) -> Any:
+        if isinstance(value, list) and len(value) > limits.ATTACHMENTS_MAX_COUNT:
+            raise custom_error(
+                "too_many_attachments",
+                f"{len(value)} attachments, the limit is {limits.ATTACHMENTS_MAX_COUNT}",
+            )
         return value
 
     @field_validator("headers")
     @classmethod
     def _headers(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
-        policy = _policy(info)
+        policy = policy_of(info)
+        seen: set[str] = set()
         for name, content in value.items():
-            _no_crlf(name, f"header name {name!r}")
-            _no_crlf(content, f"header {name!r}")
-            if not _HEADER_NAME.match(name):
-                raise _custom("invalid_field", f"not a header name: {name!r}")
-            if policy is not None and name.lower() not in policy.allowed_headers:
-                raise _custom("header_not_allowed", f"header {name!r} is not on the allow-list")
-            if len(content) > 998:
-                raise _custom("too_large", f"header {name!r} is longer than 998 characters")
+            no_crlf(name, f"header name {name!r}")
+            no_crlf(content, f"header {name!r}")
+            if not _HEADER_NAME.fullmatch(name):
+                raise custom_error("invalid_field", f"not a header name: {name!r}")
+            lowered = name.lower()
+            if lowered in limits.RESERVED_HEADERS:
+                raise custom_error("header_not_allowed", f"header {name!r} is set by the daemon")
+            if policy is not None and lowered not in policy.allowed_headers:
+                raise custom_error(
+                    "header_not_allowed", f"header {name!r} is not on the allow-list"
+                )
+            if lowered in seen:
+                raise custom_error(
+                    "invalid_field", f"header {name!r} is given twice (names ignore case)"
+                )
+            seen.add(lowered)
+            if len(name) + 2 + len(content.strip()) > limits.HEADER_LINE_MAX:
+                raise custom_error(
+                    "too_large",
+                    f"header {name!r}: the line 'name: value' is longer than "
+                    f"{limits.HEADER_LINE_MAX} characters",
+                )
         return value
 
     @model_validator(mode="after")
     def _whole(self, info: ValidationInfo) -> DeliveryCommand:
-        policy = _policy(info)
+        policy = policy_of(info)
         if self.payload_mode == "template":
             if not self.template_id:
-                raise _custom("missing_field", "template_id is required when payload_mode=template")
-            if not _TEMPLATE_ID.match(self.template_id):
-                raise _custom("invalid_field", f"not a template id: {self.template_id!r}")
+                raise custom_error(
+                    "missing_field", "template_id is required when payload_mode=template"
+                )
+            if not _TEMPLATE_ID.fullmatch(self.template_id):
+                raise custom_error("invalid_field", f"not a template id: {self.template_id!r}")
             if policy is not None and self.template_id not in policy.known_templates:
-                raise _custom(
+                raise custom_error(
                     "unknown_template", f"no template {self.template_id!r} in the catalog"
                 )
             if self.subject is not None or self.text is not None or self.html is not None:
-                raise _custom("invalid_field", "subject/text/html belong to payload_mode=rendered")
+                raise custom_error(
+                    "invalid_field", "subject/text/html belong to payload_mode=rendered"
+                )
+            if policy is not None and policy.template_needs is not None:
+                self._template_needs_met(policy.template_needs)
         else:
             if self.template_id is not None or self.variables:
-                raise _custom(
+                raise custom_error(
                     "invalid_field", "template_id/variables belong to payload_mode=template"
                 )
             if not self.subject:
-                raise _custom("missing_field", "subject is required when payload_mode=rendered")
+                raise custom_error(
+                    "missing_field", "subject is required when payload_mode=rendered"
+                )
             if not self.text and not self.html:
-                raise _custom(
+                raise custom_error(
                     "missing_field", "text or html is required when payload_mode=rendered"
                 )
         if policy is not None:
             count = len(self.to) + len(self.cc) + len(self.bcc)
             if count > policy.max_recipients:
-                raise _custom(
+                raise custom_error(
                     "too_many_recipients",
                     f"{count} recipients, the limit is {policy.max_recipients}",
                 )
             total = sum(len(a.content) * 3 // 4 for a in self.attachments)
             if total > policy.attachments_total_max_bytes:
-                raise _custom(
+                raise custom_error(
                     "attachment_too_large",
                     f"attachments total about {total} bytes, "
                     f"the limit is {policy.attachments_total_max_bytes}",
                 )
         if self.send_at and self.expires_at and self.expires_at <= self.send_at:
-            raise _custom("invalid_field", "expires_at must be later than send_at")
+            raise custom_error("invalid_field", "expires_at must be later than send_at")
         return self
+
+    def _template_needs_met(self, needs: TemplateNeeds) -> None:
+        assert self.template_id is not None
+        required, links = needs(self.template_id, self.locale)
+        missing = sorted(required.difference(self.variables))
+        if missing:
+            raise custom_error(
+                "missing_variable",
+                f"template {self.template_id!r} needs variable(s) {', '.join(missing)}",
+            )
+        for name in sorted(links.intersection(self.variables)):
+            try:
+                limits.check_link(name, self.variables[name])
+            except limits.LimitExceeded as exc:
+                raise custom_error(exc.code, str(exc)) from None
 
     # Derived views ---------------------------------------------------------------
 

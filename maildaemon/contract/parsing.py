@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from maildaemon.contract import limits
 from maildaemon.contract.command import (
     COMMAND_FIELD,
     FAILURE_CODES,
@@ -98,6 +99,14 @@ def parse_command(raw: str | bytes, policy: CommandPolicy | None) -> DeliveryCom
     if not isinstance(document, dict):
         return Rejection("invalid_json", "the command must be a JSON object")
     delivery_id, source = _peek(document, "delivery_id"), _peek(document, "source")
+    # Deep nesting would make validation, hashing and serialisation recurse: refuse it first.
+    if not limits.document_depth_within(document):
+        return Rejection(
+            "too_deep",
+            f"the command nests more than {limits.DOCUMENT_MAX_DEPTH} levels deep",
+            delivery_id,
+            source,
+        )
     # PostgreSQL stores neither NUL nor unpaired surrogates (text, jsonb): refuse them here.
     if _UNSTORABLE.search(text) or ("\\u" in text and _unstorable(document)):
         return Rejection(
@@ -111,8 +120,9 @@ def parse_command(raw: str | bytes, policy: CommandPolicy | None) -> DeliveryCom
     except ValidationError as exc:
         code, detail = _first_error(exc)
         return Rejection(code, detail, delivery_id, source)
-    except (ValueError, TypeError, RecursionError) as exc:  # hostile input never escapes
-        return Rejection("invalid_field", f"{type(exc).__name__}: {exc}", delivery_id, source)
+    except Exception as exc:  # hostile input never escapes: whatever it raises is a record
+        detail = f"{type(exc).__name__}: {exc}"[:500]
+        return Rejection("intake_error", detail, delivery_id, source)
     return command
 
 
