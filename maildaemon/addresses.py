@@ -31,6 +31,15 @@ class AddressError(ValueError):
 
 def canonical_domain(domain: str) -> str:
     """The domain as lower-case LDH labels (IDNA 2008 / UTS #46); AddressError otherwise."""
+    if domain.isascii():
+        lowered = domain.lower()
+        labels = lowered.split(".")
+        if (
+            len(lowered) <= MAX_DOMAIN
+            and len(labels) >= 2
+            and all(_LDH_LABEL.fullmatch(label) and label[2:4] != "--" for label in labels)
+        ):
+            return lowered  # plain LDH labels (no A-labels to verify): already canonical
     if not domain or len(domain) > MAX_DOMAIN * 4:
         raise AddressError(f"not a mail domain: {domain[:100]!r}")
     try:
@@ -57,6 +66,15 @@ def canonical_address(address: str) -> str:
     if len(result) > MAX_ADDRESS:
         raise AddressError(f"address longer than {MAX_ADDRESS} characters: {address[:300]!r}")
     return result
+
+
+def domain_key(domain: str) -> str:
+    """A domain as rate limits and searches key it: canonical, or lower-cased if it has no
+    canonical form."""
+    try:
+        return canonical_domain(domain.strip())
+    except AddressError:
+        return domain.strip().lower()
 
 
 def lookup_key(address: str) -> str:

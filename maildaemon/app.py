@@ -79,6 +79,7 @@ def command_policy(settings: Settings, catalog: TemplateCatalog) -> CommandPolic
         attachments_total_max_bytes=settings.attachments_total_max_bytes,
         max_recipients=settings.max_recipients,
         command_max_bytes=settings.command_max_bytes,
+        template_needs=catalog.needs,
     )
 
 

@@ -70,7 +70,7 @@ class Composer:
                 subject=subject,
                 text=text,
                 html=html,
-                headers=cmd.get("headers", {}),
+                headers=_headers(cmd.get("headers")),
                 attachments=[
                     AttachmentPart(
                         a["filename"],
@@ -87,6 +87,16 @@ class Composer:
         if self._signer is not None:
             message = self._signer.sign(message)
         return message_id, content_hash, message
+
+
+def _headers(stored: Any) -> list[tuple[str, str]]:
+    """Custom headers in the producer's order: stored as name/value pairs (jsonb would
+    reorder an object's keys); rows written before that hold an object."""
+    if not stored:
+        return []
+    if isinstance(stored, dict):
+        return [(str(k), str(v)) for k, v in stored.items()]
+    return [(str(name), str(value)) for name, value in stored]
 
 
 def _mailbox(r: dict[str, Any]) -> Mailbox:

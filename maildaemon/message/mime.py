@@ -17,14 +17,16 @@ What the bytes look like:
 - Structure: text only -> text/plain; html only -> text/html; both -> multipart/alternative
   (text first); with attachments -> multipart/mixed around that body and each attachment.
 - Headers: Date, From, To, Cc, Reply-To, Subject, Message-ID, MIME-Version, the body's
-  Content-Type / Content-Transfer-Encoding, then the custom headers in the order given.
+  Content-Type / Content-Transfer-Encoding, then the custom headers in the order given
+  (a mapping, or name/value pairs; two names that differ only in case raise ValueError).
   There is never a Bcc header. Lines are folded at 78 characters (a custom header whose
   value has no space to fold at may be longer) and never exceed 998.
 - Subjects that are not plain printable ASCII become RFC 2047 "B" encoded-words of UTF-8,
   at most 60 characters each. Display names are atoms, a quoted-string, or (like the
   stdlib) plain words mixed with encoded-words; white space in a display name is collapsed
-  to single spaces. IDN domains become punycode (IDNA 2003, the stdlib codec); local parts
-  must be ASCII dot-atoms. CR, LF and NUL in any header value raise ValueError.
+  to single spaces. IDN domains become punycode (IDNA 2008 / UTS #46 through
+  ``maildaemon.addresses``, the one canonical form); local parts must be ASCII dot-atoms.
+  CR, LF and NUL in any header value raise ValueError.
 - Bodies are UTF-8. Line breaks (CRLF, CR or LF) become CRLF, and a non-empty body that
   does not end with a line break gets one: a reader decodes the text with CRLF line ends,
   ending in a line break. Mostly-ASCII bodies are quoted-printable (lines beginning
@@ -56,6 +58,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime, parseaddr
 
+from maildaemon.addresses import AddressError, canonical_domain
+from maildaemon.contract import limits
+
 _FOLD_AT = 78
 _MAX_LINE = 998
 # Longest raw word in a Subject: "Subject: " + word fits in 78 characters.
@@ -86,24 +91,8 @@ _BASE64_LINE = re.compile(rb".{1,76}", re.DOTALL)
 _ATTR_SAFE = "!#$&+^`|"
 _SIMPLE_FILENAME = re.compile(r"[ !#-\[\]-~]{1,60}")  # printable ASCII but '"' and '\'
 
-# Headers the builder writes itself; a custom header may not set them.
-RESERVED_HEADERS = frozenset(
-    {
-        "bcc",
-        "cc",
-        "content-disposition",
-        "content-transfer-encoding",
-        "content-type",
-        "date",
-        "from",
-        "message-id",
-        "mime-version",
-        "reply-to",
-        "sender",
-        "subject",
-        "to",
-    }
-)
+# Headers the builder writes itself; a custom header may not set them (the contract's list).
+RESERVED_HEADERS = limits.RESERVED_HEADERS
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +125,7 @@ def build_message(
     subject: str,
     text: str | None,
     html: str | None,
-    headers: Mapping[str, str],
+    headers: Mapping[str, str] | Sequence[tuple[str, str]],
     attachments: Sequence[AttachmentPart],
     message_id: str,
     date: datetime,
@@ -174,7 +163,13 @@ def build_message(
     head.append(_fold("Subject", _subject_tokens(subject)))
     head.append(f"Message-ID: {message_id}\r\nMIME-Version: 1.0\r\n")
     head.append(part_headers)
-    head.extend(_custom_header(name, value) for name, value in headers.items())
+    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    seen: set[str] = set()
+    for name, value in pairs:
+        if name.lower() in seen:
+            raise ValueError(f"header {name!r} is given twice (names ignore case)")
+        seen.add(name.lower())
+        head.append(_custom_header(name, value))
     head.append("\r\n")
     return "".join(head).encode("ascii") + body
 
@@ -249,11 +244,13 @@ def _subject_tokens(subject: str) -> list[str]:
 
 
 def _wire_domain(domain: str) -> str:
-    if not domain.isascii():
-        domain = domain.encode("idna").decode("ascii")
-    if not _DOMAIN.fullmatch(domain):
-        raise ValueError(f"not a mail domain: {domain!r}")
-    return domain
+    """The canonical (IDNA 2008 / UTS #46) domain; intake stores addresses in this form."""
+    if domain.isascii() and _DOMAIN.fullmatch(domain) and "xn--" not in domain.lower():
+        return domain.lower()  # the common case, without the idna machinery
+    try:
+        return canonical_domain(domain)
+    except AddressError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _wire_address(address: str) -> str:

@@ -29,16 +29,25 @@ from pathlib import Path
 
 import jinja2
 import jinja2.meta
+import jinja2.nodes
 import jinja2.sandbox
 
+from maildaemon.contract import limits
 from maildaemon.errors import CatalogError, RenderError
 
 SUBJECT = "subject.txt"
 BODY_TEXT = "body.txt"
 BODY_HTML = "body.html"
 _SUFFIXES = frozenset({".txt", ".html"})
-# Line breaks in a rendered subject become single spaces.
-_SUBJECT_BREAKS = re.compile(r"\s*[\r\n\v\f\x1c-\x1e\x85\u2028\u2029]+\s*")
+# Line breaks in a rendered subject become single spaces (with the white space around
+# them). Split, strip, join: linear, where one regex with "\s*" on both sides of the
+# breaks backtracks quadratically over a long run of spaces.
+_SUBJECT_BREAKS = re.compile(r"[\r\n\v\f\x1c-\x1e\x85\u2028\u2029]")
+
+
+def _one_line(subject: str) -> str:
+    parts = [part.strip() for part in _SUBJECT_BREAKS.split(subject)]
+    return " ".join(part for part in parts if part)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +73,9 @@ class _Variant:
     text: jinja2.Template | None
     html: jinja2.Template | None
     content_hash: str
+    # Variables the template cannot render without, and the link variables it uses.
+    required: frozenset[str] = frozenset()
+    links: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +137,7 @@ class TemplateCatalog:
         """Read, parse and compile the whole catalog; the first problem raises CatalogError."""
         sources, layout = _read_catalog(template_dir)
         env = _environment(sources)
-        compiled, references = _compile_all(env, sources)
+        compiled, references, asts = _compile_all(env, sources)
         default_key = locale_key(default_locale)
         variants: dict[str, dict[str, _Variant]] = {}
         for template_id, locales in sorted(layout.items()):
@@ -139,6 +151,7 @@ class TemplateCatalog:
                 prefix = f"{template_id}/{locale}/"
                 entry = [prefix + SUBJECT, prefix + BODY_TEXT, prefix + BODY_HTML]
                 used = _closure((name for name in entry if name in compiled), references)
+                required, links = _needs(env, [asts[name] for name in sorted(used)])
                 variants[template_id][key] = _Variant(
                     template_id=template_id,
                     locale=locale,
@@ -146,6 +159,8 @@ class TemplateCatalog:
                     text=compiled.get(prefix + BODY_TEXT),
                     html=compiled.get(prefix + BODY_HTML),
                     content_hash=_hash_sources(sources[name] for name in sorted(used)),
+                    required=required,
+                    links=links,
                 )
         files = _hash_sources(sources[name] for name in sorted(sources))
         whole = hashlib.sha256(f"{files}\0{default_key}".encode()).hexdigest()
@@ -165,16 +180,33 @@ class TemplateCatalog:
         """The locale folders of a template, as named on disk; KeyError for an unknown id."""
         return frozenset(variant.locale for variant in self._variants[template_id].values())
 
+    def needs(self, template_id: str, locale: str | None) -> tuple[frozenset[str], frozenset[str]]:
+        """(required variables, link variables) of the variant a command would render."""
+        variant = self._select(template_id, locale)
+        return variant.required, variant.links
+
     def render(
         self, template_id: str, locale: str | None, variables: Mapping[str, object]
     ) -> RenderedContent:
-        """Render a template; the locale falls back to its language, then the default locale."""
+        """Render a template; the locale falls back to its language, then the default locale.
+
+        A missing required variable or a link variable that is not an http(s) URL is a
+        RenderError before anything is rendered (intake checks the same).
+        """
         variant = self._select(template_id, locale)
+        missing = sorted(variant.required.difference(variables))
+        if missing:
+            raise RenderError(f"template {template_id} needs variable(s) {', '.join(missing)}")
+        for name in sorted(variant.links.intersection(variables)):
+            try:
+                limits.check_link(name, variables[name])
+            except limits.LimitExceeded as exc:
+                raise RenderError(f"template {template_id}: {exc}") from None
         subject = _run(variant, SUBJECT, variant.subject, variables)
         text = None if variant.text is None else _run(variant, BODY_TEXT, variant.text, variables)
         html = None if variant.html is None else _run(variant, BODY_HTML, variant.html, variables)
         return RenderedContent(
-            subject=_SUBJECT_BREAKS.sub(" ", subject).strip(),
+            subject=_one_line(subject),
             text=text,
             html=html,
             template_id=template_id,
@@ -284,13 +316,15 @@ def _environment(sources: Mapping[str, _Source]) -> jinja2.sandbox.SandboxedEnvi
 
 def _compile_all(
     env: jinja2.Environment, sources: Mapping[str, _Source]
-) -> tuple[dict[str, jinja2.Template], dict[str, frozenset[str]]]:
-    """Compile every source; also return the templates each one references."""
+) -> tuple[dict[str, jinja2.Template], dict[str, frozenset[str]], dict[str, jinja2.nodes.Template]]:
+    """Compile every source; also return the templates each one references, and its AST."""
     compiled: dict[str, jinja2.Template] = {}
     references: dict[str, frozenset[str]] = {}
+    asts: dict[str, jinja2.nodes.Template] = {}
     for name, source in sources.items():
         try:
             ast = env.parse(source.text, name, str(source.path))
+            asts[name] = ast
             refs = list(jinja2.meta.find_referenced_templates(ast))
             compiled[name] = env.get_template(name)
         except jinja2.TemplateSyntaxError as exc:
@@ -308,7 +342,31 @@ def _compile_all(
                     f"(names are relative to the template directory)"
                 )
         references[name] = frozenset(str(ref) for ref in refs)
-    return compiled, references
+    return compiled, references, asts
+
+
+def _needs(
+    env: jinja2.Environment, asts: Iterable[jinja2.nodes.Template]
+) -> tuple[frozenset[str], frozenset[str]]:
+    """(required, link) variables of the templates behind one rendering.
+
+    A variable is required when a template reads it and no template of the set assigns it
+    or tests it with ``is defined``; link variables are those named ``*_url``.
+    """
+    read: set[str] = set()
+    optional: set[str] = set()
+    assigned: set[str] = set()
+    for ast in asts:
+        read |= jinja2.meta.find_undeclared_variables(ast)
+        for test in ast.find_all(jinja2.nodes.Test):
+            if test.name in ("defined", "undefined") and isinstance(test.node, jinja2.nodes.Name):
+                optional.add(test.node.name)
+        for node in ast.find_all(jinja2.nodes.Name):
+            if node.ctx in ("store", "param"):
+                assigned.add(node.name)
+    read -= assigned | set(env.globals)
+    links = frozenset(name for name in read if limits.is_link_variable(name))
+    return frozenset(read - optional), links
 
 
 def _closure(names: Iterable[str], references: Mapping[str, frozenset[str]]) -> set[str]:

@@ -19,6 +19,7 @@ from pydantic import (
     WithJsonSchema,
 )
 
+from maildaemon.addresses import domain_key
 from maildaemon.contract.command import FAILURE_CODES
 from maildaemon.errors import InvalidInput
 from maildaemon.operator.inputs import (
@@ -104,9 +105,12 @@ class BulkRequeueBody(Body):
     """Requeue the dead letters that match every filter given."""
 
     source: Source | None = None
-    recipient_domain: Annotated[str, Field(min_length=1, max_length=253, pattern=DOMAIN)] | None = (
-        None
-    )
+    recipient_domain: (
+        Annotated[
+            str, Field(min_length=1, max_length=253, pattern=DOMAIN), AfterValidator(domain_key)
+        ]
+        | None
+    ) = None
     reply_code: Annotated[int, Field(ge=200, le=599), BeforeValidator(_integral)] | None = None
     reply_class: Literal["2xx", "3xx", "4xx", "5xx"] | None = None
     created_after: Time | None = None

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+from maildaemon.addresses import domain_key, lookup_key
 from maildaemon.contract.command import FAILURE_CODES
 from maildaemon.errors import InvalidInput
 from maildaemon.store.filters import (
@@ -124,7 +125,7 @@ def email_address(value: str, name: str = "address") -> str:
     """An address as the suppression list keys it: lower-cased, no spaces or controls."""
     if len(value) > 254:
         raise InvalidInput(f"{name}: longer than 254 characters", field=name)
-    return check(ADDRESS, value, name, "not an e-mail address (local@domain)").lower()
+    return lookup_key(check(ADDRESS, value, name, "not an e-mail address (local@domain)"))
 
 
 def actor_note(body_actor: str | None, header: str | None) -> str | None:
@@ -153,8 +154,13 @@ def _text(pattern: str, what: str) -> Callable[[str, str], Any]:
     return lambda value, name: check(pattern, value, name, what)
 
 
-def _lower(pattern: str, what: str) -> Callable[[str, str], Any]:
-    return lambda value, name: check(pattern, value, name, what).lower()
+def _address_key(value: str, name: str) -> str:
+    """An address as deliveries and the suppression list store it (one canonical form)."""
+    return lookup_key(check(WORD, value, name, "must be an address without spaces"))
+
+
+def _domain_key(value: str, name: str) -> str:
+    return domain_key(check(DOMAIN, value, name, "must be a domain name"))
 
 
 def _enum(values: Sequence[str]) -> Callable[[str, str], Any]:
@@ -230,7 +236,7 @@ DELIVERY_PARAMS = (
         "recipient",
         _string(WORD),
         "Only deliveries to this address (to, cc or bcc; case-insensitive).",
-        _lower(WORD, "must be an address without spaces"),
+        _address_key,
     ),
     _after("deliveries"),
     _before("deliveries"),
@@ -243,7 +249,7 @@ DEAD_LETTER_PARAMS = (
         "recipient_domain",
         _string(DOMAIN),
         "Only deliveries with a recipient at this domain.",
-        _lower(DOMAIN, "must be a domain name"),
+        _domain_key,
     ),
     Param(
         "reply_code",
@@ -286,13 +292,13 @@ SUPPRESSION_PARAMS = (
         "address",
         _string(WORD),
         "Only this address (case-insensitive).",
-        _lower(WORD, "must be an address without spaces"),
+        _address_key,
     ),
     Param(
         "domain",
         _string(DOMAIN),
         "Only addresses at this domain.",
-        _lower(DOMAIN, "must be a domain name"),
+        _domain_key,
     ),
     P_LIMIT,
     P_CURSOR,

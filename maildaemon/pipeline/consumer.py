@@ -39,25 +39,41 @@ def entry_id_text(entry_id: bytes | str) -> str:
 
 
 def to_intake(entry_id: str, fields: dict[bytes, bytes], policy: CommandPolicy) -> IntakeEntry:
-    """Validate one stream entry into what the store takes in."""
-    parsed = parse_entry(fields, policy)
+    """Validate one stream entry into what the store takes in; never raises."""
+    try:
+        parsed = parse_entry(fields, policy)
+    except Exception as exc:  # parse_entry should not raise; if it does, it is one record
+        event(log, "intake entry failed", logging.ERROR, stream_entry_id=entry_id, error=repr(exc))
+        parsed = Rejection("intake_error", f"{type(exc).__name__}: {exc}"[:500])
     if isinstance(parsed, DeliveryCommand):
         return IntakeEntry(entry_id, parsed, None, "")
-    raw, truncated = raw_entry_text(fields, RAW_CAP)
+    try:
+        raw, truncated = raw_entry_text(fields, RAW_CAP)
+    except Exception:
+        raw, truncated = "", True
     return IntakeEntry(entry_id, None, parsed, raw, truncated)
 
 
-def _refused(entry: IntakeEntry, detail: str) -> IntakeEntry:
-    """The malformed record for an entry whose data PostgreSQL would not store."""
+def _refused(entry: IntakeEntry, detail: str, keep_raw: bool = True) -> IntakeEntry:
+    """The malformed record for an entry whose data PostgreSQL would not store.
+
+    Without ``keep_raw`` the record holds nothing the producer sent: only ASCII text of
+    ours, which PostgreSQL cannot refuse for its content.
+    """
     cmd = entry.command
-    raw = entry.raw or (cmd.canonical_json() if cmd is not None else "")
+    raw = ""
+    if keep_raw:
+        try:
+            raw = entry.raw or (cmd.canonical_json() if cmd is not None else "")
+        except Exception:
+            raw = ""
     rejection = Rejection(
         "invalid_field",
-        detail[:1000],
-        cmd.delivery_id if cmd else None,
-        cmd.source if cmd else None,
+        detail[:1000] if keep_raw else ascii(detail)[:1000],
+        cmd.delivery_id if cmd and keep_raw else None,
+        cmd.source if cmd and keep_raw else None,
     )
-    return IntakeEntry(entry.stream_entry_id, None, rejection, raw[:RAW_CAP])
+    return IntakeEntry(entry.stream_entry_id, None, rejection, raw[:RAW_CAP], not keep_raw)
 
 
 class StreamConsumer:
@@ -222,6 +238,7 @@ class StreamConsumer:
     async def _commit(self, entries: list[IntakeEntry]) -> IntakeResult | None:
         backoff = Backoff()
         conflicts = 0
+        refusals = 0
         while True:
             try:
                 return await self._store.ingest(entries, self._s.idempotency_window)
@@ -241,15 +258,21 @@ class StreamConsumer:
                 if len(entries) > 1:
                     return await self._commit_one_by_one(entries)
                 entry = entries[0]
+                refusals += 1
                 event(
                     log,
                     "intake refused by postgres",
                     logging.ERROR,
                     error=str(exc),
                     stream_entry_id=entry.stream_entry_id,
+                    refusals=refusals,
                 )
-                entries = [_refused(entry, str(exc))]
-                continue
+                if refusals <= 2:
+                    # First the entry as a record with its text, then a bare record of ours.
+                    entries = [_refused(entry, str(exc), keep_raw=refusals == 1)]
+                    continue
+                # Even a bare record is refused: the database, not the entry, is at fault.
+                self._inst.store_unavailable.add(1, {"component": "consumer"})
             except RETRYABLE as exc:
                 # A concurrent replica raced us on the same keys; try the batch again.
                 conflicts += 1

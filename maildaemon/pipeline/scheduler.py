@@ -268,9 +268,9 @@ class Scheduler:
         for claim, message in ready:
             rcpts = claim.envelope_recipients()
             suppressed = {
-                a: RecipientOutcome("suppressed", None, suppressions[a.lower()])
+                a: RecipientOutcome("suppressed", None, suppressions[a])
                 for a in rcpts
-                if a.lower() in suppressions
+                if a in suppressions
             }
             remaining = tuple(a for a in rcpts if a not in suppressed)
             if not remaining:

@@ -11,6 +11,7 @@ import re
 import time
 from collections.abc import Iterable
 
+from maildaemon.addresses import domain_key
 from maildaemon.sending.reply import Reply, SendReport
 
 _SLOW_DOWN_CODES = frozenset({421, 450, 451})
@@ -52,7 +53,7 @@ class RateLimiter:
             return
         wait = self._global.delay() if self._global is not None else 0.0
         now = time.monotonic()
-        for domain in {r.rpartition("@")[2].lower() for r in recipients}:
+        for domain in {domain_key(r.rpartition("@")[2]) for r in recipients}:
             wait = max(wait, self._blocked_until.get(domain, now) - now)
             if self._domain_rate > 0:
                 bucket = self._domains.get(domain)
@@ -72,4 +73,4 @@ class RateLimiter:
         until = time.monotonic() + self._backoff
         for rcpt, reply in replies:
             if reply.code in _SLOW_DOWN_CODES and _SLOW_DOWN_TEXT.search(reply.text):
-                self._blocked_until[rcpt.rpartition("@")[2].lower()] = until
+                self._blocked_until[domain_key(rcpt.rpartition("@")[2])] = until

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import aiosmtplib
 from aiosmtplib import SMTPResponse
 
+from maildaemon.addresses import AddressError, canonical_address
 from maildaemon.config import Settings
 from maildaemon.errors import (
     InsecureTransportError,
@@ -42,11 +43,10 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
 
 
 def envelope(address: str) -> bytes:
-    """An address as it goes in MAIL FROM / RCPT TO: the domain IDNA-encoded."""
-    local, _, domain = address.rpartition("@")
+    """An address as it goes in MAIL FROM / RCPT TO: its canonical form (IDNA 2008)."""
     try:
-        return local.encode("ascii") + b"@" + domain.encode("idna")
-    except UnicodeError as exc:
+        return canonical_address(address).encode("ascii")
+    except (AddressError, UnicodeError) as exc:
         raise PermanentTransportError(f"address cannot be sent over SMTP: {address!r}") from exc
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from maildaemon.addresses import lookup_key
 from maildaemon.contract.command import Rejection
 from maildaemon.delivery import (
     AttemptResult,
@@ -27,6 +28,7 @@ from maildaemon.store import rows as convert
 
 log = logging.getLogger("maildaemon.store")
 Connection = asyncpg.Connection | PoolConnectionProxy
+_Fresh = tuple[IntakeEntry, bytes, str]
 
 # Errors that mean "the database is not there right now", as opposed to a bug.
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -40,6 +42,15 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.ConnectionFailureError,
     asyncpg.exceptions.InterfaceError,
     asyncpg.exceptions.InternalClientError,
+)
+# PostgreSQL refusing what it was given (bad value, a limit, a constraint other than the
+# unique ones intake races on): the data's fault, not the database's.
+_REFUSED: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.DataError,
+    asyncpg.exceptions.ProgramLimitExceededError,
+    asyncpg.exceptions.CheckViolationError,
+    asyncpg.exceptions.NotNullViolationError,
+    UnicodeError,
 )
 # Conflicts between concurrent transactions: the whole batch is simply tried again.
 RETRYABLE: tuple[type[BaseException], ...] = (
@@ -58,7 +69,7 @@ async def translate_errors(what: str) -> AsyncIterator[None]:
         raise QueryTimeout(f"{what}: the query was cancelled: {exc}") from exc
     except _UNAVAILABLE as exc:
         raise StoreUnavailable(f"{what}: PostgreSQL unavailable: {exc!r}") from exc
-    except (asyncpg.exceptions.DataError, UnicodeError) as exc:
+    except _REFUSED as exc:
         raise StoreRejected(f"{what}: PostgreSQL refused the data: {exc}") from exc
 
 
@@ -110,7 +121,7 @@ class Store:
     ) -> IntakeResult:
         """Take a batch of validated stream entries in, in one transaction."""
         result = IntakeResult()
-        fresh: dict[str, tuple[IntakeEntry, bytes]] = {}  # delivery_id -> (entry, fingerprint)
+        fresh: dict[str, _Fresh] = {}  # delivery_id -> (entry, fingerprint, row as JSON)
         by_key: dict[tuple[str, str], str] = {}
         malformed: list[tuple[IntakeEntry, Rejection]] = []
         for entry in entries:
@@ -119,14 +130,19 @@ class Store:
                 assert entry.rejection is not None
                 malformed.append((entry, entry.rejection))
                 continue
-            fp = cmd.fingerprint()
+            try:  # whatever one command does while being hashed or serialised stays its own
+                fp = cmd.fingerprint()
+                row = json.dumps(convert.delivery_row(entry, fp), ensure_ascii=False)
+            except Exception as exc:
+                malformed.append((entry, convert.unprocessable(entry, exc)))
+                continue
             key = (cmd.source, cmd.idempotency_key)
             prior_id = by_key.get(key) or (cmd.delivery_id if cmd.delivery_id in fresh else None)
             if prior_id is None:
-                fresh[cmd.delivery_id] = (entry, fp)
+                fresh[cmd.delivery_id] = (entry, fp, row)
                 by_key[key] = cmd.delivery_id
                 continue
-            _prior_entry, prior_fp = fresh[prior_id]
+            _prior_entry, prior_fp, _row = fresh[prior_id]
             if prior_fp == fp and prior_id == cmd.delivery_id:
                 result.replays.append((entry, prior_id))
             else:
@@ -160,18 +176,18 @@ class Store:
     async def _insert_fresh(
         self,
         conn: PoolConnectionProxy,
-        fresh: dict[str, tuple[IntakeEntry, bytes]],
+        fresh: dict[str, _Fresh],
         window: float,
         result: IntakeResult,
         malformed: list[tuple[IntakeEntry, Rejection]],
     ) -> None:
-        cmds = {did: e.command for did, (e, _) in fresh.items() if e.command is not None}
+        cmds = {did: e.command for did, (e, _, _) in fresh.items() if e.command is not None}
         reserved_rows = await conn.fetch(
             q.RESERVE_KEYS,
             [c.source for c in cmds.values()],
             [c.idempotency_key for c in cmds.values()],
             list(cmds),
-            [fp for _, fp in fresh.values()],
+            [fp for _, fp, _ in fresh.values()],
             window,
         )
         reserved = {(r["source"], r["idempotency_key"]) for r in reserved_rows}
@@ -187,7 +203,7 @@ class Store:
             )
             holders = {(r["source"], r["idempotency_key"]): r for r in rows}
             for did in taken:
-                entry, fp = fresh[did]
+                entry, fp, _ = fresh[did]
                 holder = holders.get((cmds[did].source, cmds[did].idempotency_key))
                 if (
                     holder is not None
@@ -206,9 +222,7 @@ class Store:
                     )
         if not to_insert:
             return
-        payload = json.dumps(
-            [convert.delivery_row(fresh[d][0], fresh[d][1]) for d in to_insert], ensure_ascii=False
-        )
+        payload = "[" + ",".join(fresh[d][2] for d in to_insert) + "]"
         inserted = {r["delivery_id"] for r in await conn.fetch(q.INSERT_DELIVERIES, payload)}
         missing = [d for d in to_insert if d not in inserted]
         for did in to_insert:
@@ -223,7 +237,7 @@ class Store:
         }
         dropped: list[str] = []
         for did in missing:
-            entry, fp = fresh[did]
+            entry, fp, _ = fresh[did]
             if existing.get(did) == fp:
                 result.replays.append((entry, did))
             else:
@@ -284,12 +298,14 @@ class Store:
         return {r["delivery_id"] for r in rows}
 
     async def active_suppressions(self, addresses: Iterable[str]) -> dict[str, str]:
-        lowered = sorted({a.lower() for a in addresses})
-        if not lowered:
+        """Address (as given) -> reason, for those on the list under their canonical key."""
+        keys = {a: lookup_key(a) for a in addresses}
+        if not keys:
             return {}
         async with translate_errors("suppressions"):
-            rows = await self.pool.fetch(q.ACTIVE_SUPPRESSIONS, lowered)
-        return {r["address"]: r["reason"] for r in rows}
+            rows = await self.pool.fetch(q.ACTIVE_SUPPRESSIONS, sorted(set(keys.values())))
+        found = {r["address"]: r["reason"] for r in rows}
+        return {a: found[k] for a, k in keys.items() if k in found}
 
     async def record_results(
         self, results: Sequence[AttemptResult], worker: str, suppression_ttl: float
@@ -405,7 +421,7 @@ async def write_outcomes(
     if suppress:
         await conn.execute(
             q.SUPPRESS_ADDRESSES,
-            [a for a, _ in suppress],
+            [lookup_key(a) for a, _ in suppress],
             [convert.suppression_reason(a, r) for a, r in suppress],
             [convert.rcpt_code(a, r) for a, r in suppress],
             [r.delivery_id for _, r in suppress],

@@ -8,7 +8,7 @@ from typing import Any
 
 import asyncpg
 
-from maildaemon.contract.command import Rejection
+from maildaemon.contract.command import DeliveryCommand, Rejection
 from maildaemon.delivery import TERMINAL_STATUSES, AttemptResult, ClaimedDelivery, IntakeEntry
 
 
@@ -42,6 +42,17 @@ def conflict(entry: IntakeEntry, holder: str | None, same_key: bool) -> Rejectio
     )
 
 
+def unprocessable(entry: IntakeEntry, exc: BaseException) -> Rejection:
+    """The record of a command that failed while being taken in (not its validation)."""
+    cmd = entry.command
+    return Rejection(
+        "intake_error",
+        f"the command could not be taken in: {type(exc).__name__}: {exc}"[:500],
+        cmd.delivery_id if cmd else None,
+        cmd.source if cmd else None,
+    )
+
+
 def delivery_row(entry: IntakeEntry, fingerprint: bytes) -> dict[str, Any]:
     cmd = entry.command
     assert cmd is not None
@@ -62,8 +73,17 @@ def delivery_row(entry: IntakeEntry, fingerprint: bytes) -> dict[str, Any]:
         "expires_at": iso(cmd.expires_at),
         "stream_entry_id": entry.stream_entry_id,
         "traceparent": cmd.traceparent,
-        "command": cmd.model_dump(mode="json", exclude_defaults=True),
+        "command": stored_command(cmd),
     }
+
+
+def stored_command(cmd: DeliveryCommand) -> dict[str, Any]:
+    """The command as the payload row keeps it: custom headers as name/value pairs, so
+    that jsonb (which orders object keys its own way) keeps the producer's order."""
+    data = cmd.model_dump(mode="json", exclude_defaults=True)
+    if "headers" in data:
+        data["headers"] = [[name, value] for name, value in cmd.headers.items()]
+    return data
 
 
 def result_row(r: AttemptResult, worker: str) -> dict[str, Any]:

@@ -66,7 +66,8 @@ SCHEMA = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
 SCHEMA_VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
 
 # Codes by where they are produced (the `stage` of x-failure-codes in the document).
-INTAKE_CODES = {"idempotency_conflict", "delivery_id_conflict"}  # maildaemon.store.db
+# maildaemon.store (intake_error: a command that fails while being hashed or written)
+INTAKE_CODES = {"idempotency_conflict", "delivery_id_conflict", "intake_error"}
 RESERVED_CODES = {"already_expired"}  # defined, never produced
 PARSE_CODES = set(FAILURE_CODES) - INTAKE_CODES - RESERVED_CODES
 SHAPE_CODES = {"missing_field", "unknown_field", "invalid_field", "unknown_payload_mode"}
@@ -174,7 +175,7 @@ def test_schema_is_valid_and_draft07_compatible() -> None:
         "$schema", "$id", "$ref", "$defs", "title", "description", "type", "properties",
         "required", "additionalProperties", "items", "minItems", "maxItems", "minLength",
         "maxLength", "pattern", "enum", "const", "anyOf", "oneOf", "allOf", "not", "format",
-        "default", "examples", "minimum", "maximum",
+        "default", "examples", "minimum", "maximum", "maxProperties",
     }
     # fmt: on
     assert _keywords(SCHEMA) <= same_in_draft07, _keywords(SCHEMA) - same_in_draft07
@@ -237,7 +238,7 @@ def test_intake_and_reserved_codes_are_where_the_document_says() -> None:
 def test_asyncapi_limits_are_the_setting_defaults() -> None:
     limits = _json("components", "messages", "DeliveryCommand", "x-limits")
     policy_settings = {f"MAIL_{f.name.upper()}" for f in fields(CommandPolicy)}
-    assert policy_settings - {"MAIL_KNOWN_TEMPLATES"} <= set(limits)
+    assert policy_settings - {"MAIL_KNOWN_TEMPLATES", "MAIL_TEMPLATE_NEEDS"} <= set(limits)
     for env, documented in limits.items():
         default = Settings.model_fields[env.removeprefix("MAIL_").lower()].default
         if env == "MAIL_IDEMPOTENCY_WINDOW":
@@ -429,6 +430,11 @@ TRIGGERS: dict[str, dict[str, Maker]] = {
             R, send_at="2030-01-01T08:00:00Z", expires_at="2030-01-01T09:00:00+01:00"
         ),
         "header-name": lambda: _with(R, headers={"List Id": "x"}),
+        "header-twice": lambda: _with(R, headers={"List-Id": "a", "list-id": "b"}),
+        "locale-trailing-newline": lambda: _with(R, locale="en\n"),
+        "traceparent-trailing-newline": lambda: _with(
+            R, traceparent="00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\n"
+        ),
         "header-value-type": lambda: _with(R, headers={"List-Id": 5}),
         "traceparent": lambda: _with(R, traceparent="00-4BF92F35-00f067aa0ba902b7-01"),
         "nul": lambda: _with(R, text="a\x00b"),
@@ -452,6 +458,9 @@ TRIGGERS: dict[str, dict[str, Maker]] = {
         "single-label-domain": lambda: _with(R, to=["ada@localhost"]),
         "quoted-local-part": lambda: _with(R, cc=['"ada lovelace"@example.com']),
         "local-part-over-64": lambda: _with(R, bcc=["a" * 65 + "@example.com"]),
+        "idna-2008-disallowed": lambda: _with(R, to=["ada@a\u2488b.example"]),
+        "underscore-label": lambda: _with(R, to=["ada@a_b.example"]),
+        "bad-a-label": lambda: _with(R, to=["ada@xn--zz.example"]),
     },
     "header_injection": {
         "subject": lambda: _with(R, subject="Hi\r\nBcc: eve@example.net"),
@@ -461,10 +470,14 @@ TRIGGERS: dict[str, dict[str, Maker]] = {
         "filename": lambda: _with(R, attachments=[{**_file(1), "filename": "a\r\n.txt"}]),
         "delivery_id": lambda: _with(R, delivery_id="d-1\r\n"),
     },
-    "header_not_allowed": {"x-mailer": lambda: _with(R, headers={"X-Mailer": "maildaemon"})},
+    "header_not_allowed": {
+        "x-mailer": lambda: _with(R, headers={"X-Mailer": "maildaemon"}),
+        "reserved": lambda: _with(R, headers={"Subject": "x"}),
+    },
     "too_large": {
         "command": lambda: _with(R, text="x" * POLICY.command_max_bytes),
         "header-value": lambda: _with(R, headers={"List-Id": "x" * 999}),
+        "header-line": lambda: _with(R, headers={"List-Id": "x" * 995}),
     },
     "attachment_too_large": {
         "one": lambda: _with(R, attachments=[_file(MAX_ATTACHMENT + 1)]),
@@ -477,11 +490,55 @@ TRIGGERS: dict[str, dict[str, Maker]] = {
             R, attachments=[{**_file(1), "content_type": "text/plain; charset=utf-8"}]
         ),
         "path": lambda: _with(R, attachments=[{**_file(1), "filename": "../etc/passwd"}]),
+        "multipart": lambda: _with(
+            R, attachments=[{**_file(1), "content_type": "multipart/mixed"}]
+        ),
+        "blank-name": lambda: _with(R, attachments=[{**_file(1), "filename": "  "}]),
     },
     "too_many_recipients": {
         "101": lambda: _with(R, to=["a@example.com"] * 50, cc=["b@example.com"] * 51),
     },
+    "too_deep": {
+        "variables-9": lambda: _with(T, variables={**T["variables"], "x": _nest(9)}),
+        "document-17": lambda: _with(R, extra=_nest(17)),
+        "hundreds": lambda: _with(T, variables={**T["variables"], "x": _nest(400)}),
+    },
+    "too_many_variables": {
+        "names": lambda: _with(T, variables={f"v{i}": i for i in range(65)} | T["variables"]),
+        "values": lambda: _with(T, variables={**T["variables"], "x": list(range(5001))}),
+    },
+    "variables_too_large": {
+        "chars": lambda: _with(T, variables={**T["variables"], "x": "x" * (256 * 1024 + 1)}),
+        "name": lambda: _with(T, variables={**T["variables"], "n" * 129: 1}),
+    },
+    "too_many_attachments": {"21": lambda: _with(R, attachments=[_file(1)] * 21)},
+    "missing_variable": {
+        "body": lambda: _with(T, variables={"title": "Hello"}),
+        "reset_url": lambda: _with(
+            T, template_id="password_reset", variables={"expires_minutes": 30}
+        ),
+    },
+    "invalid_link": {
+        "javascript": lambda: _with(
+            T,
+            template_id="password_reset",
+            variables={"expires_minutes": 30, "reset_url": "javascript:alert(1)"},
+        ),
+        "action_url-data": lambda: _with(
+            T, variables={**T["variables"], "action_url": "data:text/html,x"}
+        ),
+        "space": lambda: _with(
+            T, variables={**T["variables"], "action_url": "https://a.example/ x"}
+        ),
+    },
 }
+
+
+def _nest(levels: int) -> Any:
+    value: Any = 1
+    for _ in range(levels):
+        value = {"a": value}
+    return value
 
 
 @pytest.mark.parametrize(

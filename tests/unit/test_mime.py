@@ -14,6 +14,7 @@ import email.policy
 import re
 from datetime import UTC, datetime, timedelta, timezone
 
+import idna
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -45,8 +46,10 @@ def decoded_text(part: email.message.EmailMessage) -> str:
 
 
 def wire_address(address: str) -> str:
+    """IDNA 2008 / UTS #46 (the idna package), not the stdlib's IDNA 2003 codec: that one
+    maps straße.de to strasse.de, another domain."""
     local, _, domain = address.rpartition("@")
-    return f"{local}@{domain.encode('idna').decode('ascii')}"
+    return f"{local}@{idna.encode(domain, uts46=True).decode('ascii').lower()}"
 
 
 def assert_wire_format(raw: bytes) -> None:
@@ -391,3 +394,9 @@ def test_message_id_is_stable_per_delivery() -> None:
 
 def test_reserved_headers_cover_the_standard_ones() -> None:
     assert {"bcc", "from", "to", "subject", "message-id"} <= mime.RESERVED_HEADERS
+
+
+def test_idn_domains_take_the_idna_2008_form() -> None:
+    raw = build(to=[Mailbox("ada@Straße.DE"), Mailbox("bob@xn--strae-oqa.de")])
+    assert b"<ada@xn--strae-oqa.de>" in raw and b"<bob@xn--strae-oqa.de>" in raw
+    assert b"strasse" not in raw

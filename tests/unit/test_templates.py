@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
 
+from maildaemon.app import command_policy
+from maildaemon.config import Settings
+from maildaemon.contract.command import Rejection
+from maildaemon.contract.parsing import parse_command
+from maildaemon.errors import RenderError
 from maildaemon.message.render import TemplateCatalog
 
-CATALOG = TemplateCatalog.load(Path(__file__).resolve().parents[2] / "templates", "en")
+TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+CATALOG = TemplateCatalog.load(TEMPLATES, "en")
+POLICY = command_policy(
+    Settings(postgres_primary_dsn="postgresql://x@127.0.0.1/x", smtp_mode="stub"), CATALOG
+)
 VARIABLES = {
     "signin_code": {"code": "493817", "expires_minutes": 10},
     "password_reset": {"reset_url": "https://app.example/reset?t=abc", "expires_minutes": 30},
@@ -31,7 +42,40 @@ def test_shipped_templates_render(template_id: str, locale: str) -> None:
 
 
 @pytest.mark.parametrize("url", ["javascript:alert(1)", "data:text/html,x", " JAVASCRIPT:x"])
-def test_notification_links_only_http(url: str) -> None:
-    content = CATALOG.render("notification", "en", {"title": "t", "body": "b", "action_url": url})
-    assert url.strip().lower() not in (content.html or "").lower()
-    assert url.strip().lower() not in (content.text or "").lower()
+@pytest.mark.parametrize(
+    ("template_id", "name", "variables"),
+    [
+        ("notification", "action_url", {"title": "t", "body": "b"}),
+        ("password_reset", "reset_url", {"expires_minutes": 5}),
+    ],
+)
+def test_link_variables_only_http(
+    url: str, template_id: str, name: str, variables: dict[str, object]
+) -> None:
+    """Every template with a link variable refuses other schemes, at render and at intake."""
+    with pytest.raises(RenderError, match="http"):
+        CATALOG.render(template_id, "en", {**variables, name: url})
+    command = {
+        "delivery_id": "d-1",
+        "source": "notification",
+        "idempotency_key": "k-1",
+        "to": ["ada@example.com"],
+        "payload_mode": "template",
+        "template_id": template_id,
+        "variables": {**variables, name: url},
+    }
+    parsed = parse_command(json.dumps(command), POLICY)
+    assert isinstance(parsed, Rejection) and parsed.failure_code == "invalid_link"
+
+
+def test_every_href_is_a_link_variable() -> None:
+    """An href is filled only from a variable named *_url (or the button's, set from one)."""
+    sources = "".join(p.read_text() for p in TEMPLATES.rglob("*.html"))
+    filled = set(re.findall(r'href="\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}"', sources))
+    assert filled and all(name.endswith("_url") for name in filled), filled
+    assert not re.search(r'href="[^"{]*\{\{(?!\s*[A-Za-z_]+_url\s*\}\})', sources)
+    for template_id in CATALOG.template_ids:
+        for locale in CATALOG.locales(template_id):
+            required, links = CATALOG.needs(template_id, locale)
+            used = required | links
+            assert {n for n in used if n.endswith("_url")} <= links
