@@ -113,6 +113,8 @@ class Settings(BaseSettings):
     consumer_group: str = Field(default="maildaemon", min_length=1)
     consumer_name: str = Field(default_factory=_default_consumer_name, min_length=1)
     consumer_batch_size: int = Field(default=500, ge=1, le=10_000)
+    # Bytes of stream entries one batch may hold (read by a Lua script that measures them).
+    consumer_batch_max_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     consumer_block: Duration = 1.0
     consumer_reclaim_idle: Duration = 60.0
     consumer_forget_idle: Duration = 86400.0
@@ -238,6 +240,11 @@ class Settings(BaseSettings):
             raise ValueError("MAIL_LEASE_DURATION: must be longer than MAIL_SMTP_TIMEOUT")
         if not self.retry_ladder:
             raise ValueError("MAIL_RETRY_LADDER: needs at least one step")
+        if self.command_max_bytes > self.consumer_batch_max_bytes:
+            raise ValueError(
+                "MAIL_COMMAND_MAX_BYTES: larger than MAIL_CONSUMER_BATCH_MAX_BYTES "
+                "(one command must fit in a batch)"
+            )
         if self.attachment_max_bytes > self.attachments_total_max_bytes:
             raise ValueError(
                 "MAIL_ATTACHMENT_MAX_BYTES: larger than MAIL_ATTACHMENTS_TOTAL_MAX_BYTES"

@@ -1,9 +1,12 @@
 """Stream consumer: delivery commands from the Redis Stream into PostgreSQL, exactly once.
 
-A consumer group holds the persisted offset. Each batch read with XREADGROUP is validated,
-written in one PostgreSQL transaction, and only then XACKed. Entries left pending by a
-consumer that died are taken over with XAUTOCLAIM once idle long enough. While PostgreSQL
-is down the consumer stops reading and retries with backoff; nothing is acked meanwhile.
+A consumer group holds the persisted offset. Each batch (read by ``stream_reader`` with a
+bound on its bytes) is validated, written in one PostgreSQL transaction, and only then
+XACKed. Entries left pending by a consumer that died are taken over with XAUTOCLAIM once
+idle long enough. While PostgreSQL is down the consumer stops reading and retries with
+backoff; nothing is acked meanwhile. Whatever one entry does -- any exception while it is
+validated, hashed, serialised or refused by PostgreSQL -- it ends as a malformed record and
+the rest of its batch is taken in.
 """
 
 from __future__ import annotations
@@ -12,8 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, cast
+from collections.abc import Callable
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
@@ -24,6 +26,7 @@ from maildaemon.contract.parsing import parse_entry, raw_entry_text
 from maildaemon.delivery import IntakeEntry, IntakeResult
 from maildaemon.errors import StoreRejected, StoreUnavailable
 from maildaemon.logs import event
+from maildaemon.pipeline.stream_reader import BoundedBatch, BoundedReader
 from maildaemon.retry import Backoff
 from maildaemon.store.db import RETRYABLE, Store
 from maildaemon.telemetry import Instruments
@@ -31,7 +34,7 @@ from maildaemon.telemetry import Instruments
 log = logging.getLogger("maildaemon.consumer")
 
 RAW_CAP = 64 * 1024  # characters of a malformed entry kept in its record
-_Entry = tuple[bytes, dict[bytes, bytes]]
+IDLE_POLL_MAX = 0.05  # seconds between polls of an idle stream, at most
 
 
 def entry_id_text(entry_id: bytes | str) -> str:
@@ -96,6 +99,15 @@ class StreamConsumer:
         self._on_committed = on_committed
         self._stopping = asyncio.Event()
         self._last_reclaim = 0.0
+        self._reader = BoundedReader(
+            redis,
+            settings.command_stream,
+            settings.consumer_group,
+            settings.consumer_name,
+            max_count=settings.consumer_batch_size,
+            budget=settings.consumer_batch_max_bytes,
+            max_entry=settings.command_max_bytes,
+        )
 
     def stop(self) -> None:
         self._stopping.set()
@@ -126,16 +138,20 @@ class StreamConsumer:
             group=s.consumer_group,
             consumer=s.consumer_name,
             batch_size=s.consumer_batch_size,
+            batch_max_bytes=s.consumer_batch_max_bytes,
         )
         backoff = Backoff()
+        idle = 0.0
         while not self._stopping.is_set():
             try:
-                batch = await self._reclaim_if_due()
-                if not batch:
-                    batch = await self._read()
-                if batch:
-                    await self._take_in(batch)
+                batch = await self._read()
                 backoff.reset()
+                if batch:
+                    idle = 0.0
+                    await self._take_in(batch)
+                else:
+                    idle = min(max(idle * 2, 0.002), s.consumer_block, IDLE_POLL_MAX)
+                    await self._sleep(idle)
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
@@ -160,53 +176,27 @@ class StreamConsumer:
                 await self._sleep(backoff.next())
         event(log, "command consumer stopped", consumer=s.consumer_name)
 
-    async def _read(self) -> list[_Entry]:
-        block_ms = max(1, int(self._s.consumer_block * 1000))
-        response = await self._redis.xreadgroup(
-            self._s.consumer_group,
-            self._s.consumer_name,
-            {self._s.command_stream: ">"},
-            count=self._s.consumer_batch_size,
-            block=block_ms,
-        )
-        if not response:
-            return []
-        entries: list[_Entry] = []
-        for _stream, stream_entries in cast(list[tuple[bytes, list[_Entry]]], response):
-            entries.extend(stream_entries)
-        return entries
-
-    async def _reclaim_if_due(self) -> list[_Entry]:
-        """Take over entries another consumer read but never acked (it died)."""
+    async def _read(self) -> BoundedBatch:
+        """One bounded batch; every so often it also takes over entries of dead consumers."""
         now = time.monotonic()
-        idle_ms = int(self._s.consumer_reclaim_idle * 1000)
-        if now - self._last_reclaim < max(self._s.consumer_reclaim_idle / 2, 0.5):
-            return []
-        self._last_reclaim = now
-        result: list[Any] = await self._redis.xautoclaim(
-            self._s.command_stream,
-            self._s.consumer_group,
-            self._s.consumer_name,
-            min_idle_time=idle_ms,
-            start_id="0-0",
-            count=self._s.consumer_batch_size,
-        )
-        claimed: list[_Entry] = [(eid, fields) for eid, fields in result[1] if fields is not None]
-        deleted = result[2] if len(result) > 2 else []
-        if deleted:
-            # Trimmed from the stream before anyone processed them: nothing left to take in.
-            await self._redis.xack(self._s.command_stream, self._s.consumer_group, *deleted)
-        if claimed:
+        reclaim_idle_ms: int | None = None
+        if now - self._last_reclaim >= max(self._s.consumer_reclaim_idle / 2, 0.5):
+            self._last_reclaim = now
+            reclaim_idle_ms = int(self._s.consumer_reclaim_idle * 1000)
+        batch = await self._reader.read(reclaim_idle_ms)
+        if reclaim_idle_ms is None:
+            return batch
+        if batch.reclaimed:
             event(
                 log,
                 "pending commands reclaimed",
                 logging.WARNING,
-                count=len(claimed),
+                count=batch.reclaimed,
                 consumer=self._s.consumer_name,
             )
         else:
             await self._forget_departed()
-        return claimed
+        return batch
 
     async def _forget_departed(self) -> None:
         """Remove consumers of replicas long gone (nothing pending, idle for long) from the
@@ -222,18 +212,27 @@ class StreamConsumer:
                 )
                 event(log, "departed consumer removed", consumer=name, idle_ms=info["idle"])
 
-    async def _take_in(self, batch: Sequence[_Entry]) -> None:
-        entries = [to_intake(entry_id_text(eid), fields, self._policy) for eid, fields in batch]
-        result = await self._commit(entries)
+    async def _take_in(self, batch: BoundedBatch) -> None:
+        entries = [
+            to_intake(entry_id_text(eid), fields, self._policy) for eid, fields in batch.entries
+        ]
+        entries.extend(self._oversize(eid, size) for eid, size in batch.oversize)
+        result = await self._commit(entries) if entries else IntakeResult()
         if result is None:  # stopping while PostgreSQL is down: leave them pending
             return
         # Only now, with the batch committed, may the entries leave the pending list.
-        await self._redis.xack(
-            self._s.command_stream, self._s.consumer_group, *[eid for eid, _ in batch]
-        )
+        # (Gone entries were trimmed from the stream before anyone took them in.)
+        ids = [eid for eid, _ in batch.entries] + [eid for eid, _ in batch.oversize]
+        await self._redis.xack(self._s.command_stream, self._s.consumer_group, *ids, *batch.gone)
         self._report(result)
         if result.created:
             self._on_committed()
+
+    def _oversize(self, entry_id: bytes, size: int) -> IntakeEntry:
+        """The record of an entry too large to read: its text never left Redis."""
+        limit = self._s.command_max_bytes
+        rejection = Rejection("too_large", f"stream entry is {size} bytes, the limit is {limit}")
+        return IntakeEntry(entry_id_text(entry_id), None, rejection, "", True)
 
     async def _commit(self, entries: list[IntakeEntry]) -> IntakeResult | None:
         backoff = Backoff()
