@@ -32,14 +32,22 @@ local max_count, budget, max_entry = tonumber(ARGV[3]), tonumber(ARGV[4]), tonum
 local reclaim_idle = tonumber(ARGV[6])
 local entries, oversize, gone, deferred = {}, {}, {}, {}
 local used, taken, full = 0, 0, false
-local pending = {}
-for i = 7, #ARGV do pending[#pending + 1] = ARGV[i] end
+local pending, known = {}, {}
+for i = 7, #ARGV do
+  pending[#pending + 1] = ARGV[i]
+  known[ARGV[i]] = true
+end
 local reclaimed = 0
 if reclaim_idle >= 0 and #pending < max_count then
   local r = redis.call('XAUTOCLAIM', stream, group, consumer, reclaim_idle, '0-0',
                        'COUNT', max_count - #pending, 'JUSTID')
-  for _, id in ipairs(r[2]) do pending[#pending + 1] = id end
-  reclaimed = #r[2]
+  for _, id in ipairs(r[2]) do
+    if not known[id] then
+      pending[#pending + 1] = id
+      known[id] = true
+      reclaimed = reclaimed + 1
+    end
+  end
   if r[3] then for _, id in ipairs(r[3]) do gone[#gone + 1] = id end end
 end
 local function take(id, fields)
