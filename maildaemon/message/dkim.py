@@ -19,6 +19,9 @@ _SIGNED_HEADERS = (
     b"message-id",
     b"mime-version",
     b"content-type",
+    # RFC 8058 one-click unsubscribe: both must be covered by the signature when present.
+    b"list-unsubscribe",
+    b"list-unsubscribe-post",
 )
 
 

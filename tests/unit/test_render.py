@@ -74,12 +74,12 @@ def test_shipped_templates_render_with_only_required_variables(
 def test_signin_code_greets_by_name_and_counts_minutes(shipped: TemplateCatalog) -> None:
     one = shipped.render("signin_code", "de", {"code": "1234", "expires_minutes": 1})
     assert one.subject == "Ihr Anmeldecode: 1234"
-    assert one.text is not None and one.text.startswith("Hallo,\n")
+    assert one.text is not None and one.text.startswith("Ihr Anmeldecode\n\nHallo,\n")
     assert "1 Minute lang" in one.text
     named = shipped.render(
         "signin_code", "en", {"code": "1234", "expires_minutes": 15, "user_name": "Ada"}
     )
-    assert named.text is not None and named.text.startswith("Hi Ada,\n")
+    assert named.text is not None and named.text.startswith("Your sign-in code\n\nHi Ada,\n")
     assert "15 minutes" in named.text
     assert named.html is not None and "Hi Ada," in named.html
 

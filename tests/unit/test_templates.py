@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html as html_lib
 import json
 import re
 from pathlib import Path
@@ -79,3 +80,37 @@ def test_every_href_is_a_link_variable() -> None:
             required, links = CATALOG.needs(template_id, locale)
             used = required | links
             assert {n for n in used if n.endswith("_url")} <= links
+
+
+def _visible_words(html: str) -> list[str]:
+    """The words a reader sees in the HTML part (no head, no tags, entities decoded)."""
+    body = re.sub(r"(?s)<head>.*?</head>", " ", html)
+    text = html_lib.unescape(re.sub(r"<[^>]+>", " ", body))
+    return re.findall(r"[\w'-]+", text.lower())
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[\w'-]+", text.lower())
+
+
+@pytest.mark.parametrize("template_id", sorted(VARIABLES))
+@pytest.mark.parametrize("locale", ["en", "de"])
+@pytest.mark.parametrize("with_name", [False, True])
+def test_text_and_html_say_the_same(template_id: str, locale: str, with_name: bool) -> None:
+    """Content filters compare the alternatives: the HTML shows what the text says (the
+    button's label and link appear in both), nothing more, and hides nothing."""
+    variables = {**VARIABLES[template_id], **({"user_name": "Ada"} if with_name else {})}
+    content = CATALOG.render(template_id, locale, variables)
+    assert content.text is not None and content.html is not None
+    assert _visible_words(content.html) == _words(content.text)
+    hidden = re.compile(r"display\s*:\s*none|max-height\s*:\s*0|font-size\s*:\s*0|mso-hide")
+    assert not hidden.search(content.html)
+
+
+def test_button_colour_is_declared_in_css_too() -> None:
+    content = CATALOG.render("notification", "en", VARIABLES["notification"])
+    assert content.html is not None
+    cell = re.search(r'<td[^>]*bgcolor="(#[0-9a-f]{6})"[^>]*>', content.html)
+    assert cell is not None and f"background-color:{cell.group(1)}" in cell.group(0)
+    link = re.search(r"<a [^>]*>View</a>", content.html)
+    assert link is not None and f"background-color:{cell.group(1)}" in link.group(0)
