@@ -29,7 +29,7 @@ from maildaemon.contract.command import CommandPolicy
 from maildaemon.errors import MailDaemonError, StartupError
 from maildaemon.http.app import build_app
 from maildaemon.http.keys import Readiness
-from maildaemon.logs import event
+from maildaemon.logs import add_secrets, event
 from maildaemon.message.compose import Composer
 from maildaemon.message.dkim import DkimSigner
 from maildaemon.message.render import TemplateCatalog
@@ -156,6 +156,7 @@ class App:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self._on_signal, sig)
+        add_secrets(s.secret_values())  # and scrubbed from every log line from now on
         _log_configuration(s)
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(self.telemetry.shutdown)

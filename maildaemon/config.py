@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, quote, unquote
 
 from pydantic import (
     BeforeValidator,
@@ -210,8 +211,8 @@ class Settings(BaseSettings):
     @field_validator("postgres_primary_dsn")
     @classmethod
     def _dsn(cls, value: SecretStr) -> SecretStr:
-        parts = urlsplit(value.get_secret_value())
-        if parts.scheme not in ("postgres", "postgresql"):
+        text = value.get_secret_value()
+        if not text.startswith(("postgres://", "postgresql://")):
             raise ValueError("must be a postgresql:// URL")
         return value
 
@@ -307,7 +308,17 @@ class Settings(BaseSettings):
 
     @property
     def dsn(self) -> str:
-        return self.postgres_primary_dsn.get_secret_value()
+        """The DSN as the drivers get it: the password percent-encoded (see ``normalize_dsn``)."""
+        return normalize_dsn(self.postgres_primary_dsn.get_secret_value())
+
+    def secret_values(self) -> list[str]:
+        """Every form in which a secret of these settings could be printed (for scrubbing)."""
+        values: list[str] = []
+        for secret in (self.redis_password, self.smtp_password, self.operator_token):
+            if secret is not None:
+                values += _spellings(secret.get_secret_value())
+        values += dsn_secrets(self.postgres_primary_dsn.get_secret_value())
+        return sorted({v for v in values if v}, key=len, reverse=True)
 
     def redacted(self) -> dict[str, Any]:
         """The settings as they may be logged: secrets and DSN passwords removed."""
@@ -321,13 +332,85 @@ class Settings(BaseSettings):
         return out
 
 
+# The authority of a DSN ends at the first "/", "?" or "#" after its last plausible "@";
+# a password may hold "/", "?", "#", "@" or "%" unencoded, a host list never holds "@".
+_HOSTS = re.compile(r"[A-Za-z0-9.\-\[\]:,%_]*")
+
+
+def _cut(text: str) -> int:
+    """Where the authority part of ``text`` ends: its first "/", "?" or "#"."""
+    return min((i for i in (text.find(c) for c in "/?#") if i >= 0), default=len(text))
+
+
+def _split_dsn(text: str) -> tuple[str, str | None, str | None, str, str]:
+    """(scheme, user, raw password, hosts, rest) of a URL DSN; user None without "@".
+
+    The userinfo ends at the last "@" that is followed by a plausible host list and is not
+    inside the query (which starts at the first "?" after the last "/"); so unencoded "/",
+    "?", "#", "%" and even "@" in a password are found where they are.
+    """
+    scheme, _, rest = text.partition("://")
+    slash = rest.rfind("/")
+    query = rest.find("?", slash + 1) if slash >= 0 else -1
+    ats = [i for i, char in enumerate(rest) if char == "@"]
+    plausible = [i for i in ats if _HOSTS.fullmatch(rest[i + 1 :][: _cut(rest[i + 1 :])])]
+    before_query = [i for i in plausible if query < 0 or i < query]
+    at = (before_query or plausible or ats or [-1])[-1]
+    if at < 0:
+        return scheme, None, None, rest[: _cut(rest)], rest[_cut(rest) :]
+    userinfo, after = rest[:at], rest[at + 1 :]
+    user, colon, password = userinfo.partition(":")
+    return scheme, user, password if colon else None, after[: _cut(after)], after[_cut(after) :]
+
+
+def normalize_dsn(text: str) -> str:
+    """The DSN with user and password percent-encoded exactly once.
+
+    Passwords are often pasted unencoded ("p/ss?w#rd"); libpq and asyncpg would then cut
+    the URL in the middle of the password and echo pieces of it in their errors. Valid
+    %XX sequences are taken as already encoded, any other "%" as a literal.
+    """
+    scheme, user, password, hosts, rest = _split_dsn(text)
+    if user is None:
+        return text
+    userinfo = quote(unquote(user), safe="")
+    if password is not None:
+        userinfo += ":" + quote(unquote(password), safe="")
+    return f"{scheme}://{userinfo}@{hosts}{rest}"
+
+
+def _spellings(secret: str) -> list[str]:
+    """A secret as it may appear in output: raw, URL-encoded, JSON- and repr-escaped."""
+    forms = {secret, quote(secret, safe=""), quote(secret), quote(secret, safe="").lower()}
+    forms |= {
+        json.dumps(secret)[1:-1],
+        repr(secret)[1:-1],
+        secret.encode("unicode_escape").decode(),
+    }
+    return [form for form in forms if form]
+
+
+def dsn_secrets(text: str) -> list[str]:
+    """The DSN's password in every spelling (as written, decoded, encoded), also a
+    ``password=`` query parameter."""
+    _scheme, _user, password, _hosts, rest = _split_dsn(text)
+    found: list[str] = []
+    if password:
+        found += _spellings(password) + _spellings(unquote(password))
+    query = rest.partition("?")[2].partition("#")[0]
+    for key, value in parse_qsl(query, keep_blank_values=False):
+        if key.lower() == "password" and value:
+            found += _spellings(value)
+    return found
+
+
 def redact_dsn(dsn: SecretStr | str) -> str:
+    """``scheme://user@hosts/dbname``: no password, no query (which may carry one)."""
     text = dsn.get_secret_value() if isinstance(dsn, SecretStr) else dsn
-    parts = urlsplit(text)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    user = f"{parts.username}@" if parts.username else ""
-    return f"{parts.scheme}://{user}{host}{port}{parts.path}"
+    scheme, user, _password, hosts, rest = _split_dsn(text)
+    path = rest.partition("?")[0].partition("#")[0]
+    who = f"{unquote(user)}@" if user else ""
+    return f"{scheme}://{who}{hosts}{path}"
 
 
 def _field_env_name(loc: tuple[int | str, ...]) -> str:

@@ -1,14 +1,62 @@
-"""Structured log events: a stable event name plus fields, one JSON object per line."""
+"""Structured log events: a stable event name plus fields, one JSON object per line.
+
+Secrets registered with ``add_secrets`` are replaced by ``***`` in every log line and, once
+``scrub_standard_streams`` ran, in everything the process writes to stdout and stderr
+(tracebacks and driver errors included): redaction that does not depend on each caller.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 from opentelemetry import trace
+
+_SECRETS: list[str] = []
+
+
+def add_secrets(values: Iterable[str]) -> None:
+    """Never print these strings (longest first, so a secret inside another goes too)."""
+    merged = set(_SECRETS) | {v for v in values if v}
+    _SECRETS[:] = sorted(merged, key=len, reverse=True)
+
+
+def scrub(text: str) -> str:
+    for secret in _SECRETS:
+        if secret in text:
+            text = text.replace(secret, "***")
+    return text
+
+
+class _ScrubbingStream:
+    """A text stream that scrubs secrets from what is written through it."""
+
+    def __init__(self, inner: TextIO) -> None:
+        self._inner = inner
+
+    def write(self, text: str) -> int:
+        self._inner.write(scrub(text))
+        return len(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def scrub_standard_streams() -> None:
+    """Route stdout and stderr through the scrubber (idempotent)."""
+    if not isinstance(sys.stdout, _ScrubbingStream):
+        sys.stdout = _ScrubbingStream(sys.stdout)
+    if not isinstance(sys.stderr, _ScrubbingStream):
+        sys.stderr = _ScrubbingStream(sys.stderr)
+
 
 _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
 
@@ -27,7 +75,7 @@ class JsonFormatter(logging.Formatter):
         _add_trace_ids(out)
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str, ensure_ascii=False)
+        return scrub(json.dumps(out, default=str, ensure_ascii=False))
 
 
 class TextFormatter(logging.Formatter):
@@ -41,7 +89,7 @@ class TextFormatter(logging.Formatter):
         text = f"{ts} {record.levelname:<7} {record.getMessage()}" + (f"  {tail}" if tail else "")
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
-        return text
+        return scrub(text)
 
 
 def _add_trace_ids(out: dict[str, Any]) -> None:

