@@ -198,14 +198,22 @@ class Scheduler:
         finished: list[AttemptResult] = []
         ready: list[tuple[ClaimedDelivery, bytes]] = []
         pins: list[RenderedPin] = []
+        live = []
         for claim in claims:
             ended = self._end_early(claim, now)
             if ended is not None:
                 finished.append(ended)
-                continue
+            else:
+                live.append(claim)
+        # Rendering is CPU work that grows with what producers send (measured: a 256 KiB
+        # notification body of short paragraphs takes seconds): in a thread, the loop keeps
+        # serving SMTP sessions, intake and HTTP meanwhile.
+        fresh = [c for c in live if c.rendered is None]
+        renders = await asyncio.to_thread(self._render_all, fresh, now) if fresh else {}
+        for claim in live:
             message = claim.rendered
             if message is None:
-                rendered = self._render(claim, now)
+                rendered = renders[claim.delivery_id]
                 if isinstance(rendered, AttemptResult):
                     finished.append(rendered)
                     continue
@@ -229,6 +237,11 @@ class Scheduler:
             return without_attempt(claim, "failed", reason, now, "failed", record_attempt=True)
         return None
 
+    def _render_all(
+        self, claims: list[ClaimedDelivery], now: datetime
+    ) -> dict[str, RenderedPin | AttemptResult]:
+        return {claim.delivery_id: self._render(claim, now) for claim in claims}
+
     def _render(self, claim: ClaimedDelivery, now: datetime) -> RenderedPin | AttemptResult:
         """Render a first attempt; a render fault ends the delivery `failed`."""
         assert claim.command is not None
@@ -238,6 +251,10 @@ class Scheduler:
             )
         except RenderError as exc:
             return without_attempt(claim, "failed", str(exc), now, "failed", record_attempt=True)
+        except Exception as exc:  # a fault in one message (DKIM, a builder bug) is its own
+            event(log, "render fault", logging.ERROR, delivery_id=claim.delivery_id, exc_info=exc)
+            reason = f"cannot build the message: {type(exc).__name__}: {exc}"[:500]
+            return without_attempt(claim, "failed", reason, now, "failed", record_attempt=True)
         return RenderedPin(claim.delivery_id, claim.claim_token, message_id, content_hash, message)
 
     async def _pin(self, pins: list[RenderedPin]) -> set[str]:
