@@ -5,10 +5,17 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from unittest import mock
+from urllib.parse import quote, unquote
 
 import pytest
 
-from maildaemon.config import load_settings, parse_duration, redact_dsn, split_host_port
+from maildaemon.config import (
+    load_settings,
+    normalize_dsn,
+    parse_duration,
+    redact_dsn,
+    split_host_port,
+)
 from maildaemon.errors import ConfigError
 
 DSN = "postgresql://mail:s3cret@db.example:5432/mail"
@@ -95,3 +102,45 @@ def test_host_port_forms() -> None:
     assert split_host_port("smtp.example", 587) == ("smtp.example", 587)
     with pytest.raises(ValueError):
         split_host_port(":25", 0)
+
+
+@pytest.mark.parametrize(
+    ("dsn", "normal", "shown"),
+    [
+        (DSN, DSN, "postgresql://mail@db.example:5432/mail"),
+        (
+            "postgresql://u:p/ss?w#rd@127.0.0.1:1/db",
+            "postgresql://u:p%2Fss%3Fw%23rd@127.0.0.1:1/db",
+            "postgresql://u@127.0.0.1:1/db",
+        ),
+        ("postgresql://u:50%off@h/db", "postgresql://u:50%25off@h/db", "postgresql://u@h/db"),
+        ("postgresql://u:a%2Fb@h/db?x=1", "postgresql://u:a%2Fb@h/db?x=1", "postgresql://u@h/db"),
+        ("postgresql://u:a@b@h/db", "postgresql://u:a%40b@h/db", "postgresql://u@h/db"),
+        (
+            "postgresql://u@h/db?options=x@y",
+            "postgresql://u@h/db?options=x@y",
+            "postgresql://u@h/db",
+        ),
+        ("postgresql://h/db?password=abc", "postgresql://h/db?password=abc", "postgresql://h/db"),
+        (
+            "postgresql://u:p#/@[::1]:5/db",
+            "postgresql://u:p%23%2F@[::1]:5/db",
+            "postgresql://u@[::1]:5/db",
+        ),
+    ],
+)
+def test_dsn_is_cut_where_the_password_ends(dsn: str, normal: str, shown: str) -> None:
+    assert normalize_dsn(dsn) == normal
+    assert redact_dsn(dsn) == shown
+    s = settings(MAIL_POSTGRES_PRIMARY_DSN=dsn)
+    assert s.dsn == normal  # type: ignore[attr-defined]
+    secrets = s.secret_values()  # type: ignore[attr-defined]
+    for password in ("p/ss?w#rd", "50%off", "a/b", "a@b", "abc", "p#/"):
+        if password in unquote(dsn):
+            assert password in secrets or quote(password, safe="") in secrets
+    assert str(s.redacted()["postgres_primary_dsn"]) == shown  # type: ignore[attr-defined]
+
+
+def test_batch_budget_holds_a_whole_command() -> None:
+    message = problem(MAIL_COMMAND_MAX_BYTES="2000000", MAIL_CONSUMER_BATCH_MAX_BYTES="1000000")
+    assert "MAIL_COMMAND_MAX_BYTES" in message and "MAIL_CONSUMER_BATCH_MAX_BYTES" in message
