@@ -131,6 +131,7 @@ class App:
     ) -> None:
         self.settings = settings
         self.dev_maildir = dev_maildir  # `maildaemon dev`: the sink's maildir (dev inbox)
+        add_secrets(settings.secret_values())  # scrubbed from every log line from now on
         self.telemetry = telemetry or Telemetry()
         self.readiness = Readiness()
         self._stop = asyncio.Event()
@@ -156,7 +157,6 @@ class App:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self._on_signal, sig)
-        add_secrets(s.secret_values())  # and scrubbed from every log line from now on
         _log_configuration(s)
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(self.telemetry.shutdown)

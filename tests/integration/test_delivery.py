@@ -149,18 +149,36 @@ async def test_permanent_rejection_suppresses_without_retry_and_next_time_skips_
     assert smtp_sink.messages == []
 
 
+async def _ingest_unchecked(settings: Settings, doc: dict[str, Any]) -> None:
+    """Take a command in without the catalog check, as an older daemon did."""
+    from maildaemon.store.db import Store
+
+    store = await Store.open(settings.dsn, min_size=1, max_size=1)
+    try:
+        await ingest_one(store, doc)
+    finally:
+        await store.close()
+
+
 async def test_missing_template_variable_fails_at_once(
     make_settings: MakeSettings, smtp_sink: SmtpSink
 ) -> None:
+    """Intake refuses such a command (missing_variable); one accepted before the template
+    changed (taken in here without the catalog check) fails at render, at once."""
     settings = make_settings()
     db = Db(settings.dsn)
     async with running_app(settings):
-        await xadd(settings, command("d-var", variables={"code": "1"}))
+        [entry_id] = await xadd(settings, command("d-var-new", variables={"code": "1"}))
+        await _ingest_unchecked(settings, command("d-var", variables={"code": "1"}))
         await db.wait_status("d-var", "failed")
     reason = await db.fetchval(
         "SELECT status_reason FROM mail.deliveries WHERE delivery_id = 'd-var'"
     )
-    assert "expires_minutes" in reason and "undefined" in reason
+    assert "expires_minutes" in reason and "needs variable" in reason
+    code = await db.fetchval(
+        "SELECT failure_code FROM mail.malformed_commands WHERE stream_entry_id = $1", entry_id
+    )
+    assert code == "missing_variable"
     assert [a["status"] for a in await db.attempts("d-var")] == ["failed"]
     assert smtp_sink.messages == []
 
@@ -306,12 +324,9 @@ async def test_event_stream_carries_every_outcome(
     settings = make_settings()
     db = Db(settings.dsn)
     async with running_app(settings):
-        await xadd(
-            settings,
-            command("e-sent"),
-            command("e-supp", to=["rejected@example.com"]),
-            command("e-fail", variables={}),
-        )
+        await xadd(settings, command("e-sent"), command("e-supp", to=["rejected@example.com"]))
+        # Accepted before its template changed: intake would now refuse it (missing_variable).
+        await _ingest_unchecked(settings, command("e-fail", variables={}))
         for did, status in (("e-sent", "sent"), ("e-supp", "suppressed"), ("e-fail", "failed")):
             await db.wait_status(did, status)
     redis = redis_client(settings.redis_master_addr)

@@ -49,5 +49,6 @@ async def test_heavy_rendering_runs_beside_the_loop(make_settings: MakeSettings)
             await db.wait_status(f"heavy-{i}", "suppressed", "sent", timeout=60)
         stop.set()
         await tick
-    # Three renders of render_s each ran while the loop kept ticking.
-    assert max(gaps) < max(0.25, render_s / 3), (max(gaps), render_s)
+    # Three renders of render_s each ran while the loop kept ticking: on the loop, one
+    # batch would stall it for about 3 x render_s; beside it, no pause comes near even one.
+    assert max(gaps) < 0.75 * render_s, (max(gaps), render_s)
