@@ -115,7 +115,7 @@ class Settings(BaseSettings):
     consumer_name: str = Field(default_factory=_default_consumer_name, min_length=1)
     consumer_batch_size: int = Field(default=500, ge=1, le=10_000)
     # Bytes of stream entries one batch may hold (read by a Lua script that measures them).
-    consumer_batch_max_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    consumer_batch_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     consumer_block: Duration = 1.0
     consumer_reclaim_idle: Duration = 60.0
     consumer_forget_idle: Duration = 86400.0
@@ -215,6 +215,20 @@ class Settings(BaseSettings):
         if not text.startswith(("postgres://", "postgresql://")):
             raise ValueError("must be a postgresql:// URL")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _batch_holds_a_command(cls, data: Any) -> Any:
+        """Unless set, the batch budget grows with MAIL_COMMAND_MAX_BYTES (one must fit)."""
+        if isinstance(data, dict) and "consumer_batch_max_bytes" not in data:
+            try:
+                command_max = int(data.get("command_max_bytes", 0))
+            except (TypeError, ValueError):
+                return data  # the field's own validation reports it
+            default = cls.model_fields["consumer_batch_max_bytes"].default
+            if command_max > default:
+                return {**data, "consumer_batch_max_bytes": command_max}
+        return data
 
     @model_validator(mode="after")
     def _combinations(self) -> Settings:

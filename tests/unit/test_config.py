@@ -144,3 +144,9 @@ def test_dsn_is_cut_where_the_password_ends(dsn: str, normal: str, shown: str) -
 def test_batch_budget_holds_a_whole_command() -> None:
     message = problem(MAIL_COMMAND_MAX_BYTES="2000000", MAIL_CONSUMER_BATCH_MAX_BYTES="1000000")
     assert "MAIL_COMMAND_MAX_BYTES" in message and "MAIL_CONSUMER_BATCH_MAX_BYTES" in message
+    # Not set: it follows a larger command limit instead of refusing to start.
+    del os.environ["MAIL_CONSUMER_BATCH_MAX_BYTES"]
+    s = settings(MAIL_COMMAND_MAX_BYTES=str(64 * 1024 * 1024))
+    assert s.consumer_batch_max_bytes == 64 * 1024 * 1024  # type: ignore[attr-defined]
+    del os.environ["MAIL_COMMAND_MAX_BYTES"]
+    assert settings().consumer_batch_max_bytes == 16 * 1024 * 1024  # type: ignore[attr-defined]
