@@ -10,6 +10,7 @@ from typing import Any
 
 from maildaemon import errors
 from maildaemon.config import Settings, load_settings
+from maildaemon.logs import add_secrets, scrub_standard_streams
 from maildaemon.operator import inputs, mailview
 from maildaemon.store.console_reads import ConsoleReads
 from maildaemon.store.db import Store
@@ -27,16 +28,23 @@ def client_settings() -> Settings:
     to judge commands the way the running daemon does; without it, that check is skipped
     with a warning."""
     try:
-        return load_settings(smtp_mode="stub")
+        return _scrubbed(load_settings(smtp_mode="stub"))
     except errors.ConfigError as exc:
         if "MAIL_POSTGRES_PRIMARY_DSN" not in str(exc):
             raise
-    return load_settings(postgres_primary_dsn=_UNUSED_DSN, smtp_mode="stub")
+    return _scrubbed(load_settings(postgres_primary_dsn=_UNUSED_DSN, smtp_mode="stub"))
+
+
+def _scrubbed(settings: Settings) -> Settings:
+    """From here on no secret of these settings reaches stdout, stderr or a log line."""
+    add_secrets(settings.secret_values())
+    scrub_standard_streams()
+    return settings
 
 
 def malformed_for(delivery_id: str) -> list[MalformedCommand]:
     """The stream entries refused at intake that named ``delivery_id``."""
-    settings = load_settings()
+    settings = _scrubbed(load_settings())
 
     async def work() -> list[MalformedCommand]:
         store = await Store.open(settings.dsn, min_size=1, max_size=1)
