@@ -28,14 +28,14 @@ def client_settings() -> Settings:
     to judge commands the way the running daemon does; without it, that check is skipped
     with a warning."""
     try:
-        return _scrubbed(load_settings(smtp_mode="stub"))
+        return scrubbed(load_settings(smtp_mode="stub"))
     except errors.ConfigError as exc:
         if "MAIL_POSTGRES_PRIMARY_DSN" not in str(exc):
             raise
-    return _scrubbed(load_settings(postgres_primary_dsn=_UNUSED_DSN, smtp_mode="stub"))
+    return scrubbed(load_settings(postgres_primary_dsn=_UNUSED_DSN, smtp_mode="stub"))
 
 
-def _scrubbed(settings: Settings) -> Settings:
+def scrubbed(settings: Settings) -> Settings:
     """From here on no secret of these settings reaches stdout, stderr or a log line."""
     add_secrets(settings.secret_values())
     scrub_standard_streams()
@@ -44,7 +44,7 @@ def _scrubbed(settings: Settings) -> Settings:
 
 def malformed_for(delivery_id: str) -> list[MalformedCommand]:
     """The stream entries refused at intake that named ``delivery_id``."""
-    settings = _scrubbed(load_settings())
+    settings = scrubbed(load_settings())
 
     async def work() -> list[MalformedCommand]:
         store = await Store.open(settings.dsn, min_size=1, max_size=1)

@@ -23,7 +23,6 @@ from maildaemon import errors
 from maildaemon.cli import console_cmds, tables
 from maildaemon.config import Settings, load_settings
 from maildaemon.contract.command import FAILURE_CODES
-from maildaemon.logs import add_secrets, scrub_standard_streams
 from maildaemon.operator import inputs
 from maildaemon.operator import model as m
 from maildaemon.operator import views as v
@@ -40,9 +39,7 @@ _TIME = "RFC 3339 time, e.g. 2026-05-01T12:00:00Z"
 
 
 def _run(work: Callable[[OperatorStore, Settings], Awaitable[T]]) -> T:
-    settings = load_settings()
-    add_secrets(settings.secret_values())
-    scrub_standard_streams()
+    settings = console_cmds.scrubbed(load_settings())
 
     async def main() -> T:
         store = await Store.open(settings.dsn, min_size=1, max_size=2)

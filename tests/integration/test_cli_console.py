@@ -149,6 +149,6 @@ def test_preview_renders_without_sending(
     code, eml, _ = run(capsys, *args, "--eml")
     assert code == 0 and "Message-ID: " in eml and "preview@example.invalid" in eml
     code, _, err = run(capsys, "preview", "--template", "signin_code")
-    assert code == 2 and "'code' is undefined" in err
+    assert code == 2 and "needs variable(s) code" in err
     code, _, err = run(capsys, "preview", "--template", "nope")
     assert code == 2 and "no template 'nope'" in err
