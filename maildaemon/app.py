@@ -43,6 +43,7 @@ from maildaemon.pipeline.results import ResultWriter
 from maildaemon.pipeline.retention import RetentionWorker
 from maildaemon.pipeline.scheduler import Scheduler
 from maildaemon.pipeline.worker import AttemptWorker
+from maildaemon.redisconn import redis_client
 from maildaemon.retry import RetryPolicy
 from maildaemon.sending.destination import Destination
 from maildaemon.sending.ratelimit import RateLimiter
@@ -54,20 +55,6 @@ from maildaemon.telemetry import Telemetry
 
 log = logging.getLogger("maildaemon.app")
 T = TypeVar("T")
-
-
-def redis_client(settings: Settings) -> aioredis.Redis:
-    host, port = settings.redis_host_port
-    password = settings.redis_password.get_secret_value() if settings.redis_password else None
-    return aioredis.Redis(
-        host=host,
-        port=port,
-        db=settings.redis_db,
-        password=password,
-        socket_connect_timeout=5,
-        socket_keepalive=True,
-        health_check_interval=30,
-    )
 
 
 def command_policy(settings: Settings, catalog: TemplateCatalog) -> CommandPolicy:
@@ -160,19 +147,23 @@ class App:
             stack.callback(self.telemetry.shutdown)
             redis = redis_client(s)
             stack.push_async_callback(redis.aclose)
-            await _step("redis ping", redis.ping, 10, addr=s.redis_master_addr)
+            await _step("redis ping", redis.ping, 10, addr=s.redis_target, tls=s.redis_tls_enabled)
             await check_redis_persistence(redis, self.telemetry.instruments)
             store = await _step(
                 "postgres pool",
                 lambda: Store.open(
-                    s.dsn, min_size=s.postgres_pool_min, max_size=s.postgres_pool_max
+                    s.dsn,
+                    min_size=s.postgres_pool_min,
+                    max_size=s.postgres_pool_max,
+                    pgbouncer=s.postgres_pgbouncer,
                 ),
                 15,
                 dsn=redact_dsn(s.postgres_primary_dsn),
+                pgbouncer=s.postgres_pgbouncer,
             )
             stack.push_async_callback(store.close)
             applied = await _step(
-                "migrations", lambda: asyncio.to_thread(apply_migrations, s.dsn), 120
+                "migrations", lambda: asyncio.to_thread(apply_migrations, s.session_dsn), 120
             )
             event(log, "migrations applied", applied=applied)
             self.readiness.migrations_applied = True
@@ -211,6 +202,7 @@ class App:
             max_size=s.api_pool_max,
             statement_timeout=s.api_statement_timeout,
             application_name="maildaemon-api",
+            pgbouncer=s.postgres_pgbouncer,
         )
         stack.push_async_callback(api_store.close)
         app = build_app(

@@ -39,7 +39,9 @@ def malformed_for(delivery_id: str) -> list[MalformedCommand]:
     settings = load_settings()
 
     async def work() -> list[MalformedCommand]:
-        store = await Store.open(settings.dsn, min_size=1, max_size=1)
+        store = await Store.open(
+            settings.dsn, min_size=1, max_size=1, pgbouncer=settings.postgres_pgbouncer
+        )
         try:
             return await ConsoleReads(store.pool).malformed_for_delivery(delivery_id)
         finally:

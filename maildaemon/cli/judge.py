@@ -22,7 +22,9 @@ async def daemon_disagrees(settings: Settings, catalog_hash: str, policy_hash: s
     None. Best effort (for ``enqueue``): PostgreSQL out of reach is a warning, not a refusal."""
 
     async def live() -> list[replicas.Replica]:
-        store = await Store.open(settings.dsn, min_size=1, max_size=1)
+        store = await Store.open(
+            settings.dsn, min_size=1, max_size=1, pgbouncer=settings.postgres_pgbouncer
+        )
         try:
             return await replicas.live(store.pool)
         finally:

@@ -63,7 +63,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from maildaemon.store.migrate import apply_migrations
 
     settings = _settings()
-    applied = apply_migrations(settings.dsn)
+    applied = apply_migrations(settings.session_dsn)
     target = redact_dsn(settings.postgres_primary_dsn)
     if applied:
         print(f"applied {len(applied)} migration(s) to {target}: {', '.join(applied)}")
@@ -179,11 +179,12 @@ def _attachment(text: str) -> dict[str, str]:
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
-    from maildaemon.app import command_policy, redis_client
+    from maildaemon.app import command_policy
     from maildaemon.cli.console_cmds import client_settings
     from maildaemon.contract.command import COMMAND_FIELD, Rejection
     from maildaemon.contract.parsing import parse_command
     from maildaemon.message.render import TemplateCatalog
+    from maildaemon.redisconn import redis_client
 
     settings = client_settings()  # Redis and the catalog only: no PostgreSQL, no SMTP
     document = _command_from_args(args)

@@ -42,7 +42,9 @@ def _run(work: Callable[[OperatorStore, Settings], Awaitable[T]]) -> T:
     settings = load_settings()
 
     async def main() -> T:
-        store = await Store.open(settings.dsn, min_size=1, max_size=2)
+        store = await Store.open(
+            settings.dsn, min_size=1, max_size=2, pgbouncer=settings.postgres_pgbouncer
+        )
         try:
             return await work(OperatorStore(store.pool), settings)
         finally:

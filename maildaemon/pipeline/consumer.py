@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ReadOnlyError, RedisError, ResponseError
 
 from maildaemon.config import Settings
 from maildaemon.contract.command import CommandPolicy, DeliveryCommand, Rejection
@@ -120,6 +120,9 @@ class StreamConsumer:
                 if batch:
                     await self._take_in(batch)
                 backoff.reset()
+            except ReadOnlyError as exc:
+                # A demoted master (failover behind a fixed address): wait for the new one.
+                await self._redis_unavailable(exc, backoff)
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
@@ -133,16 +136,20 @@ class StreamConsumer:
                 )
                 await self.ensure_group()
             except RedisError as exc:
-                event(
-                    log,
-                    "redis unavailable",
-                    logging.WARNING,
-                    error=repr(exc),
-                    component="consumer",
-                    retry_in_s=backoff.peek(),
-                )
-                await self._sleep(backoff.next())
+                await self._redis_unavailable(exc, backoff)
         event(log, "command consumer stopped", consumer=s.consumer_name)
+
+    async def _redis_unavailable(self, exc: RedisError, backoff: Backoff) -> None:
+        self._inst.redis_unavailable.add(1, {"component": "consumer"})
+        event(
+            log,
+            "redis unavailable",
+            logging.WARNING,
+            error=repr(exc),
+            component="consumer",
+            retry_in_s=backoff.peek(),
+        )
+        await self._sleep(backoff.next())
 
     async def _read(self) -> list[_Entry]:
         block_ms = max(1, int(self._s.consumer_block * 1000))

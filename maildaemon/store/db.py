@@ -21,7 +21,8 @@ from maildaemon.delivery import (
     IntakeResult,
     RenderedPin,
 )
-from maildaemon.errors import QueryTimeout, StoreRejected, StoreUnavailable
+from maildaemon.errors import QueryTimeout, StoreReadOnly, StoreRejected, StoreUnavailable
+from maildaemon.logs import event
 from maildaemon.store import queries as q
 from maildaemon.store import rows as convert
 
@@ -41,6 +42,10 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InterfaceError,
     asyncpg.exceptions.InternalClientError,
 )
+# The server answers but will not write: a primary that was demoted in a failover, or a
+# standby reached through a stale name. An outage like any other, and the pool's
+# connections are recycled so that new ones find the (new) primary.
+_READ_ONLY: tuple[type[BaseException], ...] = (asyncpg.exceptions.ReadOnlySQLTransactionError,)
 # Conflicts between concurrent transactions: the whole batch is simply tried again.
 RETRYABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.DeadlockDetectedError,
@@ -50,7 +55,7 @@ RETRYABLE: tuple[type[BaseException], ...] = (
 
 
 @contextlib.asynccontextmanager
-async def translate_errors(what: str) -> AsyncIterator[None]:
+async def translate_errors(what: str, pool: asyncpg.Pool | None = None) -> AsyncIterator[None]:
     try:
         yield
     except asyncpg.exceptions.QueryCanceledError as exc:
@@ -58,6 +63,18 @@ async def translate_errors(what: str) -> AsyncIterator[None]:
         raise QueryTimeout(f"{what}: the query was cancelled: {exc}") from exc
     except _UNAVAILABLE as exc:
         raise StoreUnavailable(f"{what}: PostgreSQL unavailable: {exc!r}") from exc
+    except _READ_ONLY as exc:
+        if pool is not None:
+            # Idle connections close now, busy ones when released: the next ones are new.
+            await pool.expire_connections()
+        event(
+            log,
+            "postgres read-only, connections recycled",
+            logging.WARNING,
+            operation=what,
+            error=str(exc),
+        )
+        raise StoreReadOnly(f"{what}: PostgreSQL is read-only (failover?): {exc}") from exc
     except (asyncpg.exceptions.DataError, UnicodeError) as exc:
         raise StoreRejected(f"{what}: PostgreSQL refused the data: {exc}") from exc
 
@@ -77,8 +94,15 @@ class Store:
         max_size: int = 10,
         statement_timeout: float | None = None,
         application_name: str = "maildaemon",
+        pgbouncer: bool = False,
     ) -> Store:
-        """A pool; ``statement_timeout`` (seconds) bounds every statement run on it."""
+        """A pool; ``statement_timeout`` (seconds) bounds every statement run on it.
+
+        ``pgbouncer``: behind PgBouncer in transaction pooling, where a prepared statement
+        does not outlive its transaction's server connection and only a few startup
+        parameters pass: no statement cache, no server settings but the application name
+        (set ``jit=off`` on the role there), and the statement timeout enforced by the
+        client (asyncpg cancels the statement)."""
         # JIT compilation costs far more than these short statements save.
         settings = {"application_name": application_name, "jit": "off"}
         if statement_timeout is not None:
@@ -86,13 +110,17 @@ class Store:
             # Plans for these parameters, not a generic one: an optional filter that was
             # given can then use its index ("$3 IS NULL OR ..." folds away).
             settings["plan_cache_mode"] = "force_custom_plan"
+        if pgbouncer:
+            settings = {"application_name": application_name}
+        command_timeout = statement_timeout if pgbouncer and statement_timeout else 60
         async with translate_errors("open pool"):
             pool = await asyncpg.create_pool(
                 dsn,
                 min_size=min_size,
                 max_size=max_size,
-                command_timeout=60,
+                command_timeout=command_timeout,
                 server_settings=settings,
+                statement_cache_size=0 if pgbouncer else 100,
             )
         return cls(pool)
 
@@ -100,7 +128,7 @@ class Store:
         await self.pool.close()
 
     async def ping(self) -> None:
-        async with translate_errors("ping"):
+        async with translate_errors("ping", self.pool):
             await self.pool.fetchval("SELECT 1")
 
     # --- intake -------------------------------------------------------------------------
@@ -132,7 +160,11 @@ class Store:
             else:
                 malformed.append((entry, convert.conflict(entry, prior_id, key in by_key)))
 
-        async with translate_errors("ingest"), self.pool.acquire() as conn, conn.transaction():
+        async with (
+            translate_errors("ingest", self.pool),
+            self.pool.acquire() as conn,
+            conn.transaction(),
+        ):
             if fresh:
                 await self._insert_fresh(conn, fresh, idempotency_window, result, malformed)
             if result.replays:
@@ -252,7 +284,7 @@ class Store:
         self, limit: int, lease_seconds: float, worker: str
     ) -> list[ClaimedDelivery]:
         """Lease up to ``limit`` due deliveries, skipping paused scopes."""
-        async with translate_errors("claim"):
+        async with translate_errors("claim", self.pool):
             paused = [r["scope"] for r in await self.pool.fetch(q.PAUSED_SCOPES)]
             if "*" in paused:
                 return []
@@ -263,7 +295,7 @@ class Store:
         claims = list(claims)
         if not claims:
             return 0
-        async with translate_errors("release"):
+        async with translate_errors("release", self.pool):
             released = await self.pool.fetchval(
                 q.RELEASE_CLAIMS, [c.delivery_id for c in claims], [c.claim_token for c in claims]
             )
@@ -272,7 +304,7 @@ class Store:
     async def pin_rendered(self, pins: Sequence[RenderedPin]) -> set[str]:
         if not pins:
             return set()
-        async with translate_errors("pin rendered"):
+        async with translate_errors("pin rendered", self.pool):
             rows = await self.pool.fetch(
                 q.PIN_RENDERED,
                 [p.delivery_id for p in pins],
@@ -287,7 +319,7 @@ class Store:
         lowered = sorted({a.lower() for a in addresses})
         if not lowered:
             return {}
-        async with translate_errors("suppressions"):
+        async with translate_errors("suppressions", self.pool):
             rows = await self.pool.fetch(q.ACTIVE_SUPPRESSIONS, lowered)
         return {r["address"]: r["reason"] for r in rows}
 
@@ -298,7 +330,7 @@ class Store:
         if not results:
             return set()
         async with (
-            translate_errors("record results"),
+            translate_errors("record results", self.pool),
             self.pool.acquire() as conn,
             conn.transaction(),
         ):
@@ -312,7 +344,7 @@ class Store:
         inside the block keeps the events for the next try (at least once).
         """
         async with (
-            translate_errors("outbox"),
+            translate_errors("outbox", self.pool),
             self.pool.acquire() as conn,
             conn.transaction(),
         ):
@@ -325,16 +357,16 @@ class Store:
                 await conn.execute(q.OUTBOX_DELETE, [r["id"] for r in rows])
 
     async def outbox_depth(self) -> int:
-        async with translate_errors("outbox depth"):
+        async with translate_errors("outbox depth", self.pool):
             return int(await self.pool.fetchval(q.OUTBOX_DEPTH))
 
     async def next_due_at(self) -> datetime | None:
-        async with translate_errors("next due"):
+        async with translate_errors("next due", self.pool):
             value: datetime | None = await self.pool.fetchval(q.NEXT_DUE_AT)
         return value
 
     async def schedule_depth(self) -> tuple[int, int]:
-        async with translate_errors("schedule depth"):
+        async with translate_errors("schedule depth", self.pool):
             row = await self.pool.fetchrow(q.SCHEDULE_DEPTH)
         assert row is not None
         return int(row["depth"]), int(row["oldest_age_ms"])
@@ -349,7 +381,7 @@ class Store:
             "suppressions": (q.PURGE_SUPPRESSIONS, ()),
         }
         deleted: dict[str, int] = {}
-        async with translate_errors("retention"):
+        async with translate_errors("retention", self.pool):
             for kind, (sql, args) in steps.items():
                 status = await self.pool.execute(sql, batch, *args)
                 deleted[kind] = int(status.split()[-1])
@@ -357,14 +389,22 @@ class Store:
 
     @contextlib.asynccontextmanager
     async def listen(
-        self, channel: str, callback: Callable[[], None]
+        self, channel: str, callback: Callable[[], None], dsn: str | None = None
     ) -> AsyncIterator[asyncio.Event]:
-        """LISTEN on a dedicated connection for as long as the context is open.
+        """LISTEN on a dedicated connection for as long as the context is open: one of the
+        pool's, or with ``dsn`` a direct session of its own (behind PgBouncer in
+        transaction pooling a LISTEN is lost with its server connection).
 
         Yields an event that is set when the connection is lost (the server restarted, the
         backend was terminated): the caller then leaves the block and listens again."""
         async with translate_errors("listen"):
-            conn = await self.pool.acquire()
+            conn: Any = (
+                await asyncpg.connect(
+                    dsn, timeout=10, server_settings={"application_name": "maildaemon-listen"}
+                )
+                if dsn is not None
+                else await self.pool.acquire()
+            )
         lost = asyncio.Event()
 
         def _on_notify(*_: Any) -> None:
@@ -378,7 +418,10 @@ class Store:
                 await conn.remove_listener(channel, _on_notify)
                 conn.remove_termination_listener(_on_lost)
             with contextlib.suppress(*_UNAVAILABLE):
-                await self.pool.release(conn)
+                if dsn is not None:
+                    await conn.close(timeout=5)
+                else:
+                    await self.pool.release(conn)
 
         try:
             async with translate_errors("listen"):
