@@ -321,11 +321,6 @@ class Settings(BaseSettings):
             raise ValueError("MAIL_REDIS_MASTER_NAME: required with MAIL_REDIS_SENTINELS")
         if self.redis_master_name and not self.redis_sentinels:
             raise ValueError("MAIL_REDIS_SENTINELS: required with MAIL_REDIS_MASTER_NAME")
-        if self.redis_sentinels and "redis_master_addr" in self.model_fields_set:
-            raise ValueError(
-                "MAIL_REDIS_MASTER_ADDR: leave it unset with MAIL_REDIS_SENTINELS "
-                "(the sentinels name the master; TLS: MAIL_REDIS_TLS=true)"
-            )
 
     # Derived views -------------------------------------------------------------
 

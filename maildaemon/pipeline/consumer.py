@@ -120,10 +120,11 @@ class StreamConsumer:
                 if batch:
                     await self._take_in(batch)
                 backoff.reset()
-            except ReadOnlyError as exc:
-                # A demoted master (failover behind a fixed address): wait for the new one.
-                await self._redis_unavailable(exc, backoff)
             except ResponseError as exc:
+                if isinstance(exc, ReadOnlyError) or str(exc).startswith("UNBLOCKED"):
+                    # A demoted master (failover behind a fixed address): wait for the new.
+                    await self._redis_unavailable(exc, backoff)
+                    continue
                 if "NOGROUP" not in str(exc):
                     raise
                 # The stream or its group was deleted under us: create them again.
