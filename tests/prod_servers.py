@@ -14,7 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,11 +24,17 @@ import pytest
 from maildaemon.devstack.postgres import pick_free_port
 
 
-def debian_binary(name: str, package: str) -> str:
-    """The path of ``name``; skip (workstation) or fail (CI) when it is not installed."""
-    found = shutil.which(name) or next(
-        (str(p) for p in (Path("/usr/sbin") / name, Path("/usr/bin") / name) if p.is_file()),
-        None,
+def debian_binary(name: str, package: str, dirs: Iterable[Path] = ()) -> str:
+    """The path of ``name`` (in ``dirs``, newest last, else on the PATH); skip
+    (workstation) or fail (CI) when it is not installed."""
+    in_dirs = sorted((d / name for d in dirs if (d / name).is_file()), key=str)
+    found = (
+        (str(in_dirs[-1]) if in_dirs else None)
+        or shutil.which(name)
+        or next(
+            (str(p) for p in (Path("/usr/sbin") / name, Path("/usr/bin") / name) if p.is_file()),
+            None,
+        )
     )
     if found:
         return found

@@ -63,6 +63,14 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from maildaemon.store.migrate import apply_migrations
 
     settings = _settings()
+    if settings.postgres_pgbouncer and settings.postgres_listen_dsn is None:
+        print(
+            "maildaemon: migrations need a direct session, not PgBouncer: set "
+            "MAIL_POSTGRES_LISTEN_DSN (or a direct MAIL_POSTGRES_PRIMARY_DSN "
+            "with MAIL_POSTGRES_PGBOUNCER=false)",
+            file=sys.stderr,
+        )
+        return 2
     applied = apply_migrations(settings.session_dsn)
     target = redact_dsn(settings.postgres_primary_dsn)
     if applied:

@@ -127,6 +127,14 @@ class Store:
     async def close(self) -> None:
         await self.pool.close()
 
+    async def applied_migrations(self) -> set[str]:
+        async with translate_errors("applied migrations", self.pool):
+            try:
+                rows = await self.pool.fetch(q.APPLIED_MIGRATIONS)
+            except asyncpg.exceptions.UndefinedTableError:
+                return set()
+        return {r["migration_id"] for r in rows}
+
     async def ping(self) -> None:
         async with translate_errors("ping", self.pool):
             await self.pool.fetchval("SELECT 1")

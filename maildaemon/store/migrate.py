@@ -62,6 +62,11 @@ def apply_migrations(dsn: str, folder: Path | None = None) -> list[str]:
         raise StartupError(f"migrations failed: {exc}".strip()) from None
 
 
+def migration_ids(folder: Path | None = None) -> list[str]:
+    """The ids of the migrations shipped (read from the files, no database)."""
+    return [m.id for m in read_migrations(str(folder or migrations_dir()))]
+
+
 def pending_migrations(dsn: str, folder: Path | None = None) -> list[str]:
     """Ids of migrations not yet applied (for readiness). Blocking: run in a thread."""
     folder = folder or migrations_dir()
