@@ -413,10 +413,10 @@ class Settings(BaseSettings):
 def redact_dsn(dsn: SecretStr | str) -> str:
     text = dsn.get_secret_value() if isinstance(dsn, SecretStr) else dsn
     parts = urlsplit(text)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    user = f"{parts.username}@" if parts.username else ""
-    return f"{parts.scheme}://{user}{host}{port}{parts.path}"
+    # netloc may list several hosts (host1:5432,host2:5432): keep them, drop the password.
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0] + "@" if at and userinfo else ""
+    return f"{parts.scheme}://{user}{hosts}{parts.path}"
 
 
 def _field_env_name(loc: tuple[int | str, ...]) -> str:
