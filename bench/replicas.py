@@ -26,6 +26,13 @@ SELECT count(*) FROM pg_stat_activity
 WHERE datname = current_database() AND application_name LIKE 'maildaemon%'
 """
 
+# Everything a delivery leaves in schema mail (tables, indexes, TOAST): what retention holds.
+_STORED_BYTES = """
+SELECT sum(pg_total_relation_size(c.oid))::bigint FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = 'mail' AND c.relkind = 'r'
+"""
+
 
 async def _counters(dsn: str) -> dict[str, float]:
     conn = await asyncpg.connect(dsn)
@@ -75,6 +82,7 @@ async def phase_replicas(
     for proc in procs:
         e2e.stop_daemon(proc)
     attempts = await e2e.count(dsn, "SELECT count(*) FROM mail.attempts")
+    stored = await e2e.count(dsn, _STORED_BYTES)
     workers = await e2e.count(dsn, "SELECT count(DISTINCT worker) FROM mail.attempts")
     elapsed = done - first
     delta = {k: after[k] - before[k] for k in after}
@@ -91,6 +99,7 @@ async def phase_replicas(
         "pg_wal_fsyncs_per_delivery": round(delta["wal_sync"] / n, 3),
         "pg_wal_bytes_per_delivery": round(delta["wal_bytes"] / n),
         "pg_connections_peak": peak_connections,
+        "pg_stored_bytes_per_delivery": round(stored / n),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
