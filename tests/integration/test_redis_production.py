@@ -135,3 +135,40 @@ async def test_sentinel_failover_is_ridden_out(
         pending = new_master.xpending(settings.command_stream, settings.consumer_group)
         new_master.close()
         assert pending["pending"] == 0
+
+
+async def test_master_demoted_behind_a_fixed_address_is_ridden_out(
+    make_settings: Callable[..., Settings],
+    tmp_path: Path,
+    smtp_sink: object,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Without Sentinel: the address the daemon uses turns into a replica (READONLY) for a
+    while, then is promoted again. The consumer waits it out instead of crashing."""
+    with (
+        redis_server(tmp_path / "a") as port_a,
+        redis_server(tmp_path / "b", replica_of=port_a) as port_b,
+    ):
+        settings = make_settings(redis_master_addr=f"127.0.0.1:{port_a}")
+        db = Db(settings.dsn)
+        a = redis.asyncio.Redis(host="127.0.0.1", port=port_a)
+        b = redis.asyncio.Redis(host="127.0.0.1", port=port_b)
+        try:
+            async with running_app(settings) as app:
+                await xadd(settings, command("on-a"))
+                await db.wait_status("on-a", "sent")
+                await b.replicaof("NO", "ONE")
+                await a.replicaof("127.0.0.1", str(port_b))
+
+                async def seen() -> bool:  # READONLY / UNBLOCKED from the demoted master
+                    return any(r.getMessage() == "redis unavailable" for r in caplog.records)
+
+                await wait_for(seen, timeout=20)
+                assert app.readiness.workers_running
+                await a.replicaof("NO", "ONE")
+                await b.replicaof("127.0.0.1", str(port_a))
+                await xadd(settings, command("on-a-again"))
+                assert await db.wait_status("on-a-again", "sent", timeout=30) == "sent"
+        finally:
+            await a.aclose()
+            await b.aclose()
