@@ -153,14 +153,23 @@ def redis_server(directory: Path, replica_of: int | None = None) -> Iterator[int
 
 
 @contextlib.contextmanager
-def redis_sentinel(directory: Path, master_name: str, master_port: int) -> Iterator[int]:
-    """A redis-sentinel (quorum 1, fast failure detection) watching the master."""
+def redis_sentinel(
+    directory: Path, master_name: str, master_port: int, tls: TlsFiles | None = None
+) -> Iterator[int]:
+    """A redis-sentinel (quorum 1, fast failure detection) watching the master; with
+    ``tls`` it serves TLS only and talks TLS to the master (client certificates required)."""
     binary = debian_binary("redis-sentinel", "redis-sentinel")
     port = pick_free_port()
     directory.mkdir(parents=True, exist_ok=True)
     conf = directory / "sentinel.conf"  # sentinel rewrites its file: a private copy
+    listen = f"port {port}\n"
+    if tls is not None:
+        listen = (
+            f"port 0\ntls-port {port}\ntls-cert-file {tls.cert}\ntls-key-file {tls.key}\n"
+            f"tls-ca-cert-file {tls.ca}\ntls-auth-clients yes\ntls-replication yes\n"
+        )
     conf.write_text(
-        f"port {port}\nbind 127.0.0.1\ndaemonize no\ndir {directory}\n"
+        f"{listen}bind 127.0.0.1\ndaemonize no\ndir {directory}\n"
         "protected-mode no\n"
         f"sentinel monitor {master_name} 127.0.0.1 {master_port} 1\n"
         f"sentinel down-after-milliseconds {master_name} 1000\n"

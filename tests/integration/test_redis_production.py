@@ -85,6 +85,32 @@ async def test_redis_tls_refuses_an_unknown_ca_and_a_missing_client_certificate(
         await conn.aclose()
 
 
+async def test_sentinel_and_master_over_tls(
+    make_settings: Callable[..., Settings],
+    tmp_path: Path,
+    tls_files: tuple[TlsFiles, TlsFiles, trustme.CA],
+    smtp_sink: object,
+) -> None:
+    """The sentinel and the master it names both speak TLS only: one set of TLS settings
+    serves both connections."""
+    server, client, _ca = tls_files
+    with (
+        redis_tls_server(tmp_path / "master", server) as master,
+        redis_sentinel(tmp_path / "sentinel", MASTER, master, tls=server) as sentinel,
+    ):
+        settings = make_settings(
+            redis_sentinels=f"127.0.0.1:{sentinel}",
+            redis_master_name=MASTER,
+            redis_tls=True,
+            redis_tls_ca_file=client.ca,
+            redis_tls_cert_file=client.cert,
+            redis_tls_key_file=client.key,
+        )
+        async with running_app(settings):
+            await xadd(settings, command("sentinel-tls"))
+            assert await Db(settings.dsn).wait_status("sentinel-tls", "sent") == "sent"
+
+
 async def _sentinel_master(sentinel_port: int) -> tuple[str, int] | None:
     client = redis.asyncio.Redis(host="127.0.0.1", port=sentinel_port, decode_responses=True)
     try:
