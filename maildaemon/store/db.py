@@ -21,62 +21,14 @@ from maildaemon.delivery import (
     IntakeResult,
     RenderedPin,
 )
-from maildaemon.errors import QueryTimeout, StoreReadOnly, StoreRejected, StoreUnavailable
-from maildaemon.logs import event
 from maildaemon.store import queries as q
 from maildaemon.store import rows as convert
+from maildaemon.store.pgerrors import _UNAVAILABLE, RETRYABLE, translate_errors
+
+__all__ = ["RETRYABLE", "Connection", "Store", "translate_errors", "write_outcomes"]
 
 log = logging.getLogger("maildaemon.store")
 Connection = asyncpg.Connection | PoolConnectionProxy
-
-# Errors that mean "the database is not there right now", as opposed to a bug.
-_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.exceptions.ConnectionDoesNotExistError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.TooManyConnectionsError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.CrashShutdownError,
-    asyncpg.exceptions.ConnectionFailureError,
-    asyncpg.exceptions.InterfaceError,
-    asyncpg.exceptions.InternalClientError,
-)
-# The server answers but will not write: a primary that was demoted in a failover, or a
-# standby reached through a stale name. An outage like any other, and the pool's
-# connections are recycled so that new ones find the (new) primary.
-_READ_ONLY: tuple[type[BaseException], ...] = (asyncpg.exceptions.ReadOnlySQLTransactionError,)
-# Conflicts between concurrent transactions: the whole batch is simply tried again.
-RETRYABLE: tuple[type[BaseException], ...] = (
-    asyncpg.exceptions.DeadlockDetectedError,
-    asyncpg.exceptions.SerializationError,
-    asyncpg.exceptions.UniqueViolationError,
-)
-
-
-@contextlib.asynccontextmanager
-async def translate_errors(what: str, pool: asyncpg.Pool | None = None) -> AsyncIterator[None]:
-    try:
-        yield
-    except asyncpg.exceptions.QueryCanceledError as exc:
-        # A statement timeout (the operator API's pool sets one) or a cancel by an admin.
-        raise QueryTimeout(f"{what}: the query was cancelled: {exc}") from exc
-    except _UNAVAILABLE as exc:
-        raise StoreUnavailable(f"{what}: PostgreSQL unavailable: {exc!r}") from exc
-    except _READ_ONLY as exc:
-        if pool is not None:
-            # Idle connections close now, busy ones when released: the next ones are new.
-            await pool.expire_connections()
-        event(
-            log,
-            "postgres read-only, connections recycled",
-            logging.WARNING,
-            operation=what,
-            error=str(exc),
-        )
-        raise StoreReadOnly(f"{what}: PostgreSQL is read-only (failover?): {exc}") from exc
-    except (asyncpg.exceptions.DataError, UnicodeError) as exc:
-        raise StoreRejected(f"{what}: PostgreSQL refused the data: {exc}") from exc
 
 
 class Store:

@@ -52,7 +52,7 @@ async def test_redis_tls_with_client_certificate_delivers(
         async with running_app(settings):
             await xadd(settings, command("tls-1"))
             assert await Db(settings.dsn).wait_status("tls-1", "sent") == "sent"
-        # The CLI's client is the same one: plain TCP to the TLS port gets nowhere.
+        # Plain TCP to the TLS-only port gets nowhere.
         plain = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
         with pytest.raises(redis.ConnectionError):
             plain.ping()
