@@ -13,6 +13,9 @@ Phases (each on a fresh database and stream):
              retry backlog that is not yet due (see bench/claims.py); opt-in
   matrix     RTT x connections x MAIL_SMTP_PIPELINING over a delayed link (bench/link.py,
              root only; see bench/matrix.py); opt-in
+  replicas   the throughput run through 1, 2 and 3 daemon processes on one consumer
+             group and one database, with PostgreSQL's commits, WAL fsyncs and bytes
+             per delivery and the connections held (see bench/replicas.py); opt-in
 
 Default phases: sink,throughput,latency (30-45 s at --messages 2000 on the shared 2-core
 machine, most of it starting PostgreSQL and the daemon). ``--modes off,auto,auto,off``
@@ -455,15 +458,18 @@ def machine() -> dict[str, Any]:
     }
 
 
-def table(results: dict[str, Any]) -> str:
+def table(results: dict[str, Any], indent: str = "") -> str:
     lines = []
     for phase, values in results.items():
         if phase == "matrix_table":
             lines.append(str(values))
         if phase == "machine" or not isinstance(values, dict):
             continue
-        lines.append(f"{phase}:")
-        lines.extend(f"  {k:<32} {v}" for k, v in values.items())
+        lines.append(f"{indent}{phase}:")
+        nested = {k: v for k, v in values.items() if isinstance(v, dict)}
+        lines.extend(f"{indent}  {k:<32} {v}" for k, v in values.items() if not isinstance(v, dict))
+        if nested:
+            lines.append(table(nested, indent + "  "))
     return "\n".join(lines)
 
 
@@ -515,6 +521,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
             results["matrix"] = await phase_matrix(servers, workdir, args)
             results["matrix_table"] = matrix_table(results["matrix"])
+        if "replicas" in args.phases:
+            from bench.replicas import phase_scaling
+
+            results["replicas"] = await phase_scaling(
+                servers, args.messages, args.concurrency, args.replicas
+            )
     finally:
         sink.stop()
         rd.stop()
@@ -572,6 +584,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--matrix-messages", type=int, default=2000, help="burst size cap")
     parser.add_argument("--matrix-rate", type=float, default=50.0, help="latency rate, /s")
     parser.add_argument("--matrix-latency-seconds", type=float, default=4.0)
+    parser.add_argument(
+        "--replicas",
+        default=[1, 2, 3],
+        type=lambda s: [int(x) for x in s.split(",")],
+        help="replica counts of the replicas phase",
+    )
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
     try:

@@ -43,31 +43,18 @@ from maildaemon.pipeline.results import ResultWriter
 from maildaemon.pipeline.retention import RetentionWorker
 from maildaemon.pipeline.scheduler import Scheduler
 from maildaemon.pipeline.worker import AttemptWorker
+from maildaemon.redisconn import redis_client
 from maildaemon.retry import RetryPolicy
 from maildaemon.sending.destination import Destination
 from maildaemon.sending.ratelimit import RateLimiter
 from maildaemon.sending.smtp import tls_context
 from maildaemon.store import replicas
 from maildaemon.store.db import Store
-from maildaemon.store.migrate import apply_migrations
+from maildaemon.store.migrate import apply_migrations, migration_ids
 from maildaemon.telemetry import Telemetry
 
 log = logging.getLogger("maildaemon.app")
 T = TypeVar("T")
-
-
-def redis_client(settings: Settings) -> aioredis.Redis:
-    host, port = settings.redis_host_port
-    password = settings.redis_password.get_secret_value() if settings.redis_password else None
-    return aioredis.Redis(
-        host=host,
-        port=port,
-        db=settings.redis_db,
-        password=password,
-        socket_connect_timeout=5,
-        socket_keepalive=True,
-        health_check_interval=30,
-    )
 
 
 def command_policy(settings: Settings, catalog: TemplateCatalog) -> CommandPolicy:
@@ -97,6 +84,22 @@ def _log_configuration(s: Settings) -> None:
             "stub mode: deliveries are rendered and recorded, nothing is sent",
             logging.WARNING,
         )
+
+
+async def _migrate(s: Settings, store: Store) -> list[str]:
+    """Apply the migrations on a session; behind PgBouncer without a direct DSN only check
+    that someone did (yoyo needs a session: its search_path and locks)."""
+    if s.postgres_pgbouncer and s.postgres_listen_dsn is None:
+        applied = await store.applied_migrations()
+        missing = [m for m in await asyncio.to_thread(migration_ids) if m not in applied]
+        if missing:
+            raise StartupError(
+                f"not applied: {', '.join(missing)}; behind PgBouncer migrations need a "
+                "direct session: set MAIL_POSTGRES_LISTEN_DSN, or run `maildaemon migrate` "
+                "with a direct MAIL_POSTGRES_PRIMARY_DSN first"
+            )
+        return []
+    return await asyncio.to_thread(apply_migrations, s.session_dsn)
 
 
 async def _step(name: str, action: Callable[[], Awaitable[T]], timeout: float, **fields: Any) -> T:
@@ -162,20 +165,22 @@ class App:
             stack.callback(self.telemetry.shutdown)
             redis = redis_client(s)
             stack.push_async_callback(redis.aclose)
-            await _step("redis ping", redis.ping, 10, addr=s.redis_master_addr)
+            await _step("redis ping", redis.ping, 10, addr=s.redis_target, tls=s.redis_tls_enabled)
             await check_redis_persistence(redis, self.telemetry.instruments)
             store = await _step(
                 "postgres pool",
                 lambda: Store.open(
-                    s.dsn, min_size=s.postgres_pool_min, max_size=s.postgres_pool_max
+                    s.dsn,
+                    min_size=s.postgres_pool_min,
+                    max_size=s.postgres_pool_max,
+                    pgbouncer=s.postgres_pgbouncer,
                 ),
                 15,
                 dsn=redact_dsn(s.postgres_primary_dsn),
+                pgbouncer=s.postgres_pgbouncer,
             )
             stack.push_async_callback(store.close)
-            applied = await _step(
-                "migrations", lambda: asyncio.to_thread(apply_migrations, s.dsn), 120
-            )
+            applied = await _step("migrations", lambda: _migrate(s, store), 120)
             event(log, "migrations applied", applied=applied)
             self.readiness.migrations_applied = True
             catalog = await _step(
@@ -213,6 +218,7 @@ class App:
             max_size=s.api_pool_max,
             statement_timeout=s.api_statement_timeout,
             application_name="maildaemon-api",
+            pgbouncer=s.postgres_pgbouncer,
         )
         stack.push_async_callback(api_store.close)
         app = build_app(

@@ -81,6 +81,23 @@ def split_host_port(addr: str, default_port: int) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def split_redis_addr(addr: str) -> tuple[bool, str, int]:
+    """``host:port``, ``redis://host:port`` or ``rediss://host:port`` (TLS) →
+    (tls, host, port). A URL may carry nothing but the host and port."""
+    scheme, sep, rest = addr.strip().partition("://")
+    if not sep:
+        host, port = split_host_port(addr, 6379)
+        return False, host, port
+    if scheme not in ("redis", "rediss"):
+        raise ValueError(f"scheme must be redis:// or rediss://, not {scheme}://")
+    if "@" in rest or rest.rstrip("/").count("/") or "?" in rest:
+        raise ValueError(
+            "only redis[s]://host:port (password: MAIL_REDIS_PASSWORD, database: MAIL_REDIS_DB)"
+        )
+    host, port = split_host_port(rest.rstrip("/"), 6379)
+    return scheme == "rediss", host, port
+
+
 def _default_consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -110,6 +127,15 @@ class Settings(BaseSettings):
     redis_master_addr: str = "127.0.0.1:6379"
     redis_password: SecretStr | None = None
     redis_db: int = Field(default=0, ge=0, le=1024)
+    # TLS (also on with a rediss:// MAIL_REDIS_MASTER_ADDR); the CA defaults to the system store.
+    redis_tls: bool = False
+    redis_tls_ca_file: Path | None = None
+    redis_tls_cert_file: Path | None = None
+    redis_tls_key_file: Path | None = None
+    # Sentinel: the master is looked up by name at these sentinels (host:port,host:port).
+    redis_sentinels: CsvList = ()
+    redis_master_name: str | None = None
+    redis_sentinel_password: SecretStr | None = None
     command_stream: str = Field(default="mail:delivery_commands", min_length=1)
     consumer_group: str = Field(default="maildaemon", min_length=1)
     consumer_name: str = Field(default_factory=_default_consumer_name, min_length=1)
@@ -128,6 +154,11 @@ class Settings(BaseSettings):
     postgres_primary_dsn: SecretStr
     postgres_pool_min: int = Field(default=2, ge=1)
     postgres_pool_max: int = Field(default=10, ge=2)
+    # Behind PgBouncer in transaction pooling: no prepared-statement cache, no LISTEN on
+    # the pool. LISTEN (and migrations) then use MAIL_POSTGRES_LISTEN_DSN, a direct
+    # session; without it the scheduler only polls.
+    postgres_pgbouncer: bool = False
+    postgres_listen_dsn: SecretStr | None = None
 
     # Templates.
     # ./templates when it exists, else the catalog shipped in the package.
@@ -202,17 +233,31 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
 
-    @field_validator("redis_master_addr", "internal_http_addr")
+    @field_validator("internal_http_addr")
     @classmethod
     def _addr(cls, value: str) -> str:
         split_host_port(value, 0)
         return value
 
-    @field_validator("postgres_primary_dsn")
+    @field_validator("redis_master_addr")
     @classmethod
-    def _dsn(cls, value: SecretStr) -> SecretStr:
-        text = value.get_secret_value()
-        if not text.startswith(("postgres://", "postgresql://")):
+    def _redis_addr(cls, value: str) -> str:
+        split_redis_addr(value)
+        return value
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinels(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for addr in value:
+            split_host_port(addr, 26379)
+        return value
+
+    @field_validator("postgres_primary_dsn", "postgres_listen_dsn")
+    @classmethod
+    def _dsn(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        if not value.get_secret_value().startswith(("postgres://", "postgresql://")):
             raise ValueError("must be a postgresql:// URL")
         return value
 
@@ -246,6 +291,7 @@ class Settings(BaseSettings):
             raise ValueError(f"{missing}: MAIL_SMTP_USERNAME and MAIL_SMTP_PASSWORD go together")
         if self.smtp_ca_file is not None and not self.smtp_ca_file.is_file():
             raise ValueError(f"MAIL_SMTP_CA_FILE: no such file: {self.smtp_ca_file}")
+        self._check_redis()
         if self.api_statement_timeout <= 0:
             raise ValueError("MAIL_API_STATEMENT_TIMEOUT: must be longer than zero")
         self.operator_identities()  # refuses a malformed MAIL_OPERATOR_TOKENS
@@ -276,11 +322,60 @@ class Settings(BaseSettings):
             )
         return self
 
+    def _check_redis(self) -> None:
+        for name in ("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file"):
+            path: Path | None = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"MAIL_{name.upper()}: no such file: {path}")
+        if (self.redis_tls_cert_file is None) != (self.redis_tls_key_file is None):
+            raise ValueError(
+                "MAIL_REDIS_TLS_CERT_FILE: MAIL_REDIS_TLS_CERT_FILE and "
+                "MAIL_REDIS_TLS_KEY_FILE go together"
+            )
+        files = (self.redis_tls_ca_file, self.redis_tls_cert_file)
+        if any(f is not None for f in files) and not self.redis_tls_enabled:
+            raise ValueError(
+                "MAIL_REDIS_TLS_CA_FILE: TLS files are set but TLS is off "
+                "(MAIL_REDIS_TLS=true or a rediss:// MAIL_REDIS_MASTER_ADDR)"
+            )
+        if self.redis_sentinels and not self.redis_master_name:
+            raise ValueError("MAIL_REDIS_MASTER_NAME: required with MAIL_REDIS_SENTINELS")
+        if self.redis_master_name and not self.redis_sentinels:
+            raise ValueError("MAIL_REDIS_SENTINELS: required with MAIL_REDIS_MASTER_NAME")
+
     # Derived views -------------------------------------------------------------
 
     @property
+    def redis_tls_enabled(self) -> bool:
+        return self.redis_tls or split_redis_addr(self.redis_master_addr)[0]
+
+    @property
+    def redis_sentinel_addrs(self) -> list[tuple[str, int]]:
+        return [split_host_port(a, 26379) for a in self.redis_sentinels]
+
+    @property
+    def redis_target(self) -> str:
+        """Where Redis is, as logged: the address, or the master name at its sentinels."""
+        if self.redis_sentinels:
+            return f"sentinel:{self.redis_master_name}@{','.join(self.redis_sentinels)}"
+        return self.redis_master_addr
+
+    @property
+    def listen_dsn(self) -> str | None:
+        """The DSN for LISTEN: the direct one, else the pool's unless behind PgBouncer."""
+        if self.postgres_listen_dsn is not None:
+            return normalize_dsn(self.postgres_listen_dsn.get_secret_value())
+        return None if self.postgres_pgbouncer else self.dsn
+
+    @property
+    def session_dsn(self) -> str:
+        """A DSN with a real session (migrations): the direct one when set."""
+        return self.listen_dsn or self.dsn
+
+    @property
     def redis_host_port(self) -> tuple[str, int]:
-        return split_host_port(self.redis_master_addr, 6379)
+        _tls, host, port = split_redis_addr(self.redis_master_addr)
+        return host, port
 
     @property
     def smtp_host_port(self) -> tuple[str, int]:
@@ -328,10 +423,23 @@ class Settings(BaseSettings):
     def secret_values(self) -> list[str]:
         """Every form in which a secret of these settings could be printed (for scrubbing)."""
         values: list[str] = []
-        for secret in (self.redis_password, self.smtp_password, self.operator_token):
+        secrets = (
+            self.redis_password,
+            self.redis_sentinel_password,
+            self.smtp_password,
+            self.operator_token,
+            self.operator_read_token,
+        )
+        for secret in secrets:
             if secret is not None:
                 values += _spellings(secret.get_secret_value())
+        if self.operator_tokens is not None:
+            for pair in self.operator_tokens.get_secret_value().split(","):
+                token = pair.partition(":")[2].strip()
+                values += _spellings(token) if token else []
         values += dsn_secrets(self.postgres_primary_dsn.get_secret_value())
+        if self.postgres_listen_dsn is not None:
+            values += dsn_secrets(self.postgres_listen_dsn.get_secret_value())
         return sorted({v for v in values if v}, key=len, reverse=True)
 
     def redacted(self) -> dict[str, Any]:
@@ -339,7 +447,7 @@ class Settings(BaseSettings):
         out: dict[str, Any] = {}
         for name, value in self.model_dump().items():
             if isinstance(value, SecretStr):
-                value = "***" if name != "postgres_primary_dsn" else redact_dsn(value)
+                value = "***" if not name.endswith("_dsn") else redact_dsn(value)
             elif isinstance(value, Path):
                 value = str(value)
             out[name] = value

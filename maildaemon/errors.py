@@ -22,6 +22,10 @@ class StoreUnavailable(MailDaemonError):
     """PostgreSQL is unreachable or refused the operation; retry later."""
 
 
+class StoreReadOnly(StoreUnavailable):
+    """PostgreSQL answers but refuses to write (a demoted primary); retry later."""
+
+
 class StoreRejected(MailDaemonError):
     """PostgreSQL refused the data itself (not a connection problem)."""
 

@@ -41,6 +41,7 @@ class Instruments:
     api_refusals: metrics.Counter
     destination_changes: metrics.Counter
     redis_unpersisted: metrics.Counter
+    redis_unavailable: metrics.Counter
     # Gauges read from the scheduler's last observation.
     schedule_depth: int = 0
     schedule_oldest_age_ms: int = 0
@@ -122,6 +123,10 @@ class Telemetry:
                 "mail.api.refusals",
                 description="Operator API requests refused, by reason (unauthorized, "
                 "query_timeout, store_unavailable)",
+            ),
+            redis_unavailable=meter.create_counter(
+                "mail.redis.unavailable",
+                description="Operations that found Redis down (or a demoted master)",
             ),
             destination_changes=meter.create_counter(
                 "mail.smtp.destination.changes",

@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
+from maildaemon import redisconn
 from maildaemon.app import App
 from maildaemon.config import Settings, split_host_port
 from maildaemon.contract.command import DeliveryCommand
@@ -67,7 +68,7 @@ def command(delivery_id: str, **fields: Any) -> dict[str, Any]:
 
 async def xadd(settings: Settings, *docs: dict[str, Any] | str | bytes) -> list[str]:
     """XADD each document (a dict becomes the `command` JSON) and return the entry ids."""
-    client = redis_client(settings.redis_master_addr)
+    client = redisconn.redis_client(settings)  # TLS and Sentinel as the daemon sees them
     try:
         ids = []
         for doc in docs:

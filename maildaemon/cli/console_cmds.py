@@ -21,6 +21,13 @@ from maildaemon.store.records import MalformedCommand, MalformedPage
 _UNUSED_DSN = "postgresql://unused@127.0.0.1:1/unused"
 
 
+async def open_store(settings: Settings, max_size: int = 1) -> Store:
+    """A small pool for one CLI command (PgBouncer mode as the daemon's)."""
+    return await Store.open(
+        settings.dsn, min_size=1, max_size=max_size, pgbouncer=settings.postgres_pgbouncer
+    )
+
+
 def client_settings() -> Settings:
     """Settings for ``enqueue`` and ``preview``: Redis, limits and templates only.
 
@@ -47,7 +54,7 @@ def malformed_for(delivery_id: str) -> list[MalformedCommand]:
     settings = scrubbed(load_settings())
 
     async def work() -> list[MalformedCommand]:
-        store = await Store.open(settings.dsn, min_size=1, max_size=1)
+        store = await open_store(settings)
         try:
             return await ConsoleReads(store.pool).malformed_for_delivery(delivery_id)
         finally:

@@ -11,10 +11,10 @@ import sys
 import asyncpg
 
 from maildaemon import errors
+from maildaemon.cli.console_cmds import open_store
 from maildaemon.config import Settings
 from maildaemon.operator.replay import judge_alike
 from maildaemon.store import replicas
-from maildaemon.store.db import Store
 
 
 async def daemon_disagrees(settings: Settings, catalog_hash: str, policy_hash: str) -> str | None:
@@ -22,7 +22,7 @@ async def daemon_disagrees(settings: Settings, catalog_hash: str, policy_hash: s
     None. Best effort (for ``enqueue``): PostgreSQL out of reach is a warning, not a refusal."""
 
     async def live() -> list[replicas.Replica]:
-        store = await Store.open(settings.dsn, min_size=1, max_size=1)
+        store = await open_store(settings)
         try:
             return await replicas.live(store.pool)
         finally:

@@ -68,7 +68,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from maildaemon.store.migrate import apply_migrations
 
     settings = _settings()
-    applied = apply_migrations(settings.dsn)
+    if settings.postgres_pgbouncer and settings.postgres_listen_dsn is None:
+        print(
+            "maildaemon: migrations need a direct session, not PgBouncer: set "
+            "MAIL_POSTGRES_LISTEN_DSN (or a direct MAIL_POSTGRES_PRIMARY_DSN "
+            "with MAIL_POSTGRES_PGBOUNCER=false)",
+            file=sys.stderr,
+        )
+        return 2
+    applied = apply_migrations(settings.session_dsn)
     target = redact_dsn(settings.postgres_primary_dsn)
     if applied:
         print(f"applied {len(applied)} migration(s) to {target}: {', '.join(applied)}")
@@ -184,11 +192,12 @@ def _attachment(text: str) -> dict[str, str]:
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
-    from maildaemon.app import command_policy, redis_client
+    from maildaemon.app import command_policy
     from maildaemon.cli.console_cmds import client_settings
     from maildaemon.contract.command import COMMAND_FIELD, Rejection
     from maildaemon.contract.parsing import parse_command
     from maildaemon.message.render import TemplateCatalog
+    from maildaemon.redisconn import redis_client
 
     settings = client_settings()  # Redis and the catalog only: no PostgreSQL, no SMTP
     document = _command_from_args(args)

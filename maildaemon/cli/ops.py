@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from maildaemon import errors
 from maildaemon.cli import console_cmds, tables
+from maildaemon.cli.console_cmds import open_store
 from maildaemon.config import Settings, load_settings
 from maildaemon.contract.command import FAILURE_CODES
 from maildaemon.operator import inputs
@@ -28,7 +29,6 @@ from maildaemon.operator import model as m
 from maildaemon.operator import views as v
 from maildaemon.retry import RetryPolicy
 from maildaemon.store import filters
-from maildaemon.store.db import Store
 from maildaemon.store.operator import OperatorStore
 from maildaemon.store.records import Actor
 
@@ -42,7 +42,7 @@ def _run(work: Callable[[OperatorStore, Settings], Awaitable[T]]) -> T:
     settings = console_cmds.scrubbed(load_settings())
 
     async def main() -> T:
-        store = await Store.open(settings.dsn, min_size=1, max_size=2)
+        store = await open_store(settings, 2)
         try:
             return await work(OperatorStore(store.pool), settings)
         finally:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ReadOnlyError, RedisError, ResponseError
 
 from maildaemon.config import Settings
 from maildaemon.contract.command import CommandPolicy, DeliveryCommand, Rejection
@@ -153,6 +153,10 @@ class StreamConsumer:
                     idle = min(max(idle * 2, 0.002), s.consumer_block, IDLE_POLL_MAX)
                     await self._sleep(idle)
             except ResponseError as exc:
+                if isinstance(exc, ReadOnlyError) or str(exc).startswith("UNBLOCKED"):
+                    # A demoted master (failover behind a fixed address): wait for the new.
+                    await self._redis_unavailable(exc, backoff)
+                    continue
                 if "NOGROUP" not in str(exc):
                     raise
                 # The stream or its group was deleted under us: create them again.
@@ -165,16 +169,20 @@ class StreamConsumer:
                 )
                 await self.ensure_group()
             except RedisError as exc:
-                event(
-                    log,
-                    "redis unavailable",
-                    logging.WARNING,
-                    error=repr(exc),
-                    component="consumer",
-                    retry_in_s=backoff.peek(),
-                )
-                await self._sleep(backoff.next())
+                await self._redis_unavailable(exc, backoff)
         event(log, "command consumer stopped", consumer=s.consumer_name)
+
+    async def _redis_unavailable(self, exc: RedisError, backoff: Backoff) -> None:
+        self._inst.redis_unavailable.add(1, {"component": "consumer"})
+        event(
+            log,
+            "redis unavailable",
+            logging.WARNING,
+            error=repr(exc),
+            component="consumer",
+            retry_in_s=backoff.peek(),
+        )
+        await self._sleep(backoff.next())
 
     async def _read(self) -> BoundedBatch:
         """One bounded batch; every so often it also takes over entries of dead consumers."""

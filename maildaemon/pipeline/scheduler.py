@@ -76,6 +76,7 @@ class Scheduler:
             "scheduler started",
             batch_size=self._s.scheduler_batch_size,
             poll_interval_s=self._s.scheduler_poll_interval,
+            listen=self._s.listen_dsn is not None,
         )
         listener = asyncio.create_task(self._listen(), name="scheduler-listen")
         try:
@@ -91,13 +92,18 @@ class Scheduler:
 
     async def _listen(self) -> None:
         """Keep a LISTEN connection for wake-ups from other replicas' intake; when it drops,
-        poll meanwhile and listen again with backoff."""
+        poll meanwhile and listen again with backoff. Behind PgBouncer LISTEN needs a direct
+        session (MAIL_POSTGRES_LISTEN_DSN); without one the scheduler only polls."""
+        if self._s.listen_dsn is None:
+            event(log, "scheduler polls only (PgBouncer, no MAIL_POSTGRES_LISTEN_DSN)")
+            return
+        direct = self._s.listen_dsn if self._s.postgres_listen_dsn is not None else None
         backoff = Backoff()
         lost_before = False
         while not self._stopping.is_set():
             error = "connection lost"
             try:
-                async with self._store.listen("mail_due", self.wake) as lost:
+                async with self._store.listen("mail_due", self.wake, dsn=direct) as lost:
                     if lost_before:
                         event(log, "listen connection restored", component="scheduler")
                         self.wake()  # catch up on what was announced meanwhile

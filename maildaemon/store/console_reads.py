@@ -25,7 +25,7 @@ class ConsoleReads:
 
     async def series(self, window: Window) -> StatsSeries:
         width, count = WINDOWS[window]
-        async with translate_errors("stats series"):
+        async with translate_errors("stats series", self.pool):
             records = await self.pool.fetch(q.STATS_SERIES, width, count)
         points = [
             SeriesPoint(
@@ -46,7 +46,7 @@ class ConsoleReads:
         return StatsSeries(window, width, points, totals)
 
     async def pinned_message(self, delivery_id: str) -> PinnedMessage | None:
-        async with translate_errors("message lookup"):
+        async with translate_errors("message lookup", self.pool):
             row = await self.pool.fetchrow(q.RENDERED_MESSAGE, delivery_id)
         if row is None:
             return None
@@ -58,6 +58,6 @@ class ConsoleReads:
     async def malformed_for_delivery(
         self, delivery_id: str, limit: int = 50
     ) -> list[MalformedCommand]:
-        async with translate_errors("malformed lookup"):
+        async with translate_errors("malformed lookup", self.pool):
             found = await self.pool.fetch(q.MALFORMED_BY_DELIVERY, delivery_id, limit)
         return [rows.malformed(r) for r in found]

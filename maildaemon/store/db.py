@@ -22,55 +22,15 @@ from maildaemon.delivery import (
     IntakeResult,
     RenderedPin,
 )
-from maildaemon.errors import QueryTimeout, StoreRejected, StoreUnavailable
 from maildaemon.store import queries as q
 from maildaemon.store import rows as convert
+from maildaemon.store.pgerrors import _UNAVAILABLE, RETRYABLE, translate_errors
+
+__all__ = ["RETRYABLE", "Connection", "Store", "translate_errors", "write_outcomes"]
 
 log = logging.getLogger("maildaemon.store")
 Connection = asyncpg.Connection | PoolConnectionProxy
 _Fresh = tuple[IntakeEntry, bytes, str]
-
-# Errors that mean "the database is not there right now", as opposed to a bug.
-_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.exceptions.ConnectionDoesNotExistError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.TooManyConnectionsError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.CrashShutdownError,
-    asyncpg.exceptions.ConnectionFailureError,
-    asyncpg.exceptions.InterfaceError,
-    asyncpg.exceptions.InternalClientError,
-)
-# PostgreSQL refusing what it was given (bad value, a limit, a constraint other than the
-# unique ones intake races on): the data's fault, not the database's.
-_REFUSED: tuple[type[BaseException], ...] = (
-    asyncpg.exceptions.DataError,
-    asyncpg.exceptions.ProgramLimitExceededError,
-    asyncpg.exceptions.CheckViolationError,
-    asyncpg.exceptions.NotNullViolationError,
-    UnicodeError,
-)
-# Conflicts between concurrent transactions: the whole batch is simply tried again.
-RETRYABLE: tuple[type[BaseException], ...] = (
-    asyncpg.exceptions.DeadlockDetectedError,
-    asyncpg.exceptions.SerializationError,
-    asyncpg.exceptions.UniqueViolationError,
-)
-
-
-@contextlib.asynccontextmanager
-async def translate_errors(what: str) -> AsyncIterator[None]:
-    try:
-        yield
-    except asyncpg.exceptions.QueryCanceledError as exc:
-        # A statement timeout (the operator API's pool sets one) or a cancel by an admin.
-        raise QueryTimeout(f"{what}: the query was cancelled: {exc}") from exc
-    except _UNAVAILABLE as exc:
-        raise StoreUnavailable(f"{what}: PostgreSQL unavailable: {exc!r}") from exc
-    except _REFUSED as exc:
-        raise StoreRejected(f"{what}: PostgreSQL refused the data: {exc}") from exc
 
 
 class Store:
@@ -88,8 +48,15 @@ class Store:
         max_size: int = 10,
         statement_timeout: float | None = None,
         application_name: str = "maildaemon",
+        pgbouncer: bool = False,
     ) -> Store:
-        """A pool; ``statement_timeout`` (seconds) bounds every statement run on it."""
+        """A pool; ``statement_timeout`` (seconds) bounds every statement run on it.
+
+        ``pgbouncer``: behind PgBouncer in transaction pooling, where a prepared statement
+        does not outlive its transaction's server connection and only a few startup
+        parameters pass: no statement cache, no server settings but the application name
+        (set ``jit=off`` on the role there), and the statement timeout enforced by the
+        client (asyncpg cancels the statement)."""
         # JIT compilation costs far more than these short statements save.
         settings = {"application_name": application_name, "jit": "off"}
         if statement_timeout is not None:
@@ -97,21 +64,33 @@ class Store:
             # Plans for these parameters, not a generic one: an optional filter that was
             # given can then use its index ("$3 IS NULL OR ..." folds away).
             settings["plan_cache_mode"] = "force_custom_plan"
+        if pgbouncer:
+            settings = {"application_name": application_name}
+        command_timeout = statement_timeout if pgbouncer and statement_timeout else 60
         async with translate_errors("open pool"):
             pool = await asyncpg.create_pool(
                 dsn,
                 min_size=min_size,
                 max_size=max_size,
-                command_timeout=60,
+                command_timeout=command_timeout,
                 server_settings=settings,
+                statement_cache_size=0 if pgbouncer else 100,
             )
         return cls(pool)
 
     async def close(self) -> None:
         await self.pool.close()
 
+    async def applied_migrations(self) -> set[str]:
+        async with translate_errors("applied migrations", self.pool):
+            try:
+                rows = await self.pool.fetch(q.APPLIED_MIGRATIONS)
+            except asyncpg.exceptions.UndefinedTableError:
+                return set()
+        return {r["migration_id"] for r in rows}
+
     async def ping(self) -> None:
-        async with translate_errors("ping"):
+        async with translate_errors("ping", self.pool):
             await self.pool.fetchval("SELECT 1")
 
     # --- intake -------------------------------------------------------------------------
@@ -148,7 +127,11 @@ class Store:
             else:
                 malformed.append((entry, convert.conflict(entry, prior_id, key in by_key)))
 
-        async with translate_errors("ingest"), self.pool.acquire() as conn, conn.transaction():
+        async with (
+            translate_errors("ingest", self.pool),
+            self.pool.acquire() as conn,
+            conn.transaction(),
+        ):
             if fresh:
                 await self._insert_fresh(conn, fresh, idempotency_window, result, malformed)
             if result.replays:
@@ -266,7 +249,7 @@ class Store:
         self, limit: int, lease_seconds: float, worker: str
     ) -> list[ClaimedDelivery]:
         """Lease up to ``limit`` due deliveries, skipping paused scopes."""
-        async with translate_errors("claim"):
+        async with translate_errors("claim", self.pool):
             paused = [r["scope"] for r in await self.pool.fetch(q.PAUSED_SCOPES)]
             if "*" in paused:
                 return []
@@ -277,7 +260,7 @@ class Store:
         claims = list(claims)
         if not claims:
             return 0
-        async with translate_errors("release"):
+        async with translate_errors("release", self.pool):
             released = await self.pool.fetchval(
                 q.RELEASE_CLAIMS, [c.delivery_id for c in claims], [c.claim_token for c in claims]
             )
@@ -286,7 +269,7 @@ class Store:
     async def pin_rendered(self, pins: Sequence[RenderedPin]) -> set[str]:
         if not pins:
             return set()
-        async with translate_errors("pin rendered"):
+        async with translate_errors("pin rendered", self.pool):
             rows = await self.pool.fetch(
                 q.PIN_RENDERED,
                 [p.delivery_id for p in pins],
@@ -302,7 +285,7 @@ class Store:
         keys = {a: lookup_key(a) for a in addresses}
         if not keys:
             return {}
-        async with translate_errors("suppressions"):
+        async with translate_errors("suppressions", self.pool):
             rows = await self.pool.fetch(q.ACTIVE_SUPPRESSIONS, sorted(set(keys.values())))
         found = {r["address"]: r["reason"] for r in rows}
         return {a: found[k] for a, k in keys.items() if k in found}
@@ -314,7 +297,7 @@ class Store:
         if not results:
             return set()
         async with (
-            translate_errors("record results"),
+            translate_errors("record results", self.pool),
             self.pool.acquire() as conn,
             conn.transaction(),
         ):
@@ -328,7 +311,7 @@ class Store:
         inside the block keeps the events for the next try (at least once).
         """
         async with (
-            translate_errors("outbox"),
+            translate_errors("outbox", self.pool),
             self.pool.acquire() as conn,
             conn.transaction(),
         ):
@@ -341,16 +324,16 @@ class Store:
                 await conn.execute(q.OUTBOX_DELETE, [r["id"] for r in rows])
 
     async def outbox_depth(self) -> int:
-        async with translate_errors("outbox depth"):
+        async with translate_errors("outbox depth", self.pool):
             return int(await self.pool.fetchval(q.OUTBOX_DEPTH))
 
     async def next_due_at(self) -> datetime | None:
-        async with translate_errors("next due"):
+        async with translate_errors("next due", self.pool):
             value: datetime | None = await self.pool.fetchval(q.NEXT_DUE_AT)
         return value
 
     async def schedule_depth(self) -> tuple[int, int]:
-        async with translate_errors("schedule depth"):
+        async with translate_errors("schedule depth", self.pool):
             row = await self.pool.fetchrow(q.SCHEDULE_DEPTH)
         assert row is not None
         return int(row["depth"]), int(row["oldest_age_ms"])
@@ -365,7 +348,7 @@ class Store:
             "suppressions": (q.PURGE_SUPPRESSIONS, ()),
         }
         deleted: dict[str, int] = {}
-        async with translate_errors("retention"):
+        async with translate_errors("retention", self.pool):
             for kind, (sql, args) in steps.items():
                 status = await self.pool.execute(sql, batch, *args)
                 deleted[kind] = int(status.split()[-1])
@@ -373,14 +356,22 @@ class Store:
 
     @contextlib.asynccontextmanager
     async def listen(
-        self, channel: str, callback: Callable[[], None]
+        self, channel: str, callback: Callable[[], None], dsn: str | None = None
     ) -> AsyncIterator[asyncio.Event]:
-        """LISTEN on a dedicated connection for as long as the context is open.
+        """LISTEN on a dedicated connection for as long as the context is open: one of the
+        pool's, or with ``dsn`` a direct session of its own (behind PgBouncer in
+        transaction pooling a LISTEN is lost with its server connection).
 
         Yields an event that is set when the connection is lost (the server restarted, the
         backend was terminated): the caller then leaves the block and listens again."""
         async with translate_errors("listen"):
-            conn = await self.pool.acquire()
+            conn: Any = (
+                await asyncpg.connect(
+                    dsn, timeout=10, server_settings={"application_name": "maildaemon-listen"}
+                )
+                if dsn is not None
+                else await self.pool.acquire()
+            )
         lost = asyncio.Event()
 
         def _on_notify(*_: Any) -> None:
@@ -394,7 +385,10 @@ class Store:
                 await conn.remove_listener(channel, _on_notify)
                 conn.remove_termination_listener(_on_lost)
             with contextlib.suppress(*_UNAVAILABLE):
-                await self.pool.release(conn)
+                if dsn is not None:
+                    await conn.close(timeout=5)
+                else:
+                    await self.pool.release(conn)
 
         try:
             async with translate_errors("listen"):

@@ -41,24 +41,30 @@ def apply_migrations(dsn: str, folder: Path | None = None) -> list[str]:
     """Apply every pending migration; returns the ids applied. Blocking: run in a thread."""
     folder = folder or migrations_dir()
     try:
-        with psycopg.connect(dsn, autocommit=True) as lock_conn:
-            # One replica migrates at a time; the others wait, then find nothing to do.
-            lock_conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
+        # One replica migrates at a time; the others wait, then find nothing to do. The
+        # lock is held by an open transaction (not a session), which also holds behind
+        # PgBouncer in transaction pooling: the transaction keeps its server connection.
+        with psycopg.connect(dsn, autocommit=False, prepare_threshold=None) as lock_conn:
+            lock_conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+            with psycopg.connect(dsn, autocommit=True, prepare_threshold=None) as conn:
+                conn.execute("CREATE SCHEMA IF NOT EXISTS mail")
+            backend = get_backend(_yoyo_uri(dsn))
             try:
-                lock_conn.execute("CREATE SCHEMA IF NOT EXISTS mail")
-                backend = get_backend(_yoyo_uri(dsn))
-                try:
-                    migrations = read_migrations(str(folder))
-                    with backend.lock():
-                        pending = backend.to_apply(migrations)
-                        backend.apply_migrations(pending)
-                    return [m.id for m in pending]
-                finally:
-                    backend.connection.close()
+                migrations = read_migrations(str(folder))
+                with backend.lock():
+                    pending = backend.to_apply(migrations)
+                    backend.apply_migrations(pending)
+                return [m.id for m in pending]
             finally:
-                lock_conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
+                backend.connection.close()
+                lock_conn.rollback()  # ends the transaction: the lock is released
     except psycopg.Error as exc:
         raise StartupError(f"migrations failed: {exc}".strip()) from None
+
+
+def migration_ids(folder: Path | None = None) -> list[str]:
+    """The ids of the migrations shipped (read from the files, no database)."""
+    return [m.id for m in read_migrations(str(folder or migrations_dir()))]
 
 
 def pending_migrations(dsn: str, folder: Path | None = None) -> list[str]:

@@ -92,7 +92,7 @@ class OperatorStore(OperatorReads):
     @contextlib.asynccontextmanager
     async def _action(self, what: str) -> AsyncIterator[_Action]:
         """One action's transaction, logged once committed; a lost race is a Conflict."""
-        async with translate_errors(what), self.pool.acquire() as conn:
+        async with translate_errors(what, self.pool), self.pool.acquire() as conn:
             action = _Action(conn)
             try:
                 async with conn.transaction():
@@ -130,7 +130,7 @@ class OperatorStore(OperatorReads):
     ) -> tuple[str, datetime]:
         """A dry run's judgement: the delivery's status if the action is allowed, and now."""
         async with (
-            translate_errors(f"dry run ({verb})"),
+            translate_errors(f"dry run ({verb})", self.pool),
             self.pool.acquire() as conn,
             conn.transaction(readonly=True),
         ):
@@ -196,7 +196,7 @@ class OperatorStore(OperatorReads):
         args = dl_args(flt)
         if dry_run:
             async with (
-                translate_errors("bulk requeue"),
+                translate_errors("bulk requeue", self.pool),
                 self.pool.acquire() as conn,
                 conn.transaction(isolation="repeatable_read", readonly=True),
             ):
@@ -243,7 +243,7 @@ class OperatorStore(OperatorReads):
         self, failure_code: str, source: str | None, limit: int
     ) -> tuple[int, list[MalformedCommand]]:
         """How many unreplayed records match, and the oldest ``limit`` of them."""
-        async with translate_errors("replay candidates"), self.pool.acquire() as conn:
+        async with translate_errors("replay candidates", self.pool), self.pool.acquire() as conn:
             matched = int(await conn.fetchval(q.COUNT_REPLAYABLE, failure_code, source))
             rows = await conn.fetch(q.REPLAYABLE, failure_code, source, limit)
         return matched, [views.malformed(r) for r in rows]

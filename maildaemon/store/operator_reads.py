@@ -51,7 +51,7 @@ class OperatorReads:
 
     async def delivery(self, delivery_id: str) -> DeliveryRecord | None:
         async with (
-            translate_errors("delivery lookup"),
+            translate_errors("delivery lookup", self.pool),
             self.pool.acquire() as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
@@ -68,7 +68,7 @@ class OperatorReads:
 
     async def deliveries(self, flt: DeliveryFilter, page: PageRequest) -> DeliveryPage:
         after = page.after or (None, None)
-        async with translate_errors("delivery listing"):
+        async with translate_errors("delivery listing", self.pool):
             statement = (
                 q.LIST_DELIVERIES if flt.recipient is None else q.LIST_DELIVERIES_BY_RECIPIENT
             )
@@ -93,7 +93,7 @@ class OperatorReads:
 
     async def dead_letters(self, flt: DeadLetterFilter, page: PageRequest) -> DeadLetterPage:
         after = page.after or (None, None, None)
-        async with translate_errors("dead-letter listing"):
+        async with translate_errors("dead-letter listing", self.pool):
             rows = await self.pool.fetch(q.LIST_DEAD_LETTERS, *dl_args(flt), *after, page.limit + 1)
         items, cursor = _page(
             rows,
@@ -107,7 +107,7 @@ class OperatorReads:
 
     async def malformed(self, flt: MalformedFilter, page: PageRequest) -> MalformedPage:
         after = page.after or (None, None)
-        async with translate_errors("malformed listing"):
+        async with translate_errors("malformed listing", self.pool):
             rows = await self.pool.fetch(
                 q.LIST_MALFORMED,
                 flt.failure_code,
@@ -126,13 +126,13 @@ class OperatorReads:
         return MalformedPage(items, cursor)
 
     async def malformed_by_id(self, malformed_id: int) -> MalformedCommand | None:
-        async with translate_errors("malformed lookup"):
+        async with translate_errors("malformed lookup", self.pool):
             row = await self.pool.fetchrow(q.MALFORMED_BY_ID, malformed_id)
         return views.malformed(row) if row is not None else None
 
     async def command_trace(self, stream_entry_id: str) -> CommandTrace | None:
         async with (
-            translate_errors("command lookup"),
+            translate_errors("command lookup", self.pool),
             self.pool.acquire() as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
@@ -157,13 +157,13 @@ class OperatorReads:
         )
 
     async def sending_state(self) -> SendingState:
-        async with translate_errors("pause state"):
+        async with translate_errors("pause state", self.pool):
             rows = await self.pool.fetch(q.PAUSES)
         return views.sending_state(rows)
 
     async def stats(self) -> Stats:
         async with (
-            translate_errors("stats"),
+            translate_errors("stats", self.pool),
             self.pool.acquire() as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
@@ -191,7 +191,7 @@ class OperatorReads:
 
     async def suppressions(self, flt: SuppressionFilter, page: PageRequest) -> SuppressionPage:
         after = page.after[0] if page.after else None
-        async with translate_errors("suppression listing"):
+        async with translate_errors("suppression listing", self.pool):
             rows = await self.pool.fetch(
                 q.LIST_SUPPRESSIONS, flt.address, flt.domain, after, page.limit + 1
             )
@@ -205,7 +205,7 @@ class OperatorReads:
 
     async def actions(self, flt: ActionFilter, page: PageRequest) -> OperatorActionPage:
         after = page.after[0] if page.after else None
-        async with translate_errors("action listing"):
+        async with translate_errors("action listing", self.pool):
             rows = await self.pool.fetch(
                 q.LIST_ACTIONS, flt.action, flt.actor, flt.target, after, page.limit + 1
             )

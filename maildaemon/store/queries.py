@@ -337,3 +337,6 @@ PURGE_SUPPRESSIONS = """
 DELETE FROM mail.suppressions WHERE address = ANY (ARRAY(
     SELECT address FROM mail.suppressions WHERE expires_at < now() LIMIT $1))
 """
+
+# Which migrations yoyo recorded (behind PgBouncer, where yoyo itself cannot run).
+APPLIED_MIGRATIONS = "SELECT migration_id FROM mail._yoyo_migration"

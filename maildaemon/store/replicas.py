@@ -57,7 +57,7 @@ class Identity:
 
 
 async def beat(pool: asyncpg.Pool, me: Identity, *, starting: bool = False) -> None:
-    async with translate_errors("replica heartbeat"):
+    async with translate_errors("replica heartbeat", pool):
         await pool.execute(
             _UPSERT,
             me.consumer_name,
@@ -69,12 +69,12 @@ async def beat(pool: asyncpg.Pool, me: Identity, *, starting: bool = False) -> N
 
 
 async def leave(pool: asyncpg.Pool, consumer_name: str) -> None:
-    async with translate_errors("replica leave"):
+    async with translate_errors("replica leave", pool):
         await pool.execute(_REMOVE, consumer_name)
 
 
 async def live(pool: asyncpg.Pool) -> list[Replica]:
     """The replicas whose heartbeat is recent."""
-    async with translate_errors("replica listing"):
+    async with translate_errors("replica listing", pool):
         rows = await pool.fetch(_LIVE, STALE_AFTER)
     return [Replica(**dict(r)) for r in rows]

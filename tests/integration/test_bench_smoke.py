@@ -35,7 +35,7 @@ def test_benchmark_runs_end_to_end() -> None:
             "--concurrency",
             "4",
             "--phases",
-            "sink,throughput,latency,intake,backlog" + (",matrix" if MATRIX else ""),
+            "sink,throughput,latency,intake,backlog,replicas" + (",matrix" if MATRIX else ""),
             "--modes",
             "auto,off",
             # matrix: one small cell per mode over the delayed link (root only)
@@ -49,6 +49,8 @@ def test_benchmark_runs_end_to_end() -> None:
             "20",
             "--matrix-latency-seconds",
             "1",
+            "--replicas",
+            "1,2",
         ],
         cwd=REPO,
         capture_output=True,
@@ -73,4 +75,9 @@ def test_benchmark_runs_end_to_end() -> None:
     assert results["sink_alone"]["messages_per_s"] > 0
     assert results["backlog"]["due_3000"]["claimed"] == 200
     assert results["backlog"]["daemon_with_retry_backlog"]["new_messages"] == 1000
+    for replicas in (1, 2):
+        run = results["replicas"][f"replicas_{replicas}"]
+        assert run["attempts"] == 60
+        assert run["replicas_that_sent"] >= 1
+        assert run["pg_commits_per_delivery"] > 0
     assert "throughput:" in out.stdout  # the human table

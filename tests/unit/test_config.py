@@ -150,3 +150,48 @@ def test_batch_budget_holds_a_whole_command() -> None:
     assert s.consumer_batch_max_bytes == 64 * 1024 * 1024  # type: ignore[attr-defined]
     del os.environ["MAIL_COMMAND_MAX_BYTES"]
     assert settings().consumer_batch_max_bytes == 16 * 1024 * 1024  # type: ignore[attr-defined]
+
+
+def test_redact_dsn_with_several_hosts_keeps_them_and_drops_secrets() -> None:
+    dsn = "postgresql://mail:pw@db1:5432,db2:5433/mail?target_session_attrs=read-write&password=x"
+    assert redact_dsn(dsn) == "postgresql://mail@db1:5432,db2:5433/mail"
+
+
+def fresh(**env: str) -> object:
+    """Settings from exactly these variables (nothing left from earlier calls)."""
+    for key in [k for k in os.environ if k.startswith("MAIL_")]:
+        del os.environ[key]
+    return settings(**env)
+
+
+def fresh_problem(**env: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        fresh(**env)
+    return str(info.value)
+
+
+def test_redis_tls_and_sentinel_fresh() -> None:
+    s = fresh(MAIL_REDIS_MASTER_ADDR="rediss://redis.internal:6380")
+    assert s.redis_tls_enabled and s.redis_host_port == ("redis.internal", 6380)  # type: ignore[attr-defined]
+    assert not fresh().redis_tls_enabled  # type: ignore[attr-defined]
+    s = fresh(MAIL_REDIS_SENTINELS="s1:26379, s2", MAIL_REDIS_MASTER_NAME="mail")
+    assert s.redis_sentinel_addrs == [("s1", 26379), ("s2", 26379)]  # type: ignore[attr-defined]
+    assert "MAIL_REDIS_MASTER_NAME" in fresh_problem(MAIL_REDIS_SENTINELS="s1:26379")
+    assert "MAIL_REDIS_SENTINELS" in fresh_problem(MAIL_REDIS_MASTER_NAME="mail")
+    assert "MAIL_REDIS_MASTER_ADDR" in fresh_problem(MAIL_REDIS_MASTER_ADDR="http://x:1")
+    assert "MAIL_REDIS_MASTER_ADDR" in fresh_problem(MAIL_REDIS_MASTER_ADDR="rediss://u:p@x:1")
+    assert "MAIL_REDIS_TLS_CA_FILE" in fresh_problem(MAIL_REDIS_TLS_CA_FILE="/no/such/ca.pem")
+    assert "TLS is off" in fresh_problem(MAIL_REDIS_TLS_CA_FILE=__file__)
+    assert "go together" in fresh_problem(MAIL_REDIS_TLS="true", MAIL_REDIS_TLS_CERT_FILE=__file__)
+
+
+def test_pgbouncer_listen_and_session_dsns() -> None:
+    direct = "postgresql://mail:pw@db.internal:5432/mail"
+    s = fresh()
+    assert s.listen_dsn == DSN and s.session_dsn == DSN  # type: ignore[attr-defined]
+    s = fresh(MAIL_POSTGRES_PGBOUNCER="true")
+    assert s.listen_dsn is None and s.session_dsn == DSN  # type: ignore[attr-defined]
+    s = fresh(MAIL_POSTGRES_PGBOUNCER="true", MAIL_POSTGRES_LISTEN_DSN=direct)
+    assert s.listen_dsn == direct and s.session_dsn == direct  # type: ignore[attr-defined]
+    assert s.redacted()["postgres_listen_dsn"] == "postgresql://mail@db.internal:5432/mail"  # type: ignore[attr-defined]
+    assert "MAIL_POSTGRES_LISTEN_DSN" in fresh_problem(MAIL_POSTGRES_LISTEN_DSN="mysql://x/y")
