@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from maildaemon.config import Settings, redact_dsn
+from maildaemon.config import Settings
 from maildaemon.contract.command import CommandPolicy
 from maildaemon.errors import MailDaemonError, StartupError
 from maildaemon.http.app import build_app
@@ -43,6 +43,7 @@ from maildaemon.pipeline.results import ResultWriter
 from maildaemon.pipeline.retention import RetentionWorker
 from maildaemon.pipeline.scheduler import Scheduler
 from maildaemon.pipeline.worker import AttemptWorker
+from maildaemon.redaction import redact_dsn
 from maildaemon.redisconn import redis_client
 from maildaemon.retry import RetryPolicy
 from maildaemon.sending.destination import Destination

@@ -2,100 +2,32 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
 from pathlib import Path
-from typing import Annotated, Any, Literal
-from urllib.parse import parse_qsl, quote, unquote
+from typing import Any, Literal
 
 from pydantic import (
-    BeforeValidator,
     Field,
     SecretStr,
     ValidationError,
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from maildaemon.config_values import (
+    CsvList,
+    Duration,
+    Ladder,
+    split_host_port,
+    split_redis_addr,
+)
 from maildaemon.errors import ConfigError
+from maildaemon.redaction import dsn_secrets, normalize_dsn, redact_dsn, spellings
 
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-
-
-def parse_duration(value: object) -> float:
-    """``"30s"``, ``"2m"``, ``"1.5h"``, ``"7d"``, ``"250ms"`` or a number of seconds."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        match = _DURATION.match(str(value))
-        if match is None:
-            raise ValueError(f"not a duration: {value!r} (use e.g. 30s, 2m, 2h, 7d)")
-        seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
-    if seconds < 0:
-        raise ValueError("must not be negative")
-    return seconds
-
-
-def _parse_ladder(value: object) -> tuple[float, ...]:
-    if isinstance(value, list | tuple):
-        steps = [parse_duration(v) for v in value]
-    else:
-        steps = [parse_duration(part) for part in str(value).split(",") if part.strip()]
-    if any(step <= 0 for step in steps):
-        raise ValueError("every retry step must be longer than zero")
-    return tuple(steps)
-
-
-def _parse_csv(value: object) -> tuple[str, ...]:
-    if isinstance(value, list | tuple):
-        return tuple(str(v).strip() for v in value if str(v).strip())
-    return tuple(part.strip() for part in str(value).split(",") if part.strip())
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-Ladder = Annotated[tuple[float, ...], NoDecode, BeforeValidator(_parse_ladder)]
-CsvList = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_parse_csv)]
-
-
-def split_host_port(addr: str, default_port: int) -> tuple[str, int]:
-    """``host:port``, ``[v6]:port`` or ``host`` alone."""
-    addr = addr.strip()
-    if addr.startswith("["):
-        host, _, rest = addr[1:].partition("]")
-        port_text = rest.lstrip(":")
-    elif addr.count(":") == 1:
-        host, _, port_text = addr.partition(":")
-    else:
-        host, port_text = addr, ""
-    if not host:
-        raise ValueError(f"no host in {addr!r}")
-    if not port_text:
-        return host, default_port
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"bad port in {addr!r}")
-    return host, int(port_text)
-
-
-def split_redis_addr(addr: str) -> tuple[bool, str, int]:
-    """``host:port``, ``redis://host:port`` or ``rediss://host:port`` (TLS) →
-    (tls, host, port). A URL may carry nothing but the host and port."""
-    scheme, sep, rest = addr.strip().partition("://")
-    if not sep:
-        host, port = split_host_port(addr, 6379)
-        return False, host, port
-    if scheme not in ("redis", "rediss"):
-        raise ValueError(f"scheme must be redis:// or rediss://, not {scheme}://")
-    if "@" in rest or rest.rstrip("/").count("/") or "?" in rest:
-        raise ValueError(
-            "only redis[s]://host:port (password: MAIL_REDIS_PASSWORD, database: MAIL_REDIS_DB)"
-        )
-    host, port = split_host_port(rest.rstrip("/"), 6379)
-    return scheme == "rediss", host, port
 
 
 def _default_consumer_name() -> str:
@@ -432,11 +364,11 @@ class Settings(BaseSettings):
         )
         for secret in secrets:
             if secret is not None:
-                values += _spellings(secret.get_secret_value())
+                values += spellings(secret.get_secret_value())
         if self.operator_tokens is not None:
             for pair in self.operator_tokens.get_secret_value().split(","):
                 token = pair.partition(":")[2].strip()
-                values += _spellings(token) if token else []
+                values += spellings(token) if token else []
         values += dsn_secrets(self.postgres_primary_dsn.get_secret_value())
         if self.postgres_listen_dsn is not None:
             values += dsn_secrets(self.postgres_listen_dsn.get_secret_value())
@@ -456,85 +388,6 @@ class Settings(BaseSettings):
 
 # The authority of a DSN ends at the first "/", "?" or "#" after its last plausible "@";
 # a password may hold "/", "?", "#", "@" or "%" unencoded, a host list never holds "@".
-_HOSTS = re.compile(r"[A-Za-z0-9.\-\[\]:,%_]*")
-
-
-def _cut(text: str) -> int:
-    """Where the authority part of ``text`` ends: its first "/", "?" or "#"."""
-    return min((i for i in (text.find(c) for c in "/?#") if i >= 0), default=len(text))
-
-
-def _split_dsn(text: str) -> tuple[str, str | None, str | None, str, str]:
-    """(scheme, user, raw password, hosts, rest) of a URL DSN; user None without "@".
-
-    The userinfo ends at the last "@" that is followed by a plausible host list and is not
-    inside the query (which starts at the first "?" after the last "/"); so unencoded "/",
-    "?", "#", "%" and even "@" in a password are found where they are.
-    """
-    scheme, _, rest = text.partition("://")
-    slash = rest.rfind("/")
-    query = rest.find("?", slash + 1) if slash >= 0 else -1
-    ats = [i for i, char in enumerate(rest) if char == "@"]
-    plausible = [i for i in ats if _HOSTS.fullmatch(rest[i + 1 :][: _cut(rest[i + 1 :])])]
-    before_query = [i for i in plausible if query < 0 or i < query]
-    at = (before_query or plausible or ats or [-1])[-1]
-    if at < 0:
-        return scheme, None, None, rest[: _cut(rest)], rest[_cut(rest) :]
-    userinfo, after = rest[:at], rest[at + 1 :]
-    user, colon, password = userinfo.partition(":")
-    return scheme, user, password if colon else None, after[: _cut(after)], after[_cut(after) :]
-
-
-def normalize_dsn(text: str) -> str:
-    """The DSN with user and password percent-encoded exactly once.
-
-    Passwords are often pasted unencoded ("p/ss?w#rd"); libpq and asyncpg would then cut
-    the URL in the middle of the password and echo pieces of it in their errors. Valid
-    %XX sequences are taken as already encoded, any other "%" as a literal.
-    """
-    scheme, user, password, hosts, rest = _split_dsn(text)
-    if user is None:
-        return text
-    userinfo = quote(unquote(user), safe="")
-    if password is not None:
-        userinfo += ":" + quote(unquote(password), safe="")
-    return f"{scheme}://{userinfo}@{hosts}{rest}"
-
-
-def _spellings(secret: str) -> list[str]:
-    """A secret as it may appear in output: raw, URL-encoded, JSON- and repr-escaped."""
-    forms = {secret, quote(secret, safe=""), quote(secret), quote(secret, safe="").lower()}
-    forms |= {
-        json.dumps(secret)[1:-1],
-        repr(secret)[1:-1],
-        secret.encode("unicode_escape").decode(),
-    }
-    return [form for form in forms if form]
-
-
-def dsn_secrets(text: str) -> list[str]:
-    """The DSN's password in every spelling (as written, decoded, encoded), also a
-    ``password=`` query parameter."""
-    _scheme, _user, password, _hosts, rest = _split_dsn(text)
-    found: list[str] = []
-    if password:
-        found += _spellings(password) + _spellings(unquote(password))
-    query = rest.partition("?")[2].partition("#")[0]
-    for key, value in parse_qsl(query, keep_blank_values=False):
-        if key.lower() == "password" and value:
-            found += _spellings(value)
-    return found
-
-
-def redact_dsn(dsn: SecretStr | str) -> str:
-    """``scheme://user@hosts/dbname``: no password, no query (which may carry one)."""
-    text = dsn.get_secret_value() if isinstance(dsn, SecretStr) else dsn
-    scheme, user, _password, hosts, rest = _split_dsn(text)
-    path = rest.partition("?")[0].partition("#")[0]
-    who = f"{unquote(user)}@" if user else ""
-    return f"{scheme}://{who}{hosts}{path}"
-
-
 def _field_env_name(loc: tuple[int | str, ...]) -> str:
     return "MAIL_" + str(loc[0]).upper() if loc else ""
 

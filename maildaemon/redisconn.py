@@ -16,7 +16,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.sentinel import Sentinel
 
-from maildaemon.config import Settings, split_redis_addr
+from maildaemon.config import Settings
+from maildaemon.config_values import split_redis_addr
 
 # Bounds shared by every connection: a dead peer is noticed, never waited on forever.
 _CONNECT_TIMEOUT = 5.0

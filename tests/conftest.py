@@ -22,7 +22,8 @@ import redis
 import trustme
 from psycopg import sql
 
-from maildaemon.config import Settings, split_host_port
+from maildaemon.config import Settings
+from maildaemon.config_values import split_host_port
 from maildaemon.devstack.postgres import EmbeddedPostgres, database_dsn, pick_free_port
 from maildaemon.devstack.redis import EmbeddedRedis
 from maildaemon.devstack.smtp_sink import SinkBehaviour, SmtpSink

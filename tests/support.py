@@ -15,7 +15,8 @@ import redis.asyncio as aioredis
 
 from maildaemon import redisconn
 from maildaemon.app import App
-from maildaemon.config import Settings, split_host_port
+from maildaemon.config import Settings
+from maildaemon.config_values import split_host_port
 from maildaemon.contract.command import DeliveryCommand
 from maildaemon.contract.parsing import parse_command
 from maildaemon.delivery import IntakeEntry

@@ -19,9 +19,10 @@ import asyncpg
 from redis.exceptions import RedisError
 
 from maildaemon import __version__
-from maildaemon.config import Settings, load_settings, redact_dsn
+from maildaemon.config import Settings, load_settings
 from maildaemon.errors import ConfigError, MailDaemonError, StartupError
 from maildaemon.logs import add_secrets, scrub_standard_streams
+from maildaemon.redaction import redact_dsn
 
 Handler = Callable[[argparse.Namespace], int]
 _TIME_HELP = "time (RFC 3339, e.g. 2026-05-01T12:00:00Z)"

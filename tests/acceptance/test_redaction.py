@@ -9,8 +9,8 @@ from urllib.parse import quote, unquote
 
 import pytest
 
-from maildaemon.config import _split_dsn
 from maildaemon.devstack.postgres import pick_free_port
+from maildaemon.redaction import split_dsn
 from tests.acceptance.test_process import daemon_env, spawn
 
 PASSWORDS = ["p/ss?w#rd", "50%off&x=y", "sl%2Fash%3Fq%zz", "a@b#c/d?e%"]
@@ -72,7 +72,7 @@ async def test_password_is_never_printed_when_postgres_fails(
 async def test_daemon_connects_with_such_a_password(pg_dsn: str, redis_addr: str) -> None:
     """The password is percent-encoded once for the drivers: connecting still works (the
     test server trusts local connections, so this proves the DSN is cut in the right place)."""
-    scheme, user, _password, hosts, rest = _split_dsn(pg_dsn)
+    scheme, user, _password, hosts, rest = split_dsn(pg_dsn)
     password = PASSWORDS[0] + "%zz@1"
     env = daemon_env(f"{scheme}://{user}:{password}@{hosts}{rest}", redis_addr, None)
     code, output = await _run("migrate", env=env)

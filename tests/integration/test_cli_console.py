@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from maildaemon.cli import main as cli
-from maildaemon.config import split_host_port
+from maildaemon.config_values import split_host_port
 from maildaemon.contract.parsing import parse_command
 from maildaemon.delivery import AttemptResult, IntakeEntry
 from maildaemon.store.db import Store

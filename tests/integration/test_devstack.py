@@ -15,7 +15,8 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from maildaemon.config import Settings, split_host_port
+from maildaemon.config import Settings
+from maildaemon.config_values import split_host_port
 from maildaemon.devstack.postgres import EmbeddedPostgres
 from maildaemon.devstack.redis import EmbeddedRedis
 from maildaemon.devstack.smtp_sink import SmtpSink

@@ -10,7 +10,8 @@ from collections.abc import Callable
 from typing import Any
 
 from maildaemon.app import command_policy
-from maildaemon.config import Settings, split_host_port
+from maildaemon.config import Settings
+from maildaemon.config_values import split_host_port
 from maildaemon.message.render import TemplateCatalog
 from maildaemon.pipeline.consumer import StreamConsumer, entry_id_text, to_intake
 from maildaemon.store.db import Store

@@ -25,7 +25,8 @@ import pytest
 import yaml
 
 import maildaemon
-from maildaemon.config import Settings, parse_duration
+from maildaemon.config import Settings
+from maildaemon.config_values import parse_duration
 from maildaemon.message.render import TemplateCatalog
 from tests.packaging.test_image import _tool
 

@@ -15,7 +15,8 @@ from unittest import mock
 
 import pytest
 
-from maildaemon.config import Settings, parse_duration
+from maildaemon.config import Settings
+from maildaemon.config_values import parse_duration
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEMD = REPO / "deploy" / "systemd"

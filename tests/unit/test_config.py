@@ -9,14 +9,10 @@ from urllib.parse import quote, unquote
 
 import pytest
 
-from maildaemon.config import (
-    load_settings,
-    normalize_dsn,
-    parse_duration,
-    redact_dsn,
-    split_host_port,
-)
+from maildaemon.config import load_settings
+from maildaemon.config_values import parse_duration, split_host_port
 from maildaemon.errors import ConfigError
+from maildaemon.redaction import normalize_dsn, redact_dsn
 
 DSN = "postgresql://mail:s3cret@db.example:5432/mail"
 

@@ -37,7 +37,8 @@ from hypothesis import strategies as st
 import maildaemon
 from maildaemon.app import command_policy
 from maildaemon.cli import main as cli
-from maildaemon.config import Settings, parse_duration
+from maildaemon.config import Settings
+from maildaemon.config_values import parse_duration
 from maildaemon.contract.command import (
     FAILURE_CODES,
     Attachment,
