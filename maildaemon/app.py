@@ -51,6 +51,7 @@ from maildaemon.store import replicas
 from maildaemon.store.db import Store
 from maildaemon.store.migrate import apply_migrations
 from maildaemon.telemetry import Telemetry
+from maildaemon.tracing import server_spans
 
 log = logging.getLogger("maildaemon.app")
 T = TypeVar("T")
@@ -130,7 +131,7 @@ class App:
     ) -> None:
         self.settings = settings
         self.dev_maildir = dev_maildir  # `maildaemon dev`: the sink's maildir (dev inbox)
-        self.telemetry = telemetry or Telemetry()
+        self.telemetry = telemetry or Telemetry(prometheus=settings.metrics_prometheus)
         self.readiness = Readiness()
         self._stop = asyncio.Event()
         self._crashed: list[str] = []
@@ -224,6 +225,10 @@ class App:
             on_refusal=lambda reason: self.telemetry.instruments.api_refusals.add(
                 1, {"reason": reason}
             ),
+            metrics=self.telemetry.prometheus if s.metrics_prometheus else None,
+            middlewares=server_spans(self.telemetry.tracer_provider)
+            if self.telemetry.tracing
+            else (),
         )
         runner = web.AppRunner(
             app,
@@ -276,12 +281,35 @@ class App:
         spawn("command-consumer", c.consumer.run())
         spawn("retention-worker", c.retention.run())
         spawn("replica-heartbeat", c.heartbeat.run())
-        self.readiness.workers_running = True
         event(log, "started", http_port=self.http_port, consumer=s.consumer_name)
-
+        if await self._started(c):
+            self.readiness.workers_running = True  # /readyz: every component runs
+            event(
+                log,
+                "ready",
+                http_port=self.http_port,
+                consumer=s.consumer_name,
+                workers=len(c.workers),
+                smtp_mode=s.smtp_mode,
+                metrics="/metrics" if s.metrics_prometheus and self.telemetry.prometheus else None,
+                traces_exported=self.telemetry.exporting_traces,
+            )
         await self._stop.wait()
         await self._shut_down(c, tasks, store, runner)
         return 1 if self._crashed else 0
+
+    async def _started(self, c: _Components) -> bool:
+        """Wait until the consumer reads and the scheduler claims (False: stopped first)."""
+        started = asyncio.gather(c.consumer.started.wait(), c.scheduler.started.wait())
+        stop = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait((started, stop), return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not started.done():
+            started.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await started
+            return False
+        return True
 
     async def _shut_down(
         self,
@@ -412,9 +440,12 @@ class _Components:
         publisher = EventPublisher(s, store, redis, inst)
         results = ResultWriter(s, store, inst, name, publisher.wake)
         destination = Destination(s.smtp_addr or "stub")
-        scheduler = Scheduler(s, store, composer, queue, results, inst, name, destination)
+        tracer = telemetry.tracer
+        scheduler = Scheduler(
+            s, store, composer, queue, results, inst, name, destination, tracer
+        )
         policy = command_policy(s, catalog)
-        consumer = StreamConsumer(s, redis, store, policy, inst, scheduler.wake)
+        consumer = StreamConsumer(s, redis, store, policy, inst, scheduler.wake, tracer)
         me = replicas.Identity(
             name, catalog.content_hash, policy.fingerprint(), sorted(catalog.template_ids)
         )
@@ -423,7 +454,8 @@ class _Components:
         context = tls_context(s)
         shared = (composer.sender_address, queue, results, retry, limiter, inst, destination)
         workers = [
-            AttemptWorker(i, s, context, *shared) for i in range(s.attempt_worker_concurrency)
+            AttemptWorker(i, s, context, *shared, tracer)
+            for i in range(s.attempt_worker_concurrency)
         ]
         probe = DestinationProbe(s, context, destination, queue, store, inst)
         return cls(

@@ -11,9 +11,11 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import aiosmtplib
 import psycopg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from maildaemon.devstack.postgres import pick_free_port
 from maildaemon.devstack.smtp_sink import SmtpSink
@@ -116,12 +118,14 @@ async def test_sigterm_while_idle_exits_zero_in_time(stub_env: dict[str, str]) -
         "startup: template catalog",
         "startup: internal http listener",
         "started",
+        "ready",
         "shutdown requested",
         "internal http listener stopped",
         "stopped",
     ]
     positions = [events.index(e) for e in order]
     assert positions == sorted(positions), events
+    assert events.count("ready") == 1
     assert not await _port_open(_port(stub_env))
 
 
@@ -268,6 +272,15 @@ async def test_dev_stack_comes_up_and_its_smtp_server_offers_starttls(tmp_path: 
         await client.sendmail("a@test.example", ["b@test.example"], b"Subject: hi\r\n\r\nhi\r\n")
         await client.quit()
         assert list((state / "smtp" / "maildir").glob("*.eml"))
+        # /metrics is on by default in `maildaemon dev`.
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/metrics") as response,
+        ):
+            assert response.status == 200
+            text = await response.text()
+        names = {f.name for f in text_string_to_metric_families(text)}
+        assert {"mail_attempt_schedule_depth", "mail_stream_consumer_lag"} <= names
     finally:
         proc.send_signal(signal.SIGINT)
         code = await asyncio.wait_for(proc.wait(), 30)

@@ -26,6 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     "logs": set(),
     "retry": set(),
     "config": {"errors"},
+    "tracing": set(),
     "telemetry": {"__init__"},
     "contract": {"errors"},
     "delivery": {"contract"},
@@ -43,6 +44,7 @@ ALLOWED: dict[str, set[str]] = {
         "sending",
         "store",
         "telemetry",
+        "tracing",
     },
     "operator": {"contract", "delivery", "errors", "retry", "store"},
     "http": {
@@ -68,6 +70,7 @@ ALLOWED: dict[str, set[str]] = {
         "sending",
         "store",
         "telemetry",
+        "tracing",
     },
     "cli": {
         "__init__",
