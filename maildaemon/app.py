@@ -39,6 +39,7 @@ from maildaemon.pipeline.heartbeat import ReplicaHeartbeat
 from maildaemon.pipeline.jobs import JobQueue
 from maildaemon.pipeline.persistence import check_redis_persistence
 from maildaemon.pipeline.probe import DestinationProbe
+from maildaemon.pipeline.ready import announce_ready
 from maildaemon.pipeline.results import ResultWriter
 from maildaemon.pipeline.retention import RetentionWorker
 from maildaemon.pipeline.scheduler import Scheduler
@@ -226,9 +227,7 @@ class App:
                 1, {"reason": reason}
             ),
             metrics=self.telemetry.prometheus if s.metrics_prometheus else None,
-            middlewares=server_spans(self.telemetry.tracer_provider)
-            if self.telemetry.tracing
-            else (),
+            middlewares=server_spans(self.telemetry.traced),
         )
         runner = web.AppRunner(
             app,
@@ -282,34 +281,12 @@ class App:
         spawn("retention-worker", c.retention.run())
         spawn("replica-heartbeat", c.heartbeat.run())
         event(log, "started", http_port=self.http_port, consumer=s.consumer_name)
-        if await self._started(c):
+        started = (c.consumer.started, c.scheduler.started)
+        if await announce_ready(s, self.telemetry, started, self._stop, self.http_port):
             self.readiness.workers_running = True  # /readyz: every component runs
-            event(
-                log,
-                "ready",
-                http_port=self.http_port,
-                consumer=s.consumer_name,
-                workers=len(c.workers),
-                smtp_mode=s.smtp_mode,
-                metrics="/metrics" if s.metrics_prometheus and self.telemetry.prometheus else None,
-                traces_exported=self.telemetry.exporting_traces,
-            )
         await self._stop.wait()
         await self._shut_down(c, tasks, store, runner)
         return 1 if self._crashed else 0
-
-    async def _started(self, c: _Components) -> bool:
-        """Wait until the consumer reads and the scheduler claims (False: stopped first)."""
-        started = asyncio.gather(c.consumer.started.wait(), c.scheduler.started.wait())
-        stop = asyncio.ensure_future(self._stop.wait())
-        await asyncio.wait((started, stop), return_when=asyncio.FIRST_COMPLETED)
-        stop.cancel()
-        if not started.done():
-            started.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await started
-            return False
-        return True
 
     async def _shut_down(
         self,
@@ -441,9 +418,7 @@ class _Components:
         results = ResultWriter(s, store, inst, name, publisher.wake)
         destination = Destination(s.smtp_addr or "stub")
         tracer = telemetry.tracer
-        scheduler = Scheduler(
-            s, store, composer, queue, results, inst, name, destination, tracer
-        )
+        scheduler = Scheduler(s, store, composer, queue, results, inst, name, destination, tracer)
         policy = command_policy(s, catalog)
         consumer = StreamConsumer(s, redis, store, policy, inst, scheduler.wake, tracer)
         me = replicas.Identity(

@@ -158,6 +158,7 @@ class Telemetry:
         )
         for processor in processors:
             self.tracer_provider.add_span_processor(processor)
+        self.traced = self.tracer_provider if self.tracing else None  # recording provider
         self.tracer = self.tracer_provider.get_tracer("maildaemon", __version__)
         self.instruments = _instruments(self.meter_provider.get_meter("maildaemon", __version__))
 
@@ -179,8 +180,31 @@ class Telemetry:
                 log.warning("telemetry flush failed", extra={"error": repr(exc)})
 
 
+def _service_counters(
+    meter: metrics.Meter,
+) -> tuple[metrics.Counter, metrics.Counter, metrics.Counter]:
+    """Counters of the process around the pipeline: API refusals, destination, Redis."""
+    counter = meter.create_counter
+    return (
+        counter(
+            "mail.api.refusals",
+            description="Operator API requests refused, by reason (unauthorized, "
+            "query_timeout, store_unavailable)",
+        ),
+        counter(
+            "mail.smtp.destination.changes",
+            description="The SMTP destination went down or came back up, by state",
+        ),
+        counter(
+            "mail.redis.unpersisted",
+            description="Startups that found Redis without an append-only file",
+        ),
+    )
+
+
 def _instruments(meter: metrics.Meter) -> Instruments:
     counter, histogram = meter.create_counter, meter.create_histogram
+    refusals, changes, unpersisted = _service_counters(meter)
     inst = Instruments(
         stream_commands=counter(
             "mail.stream_commands", description="Stream entries taken in, by result"
@@ -224,19 +248,9 @@ def _instruments(meter: metrics.Meter) -> Instruments:
             unit="ms",
             description="From the command's stream entry id (XADD time) to SMTP acceptance",
         ),
-        api_refusals=counter(
-            "mail.api.refusals",
-            description="Operator API requests refused, by reason (unauthorized, "
-            "query_timeout, store_unavailable)",
-        ),
-        destination_changes=counter(
-            "mail.smtp.destination.changes",
-            description="The SMTP destination went down or came back up, by state",
-        ),
-        redis_unpersisted=counter(
-            "mail.redis.unpersisted",
-            description="Startups that found Redis without an append-only file",
-        ),
+        api_refusals=refusals,
+        destination_changes=changes,
+        redis_unpersisted=unpersisted,
     )
     _start_at_zero(inst)
     _observe(meter, inst)

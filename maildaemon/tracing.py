@@ -44,14 +44,17 @@ def log_ids(span: trace.Span) -> dict[str, str]:
 _UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
-def server_spans(provider: trace.TracerProvider) -> tuple[Middleware, ...]:
+def server_spans(provider: trace.TracerProvider | None) -> tuple[Middleware, ...]:
     """A SERVER span per internal API request, joining the caller's trace when it sends a
     ``traceparent``; probes and scrapes left out.
 
     Our own middleware, not opentelemetry-instrumentation-aiohttp-server: that package's
     middleware only works once its instrumentor has run, and the instrumentor replaces
-    ``aiohttp.web.Application`` for the whole process (every app, not just ours).
+    ``aiohttp.web.Application`` for the whole process (every app, not just ours). None
+    (spans are not recorded): no middleware.
     """
+    if provider is None:
+        return ()
     tracer = provider.get_tracer("maildaemon.http")
 
     @web.middleware

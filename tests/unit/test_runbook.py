@@ -20,8 +20,17 @@ TABLES = frozenset(
     )
 )
 RUNBOOK_METRICS = frozenset(_METRIC.findall(RUNBOOK)) - TABLES
-# Backticked lowercase phrases that start with a command are not log events.
-COMMANDS = ("maildaemon ", "kill ", "journalctl ", "kubectl ", "systemd-analyze ", "curl ")
+# Backticked lowercase phrases that start with a command or a Redis directive are not
+# log events.
+COMMANDS = (
+    "maildaemon ",
+    "kill ",
+    "journalctl ",
+    "kubectl ",
+    "systemd-analyze ",
+    "curl ",
+    "appendfsync ",
+)
 
 
 def prometheus_name(metric: str) -> str:
