@@ -32,6 +32,7 @@ import asyncio
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -125,11 +126,16 @@ def daemon_env(
             "MAIL_INTERNAL_HTTP_ADDR": f"127.0.0.1:{http_port}",
             "MAIL_ATTEMPT_WORKER_CONCURRENCY": str(concurrency),
             "MAIL_ALLOWED_SOURCES": "notification,authsession",
-            "MAIL_LOG_LEVEL": "WARNING",
+            "MAIL_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "INFO"),
             "MAIL_SHUTDOWN_TIMEOUT": "10s",
             "MAIL_SMTP_PIPELINING": pipelining,
         }
     )
+    # BENCH_DAEMON_ENV="OTEL_TRACES_SAMPLER=always_off,OTEL_…=…" reaches the daemon as is
+    # (assignments separated by spaces or by commas before the next NAME=).
+    extra = os.environ.get("BENCH_DAEMON_ENV", "")
+    pairs = re.split(r"[\s,]+(?=[A-Z][A-Z0-9_]*=)", extra.strip())
+    env.update(dict(pair.split("=", 1) for pair in pairs if "=" in pair))
     return env
 
 

@@ -39,6 +39,7 @@ from maildaemon.pipeline.heartbeat import ReplicaHeartbeat
 from maildaemon.pipeline.jobs import JobQueue
 from maildaemon.pipeline.persistence import check_redis_persistence
 from maildaemon.pipeline.probe import DestinationProbe
+from maildaemon.pipeline.ready import announce_ready
 from maildaemon.pipeline.results import ResultWriter
 from maildaemon.pipeline.retention import RetentionWorker
 from maildaemon.pipeline.scheduler import Scheduler
@@ -53,6 +54,7 @@ from maildaemon.store import replicas
 from maildaemon.store.db import Store
 from maildaemon.store.migrate import apply_migrations, migration_ids
 from maildaemon.telemetry import Telemetry
+from maildaemon.tracing import server_spans
 
 log = logging.getLogger("maildaemon.app")
 T = TypeVar("T")
@@ -136,7 +138,7 @@ class App:
         self.settings = settings
         self.dev_maildir = dev_maildir  # `maildaemon dev`: the sink's maildir (dev inbox)
         add_secrets(settings.secret_values())  # scrubbed from every log line from now on
-        self.telemetry = telemetry or Telemetry()
+        self.telemetry = telemetry or Telemetry(prometheus=settings.metrics_prometheus)
         self.readiness = Readiness()
         self._stop = asyncio.Event()
         self._crashed: list[str] = []
@@ -233,6 +235,8 @@ class App:
             on_refusal=lambda reason: self.telemetry.instruments.api_refusals.add(
                 1, {"reason": reason}
             ),
+            metrics=self.telemetry.prometheus if s.metrics_prometheus else None,
+            middlewares=server_spans(self.telemetry.traced),
         )
         runner = web.AppRunner(
             app,
@@ -285,9 +289,10 @@ class App:
         spawn("command-consumer", c.consumer.run())
         spawn("retention-worker", c.retention.run())
         spawn("replica-heartbeat", c.heartbeat.run())
-        self.readiness.workers_running = True
         event(log, "started", http_port=self.http_port, consumer=s.consumer_name)
-
+        started = (c.consumer.started, c.scheduler.started)
+        if await announce_ready(s, self.telemetry, started, self._stop, self.http_port):
+            self.readiness.workers_running = True  # /readyz: every component runs
         await self._stop.wait()
         await self._shut_down(c, tasks, store, runner)
         return 1 if self._crashed else 0
@@ -421,9 +426,10 @@ class _Components:
         publisher = EventPublisher(s, store, redis, inst)
         results = ResultWriter(s, store, inst, name, publisher.wake)
         destination = Destination(s.smtp_addr or "stub")
-        scheduler = Scheduler(s, store, composer, queue, results, inst, name, destination)
+        tracer = telemetry.tracer
+        scheduler = Scheduler(s, store, composer, queue, results, inst, name, destination, tracer)
         policy = command_policy(s, catalog)
-        consumer = StreamConsumer(s, redis, store, policy, inst, scheduler.wake)
+        consumer = StreamConsumer(s, redis, store, policy, inst, scheduler.wake, tracer)
         me = replicas.Identity(
             name, catalog.content_hash, policy.fingerprint(), sorted(catalog.template_ids)
         )
@@ -432,7 +438,8 @@ class _Components:
         context = tls_context(s)
         shared = (composer.sender_address, queue, results, retry, limiter, inst, destination)
         workers = [
-            AttemptWorker(i, s, context, *shared) for i in range(s.attempt_worker_concurrency)
+            AttemptWorker(i, s, context, *shared, tracer)
+            for i in range(s.attempt_worker_concurrency)
         ]
         probe = DestinationProbe(s, context, destination, queue, store, inst)
         return cls(

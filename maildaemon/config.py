@@ -164,6 +164,10 @@ class Settings(BaseSettings):
     shutdown_timeout: Duration = 30.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
+    # Recipients in the delivery outcome lines: their domains, or the full addresses.
+    log_recipients: Literal["domain", "full"] = "domain"
+    # `/metrics` (Prometheus text format) on the internal HTTP listener.
+    metrics_prometheus: bool = False
 
     @field_validator("internal_http_addr")
     @classmethod

@@ -75,6 +75,7 @@ class ClaimedDelivery:
     ladder_rung: int  # attempts since the retry ladder last started over
     command: dict[str, Any] | None  # present until the message is rendered
     rendered: bytes | None  # the pinned message bytes, once rendered
+    stream_entry_id: str | None = None  # "<ms>-<seq>": when the command entered the stream
 
     def envelope_recipients(self) -> tuple[str, ...]:
         # An empty list with nobody served is a record left by an older release (a 4xx to
@@ -85,6 +86,11 @@ class ClaimedDelivery:
         for addr in (*self.to_addrs, *self.cc_addrs, *self.bcc_addrs):
             seen.setdefault(addr, None)
         return tuple(seen)
+
+    def enqueued_ms(self) -> int | None:
+        """When the command was XADDed (the entry id's milliseconds), if known."""
+        ms, sep, _ = (self.stream_entry_id or "").partition("-")
+        return int(ms) if sep and ms.isdigit() and len(ms) <= 15 else None
 
 
 @dataclass(frozen=True, slots=True)

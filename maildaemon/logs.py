@@ -3,10 +3,16 @@
 Secrets registered with ``add_secrets`` are replaced by ``***`` in every log line and, once
 ``scrub_standard_streams`` ran, in everything the process writes to stdout and stderr
 (tracebacks and driver errors included): redaction that does not depend on each caller.
+
+Lines from libraries (asyncpg's pool, aiohttp's server, asyncio, Python warnings) are
+one line each too: their message's first line as ``event``, the exception as
+``error_class`` and ``error``, never a traceback. Only maildaemon's own loggers attach
+tracebacks (a crashed component).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import sys
@@ -58,45 +64,103 @@ def scrub_standard_streams() -> None:
         sys.stderr = _ScrubbingStream(sys.stderr)
 
 
-_RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
+_STANDARD = logging.LogRecord("", 0, "", 0, "", None, None).__dict__
+_RESERVED = frozenset(_STANDARD) | {"message"}
+# A LogRecord sets its standard attributes first, in this order; the fields of an event
+# (``extra``) follow. Skipping the standard ones by position keeps a line cheap.
+_FIRST_EXTRA = len(_STANDARD)
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    items = itertools.islice(record.__dict__.items(), _FIRST_EXTRA, None)
+    return {k: v for k, v in items if k not in _RESERVED and not k.startswith("_")}
+
+
+class _Clock:
+    """ISO 8601 timestamps with milliseconds; the seconds part is formatted once a second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = ""
+
+    def iso(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:
+            stamp = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self._second, self._text = second, stamp
+        return f"{self._text}.{int((created - second) * 1000):03d}+00:00"
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._clock = _Clock()
+
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "ts": self._clock.iso(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "event": record.getMessage(),
+            "event": _message(record),
         }
-        for key, value in record.__dict__.items():
-            if key not in _RESERVED and not key.startswith("_"):
-                out[key] = value
+        out.update(_fields(record))
         _add_trace_ids(out)
         if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
+            if _own(record):
+                out["exception"] = self.formatException(record.exc_info)
+            else:
+                _add_error(out, record)
         return scrub(json.dumps(out, default=str, ensure_ascii=False))
 
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        fields = {
-            k: v for k, v in record.__dict__.items() if k not in _RESERVED and not k.startswith("_")
-        }
+        fields = _fields(record)
         _add_trace_ids(fields)
+        if record.exc_info and not _own(record):
+            _add_error(fields, record)
         ts = datetime.fromtimestamp(record.created, UTC).strftime("%H:%M:%S.%f")[:-3]
         tail = " ".join(f"{k}={v}" for k, v in fields.items())
-        text = f"{ts} {record.levelname:<7} {record.getMessage()}" + (f"  {tail}" if tail else "")
-        if record.exc_info:
+        text = f"{ts} {record.levelname:<7} {_message(record)}" + (f"  {tail}" if tail else "")
+        if record.exc_info and _own(record):
             text += "\n" + self.formatException(record.exc_info)
         return scrub(text)
 
 
+def _own(record: logging.LogRecord) -> bool:
+    return record.name == "maildaemon" or record.name.startswith("maildaemon.")
+
+
+def _message(record: logging.LogRecord) -> str:
+    """The event: maildaemon's stable name, or the first line of a library's message."""
+    message = record.getMessage()
+    if _own(record):
+        return message
+    return message.strip().split("\n", 1)[0][:500]
+
+
+def _add_error(out: dict[str, Any], record: logging.LogRecord) -> None:
+    """A library's exception as two fields instead of a traceback."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is not None:
+        out.setdefault("error_class", type(exc).__name__)
+        out.setdefault("error", str(exc).strip().split("\n", 1)[0][:500])
+
+
 def _add_trace_ids(out: dict[str, Any]) -> None:
+    if "otel_trace_id" in out:  # the event names its span (written outside it)
+        return
     ctx = trace.get_current_span().get_span_context()
     if ctx.is_valid:
         out.setdefault("otel_trace_id", format(ctx.trace_id, "032x"))
         out.setdefault("otel_span_id", format(ctx.span_id, "016x"))
+
+
+def recipients_field(addresses: Iterable[str], full: bool = False) -> list[str]:
+    """Recipients as a log field: their domains (distinct, sorted) unless ``full``."""
+    if full:
+        return list(addresses)
+    return sorted({a.rpartition("@")[2].lower() for a in addresses})
 
 
 def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
@@ -104,6 +168,11 @@ def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    logging.captureWarnings(True)  # warnings.warn from libraries: one log line each
+    # The lines never show the caller, thread or process: skip collecting them (the
+    # logging HOWTO's "Optimization"); one outcome line per delivery stays cheap.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root.setLevel(level)
     logging.getLogger("maildaemon").setLevel(level)
     for noisy in ("aiosmtplib", "asyncio", "yoyo", "aiohttp.access", "mail.log"):

@@ -1,7 +1,14 @@
 """OpenTelemetry: meter and tracer providers configured from the standard OTEL_* variables.
 
-Metric names follow the operator runbook (``mail.*``). Exporters are attached only when an
-OTLP endpoint is configured; the instruments always exist, so the code paths are the same.
+Metric names follow the operator runbook (``mail.*``). OTLP exporters are attached only
+when an endpoint is configured (``OTEL_EXPORTER_OTLP_ENDPOINT`` or the per-signal
+variables; ``OTEL_EXPORTER_OTLP_PROTOCOL`` = ``grpc`` or ``http/protobuf``); the
+instruments always exist, so the code paths are the same. Sampling follows the standard
+``OTEL_TRACES_SAMPLER``/``OTEL_TRACES_SAMPLER_ARG`` (the SDK reads them; default
+``parentbased_always_on``) whenever spans are exported; without an exporter no span is
+recorded (they keep their ids for the log lines). A
+Prometheus text rendering of the same metrics is available for the internal listener's
+``/metrics`` when asked for (``prometheus=True``).
 """
 
 from __future__ import annotations
@@ -15,13 +22,21 @@ from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 from maildaemon import __version__
 
 log = logging.getLogger("maildaemon.telemetry")
+
+# End-to-end latency spans retries (minutes to hours), not only the first attempt.
+_E2E_BUCKETS_MS = (
+    5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 60_000,
+    300_000, 900_000, 3_600_000, 21_600_000,
+)  # fmt: skip
 
 
 @dataclass
@@ -38,21 +53,77 @@ class Instruments:
     store_unavailable: metrics.Counter
     events_published: metrics.Counter
     events_unpublished: metrics.Counter
+    intake_batch_duration_ms: metrics.Histogram
+    end_to_end_latency_ms: metrics.Histogram
     api_refusals: metrics.Counter
     destination_changes: metrics.Counter
     redis_unpersisted: metrics.Counter
     redis_unavailable: metrics.Counter
-    # Gauges read from the scheduler's last observation.
+    # Gauges: values set by one bounded query every few seconds (scheduler, consumer),
+    # read by the exporters; a scrape never queries anything.
     schedule_depth: int = 0
     schedule_oldest_age_ms: int = 0
+    dead_letters_unreviewed: int = 0
+    consumer_lag: int = 0  # entries in the stream not yet delivered to the group
+    consumer_pending: int = 0  # entries delivered to the group, not yet acknowledged
     destination_up: int = 1  # 1 while the SMTP destination can be reached, else 0
     redis_persistence: int = -1  # 1 AOF on, 0 off, -1 not known (CONFIG refused)
+
+
+def _env(*names: str) -> str:
+    for name in names:
+        value = os.environ.get(name, "").strip()
+        if value:
+            return value
+    return ""
+
+
+def _protocol(signal: str) -> str:
+    return _env(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
+
+
+def _exports(signal: str, exporter_var: str) -> bool:
+    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return False
+    if os.environ.get(exporter_var, "otlp").strip().lower() == "none":
+        return False
+    return bool(_env("OTEL_EXPORTER_OTLP_ENDPOINT", f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT"))
+
+
+def _otlp_span_exporter() -> SpanExporter:
+    if _protocol("TRACES") == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter()
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+        OTLPSpanExporter as GrpcSpanExporter,
+    )
+
+    return GrpcSpanExporter()
+
+
+def _otlp_metric_reader() -> MetricReader:
+    if _protocol("METRICS") == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+        return PeriodicExportingMetricReader(OTLPMetricExporter())
+    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+        OTLPMetricExporter as GrpcMetricExporter,
+    )
+
+    return PeriodicExportingMetricReader(GrpcMetricExporter())
 
 
 class Telemetry:
     """Owns the providers: built at startup, flushed and shut down last."""
 
-    def __init__(self, readers: Iterable[MetricReader] = ()) -> None:
+    def __init__(
+        self,
+        readers: Iterable[MetricReader] = (),
+        span_processors: Iterable[SpanProcessor] = (),
+        *,
+        prometheus: bool = False,
+    ) -> None:
         resource = Resource.create(
             {
                 "service.name": os.environ.get("OTEL_SERVICE_NAME", "maildaemon"),
@@ -60,105 +131,46 @@ class Telemetry:
             }
         )
         readers = list(readers)
-        endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
-            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"
-        )
-        self.exporting = bool(endpoint) and os.environ.get("OTEL_SDK_DISABLED") != "true"
+        self.exporting = _exports("METRICS", "OTEL_METRICS_EXPORTER")
         if self.exporting:
-            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
-                OTLPMetricExporter,
+            readers.append(_otlp_metric_reader())
+        # Renders the metrics in Prometheus text format; None unless asked for.
+        self.prometheus: Callable[[], bytes] | None = None
+        if prometheus:
+            readers.append(self._prometheus_reader())
+        views = [
+            View(
+                instrument_name="mail.delivery.end_to_end_latency_ms",
+                aggregation=ExplicitBucketHistogramAggregation(_E2E_BUCKETS_MS),
             )
-
-            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
-        self.meter_provider = MeterProvider(resource=resource, metric_readers=readers)
-        self.tracer_provider = TracerProvider(resource=resource)
-        if self.exporting:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-            self.tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-        meter = self.meter_provider.get_meter("maildaemon", __version__)
+        ]
+        self.meter_provider = MeterProvider(resource=resource, metric_readers=readers, views=views)
+        processors = list(span_processors)
+        self.exporting_traces = _exports("TRACES", "OTEL_TRACES_EXPORTER")
+        if self.exporting_traces:
+            processors.append(BatchSpanProcessor(_otlp_span_exporter()))
+        # Spans are recorded only when something takes them: with no exporter, every span
+        # is a non-recording one (it still has ids, so log lines still correlate) and a
+        # delivery costs little more than without tracing. Otherwise OTEL_TRACES_SAMPLER
+        # decides (the SDK reads it).
+        self.tracing = bool(processors)
+        self.tracer_provider = TracerProvider(
+            resource=resource, sampler=None if self.tracing else ALWAYS_OFF
+        )
+        for processor in processors:
+            self.tracer_provider.add_span_processor(processor)
+        self.traced = self.tracer_provider if self.tracing else None  # recording provider
         self.tracer = self.tracer_provider.get_tracer("maildaemon", __version__)
-        self.instruments = Instruments(
-            stream_commands=meter.create_counter(
-                "mail.stream_commands", description="Stream entries taken in, by result"
-            ),
-            stream_commands_malformed=meter.create_counter(
-                "mail.stream_commands.malformed", description="Stream entries rejected"
-            ),
-            attempt_outcomes=meter.create_counter(
-                "mail.attempt.outcomes", description="SMTP attempts by status"
-            ),
-            delivery_outcomes=meter.create_counter(
-                "mail.delivery.outcomes", description="Deliveries reaching a state, by status"
-            ),
-            dead_letters=meter.create_counter(
-                "mail.delivery.dead_letters", description="Deliveries dead-lettered"
-            ),
-            suppressed=meter.create_counter(
-                "mail.delivery.suppressed", description="Deliveries ended suppressed"
-            ),
-            send_duration_ms=meter.create_histogram(
-                "mail.provider.send.duration_ms",
-                unit="ms",
-                description="Duration of one SMTP send (MAIL FROM to the final reply)",
-            ),
-            claims=meter.create_counter(
-                "mail.attempt_schedule.claims", description="Deliveries claimed"
-            ),
-            fenced_writes=meter.create_counter(
-                "mail.attempt.fenced_writes",
-                description="Results refused because the lease had been reclaimed",
-            ),
-            store_unavailable=meter.create_counter(
-                "mail.store.unavailable", description="Operations that found PostgreSQL down"
-            ),
-            events_published=meter.create_counter(
-                "mail.events.published", description="Outcome events moved to the event stream"
-            ),
-            events_unpublished=meter.create_counter(
-                "mail.events.publish_failures",
-                description="Outbox passes that could not publish (Redis or PostgreSQL down)",
-            ),
-            api_refusals=meter.create_counter(
-                "mail.api.refusals",
-                description="Operator API requests refused, by reason (unauthorized, "
-                "query_timeout, store_unavailable)",
-            ),
-            redis_unavailable=meter.create_counter(
-                "mail.redis.unavailable",
-                description="Operations that found Redis down (or a demoted master)",
-            ),
-            destination_changes=meter.create_counter(
-                "mail.smtp.destination.changes",
-                description="The SMTP destination went down or came back up, by state",
-            ),
-            redis_unpersisted=meter.create_counter(
-                "mail.redis.unpersisted",
-                description="Startups that found Redis without an append-only file",
-            ),
-        )
-        inst = self.instruments
-        meter.create_observable_gauge(
-            "mail.attempt_schedule.depth",
-            callbacks=[_gauge(lambda: inst.schedule_depth)],
-            description="Deliveries due now and not yet attempted",
-        )
-        meter.create_observable_gauge(
-            "mail.attempt_schedule.oldest_age_ms",
-            unit="ms",
-            callbacks=[_gauge(lambda: inst.schedule_oldest_age_ms)],
-            description="How long the oldest due delivery has waited",
-        )
-        meter.create_observable_gauge(
-            "mail.smtp.destination.up",
-            callbacks=[_gauge(lambda: inst.destination_up)],
-            description="1 while the SMTP destination can be reached, 0 while it is down",
-        )
-        meter.create_observable_gauge(
-            "mail.redis.persistence",
-            callbacks=[_gauge(lambda: inst.redis_persistence)],
-            description="Redis append-only file: 1 on, 0 off (stream at risk), -1 unknown",
-        )
+        self.instruments = _instruments(self.meter_provider.get_meter("maildaemon", __version__))
+
+    def _prometheus_reader(self) -> MetricReader:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        registry = CollectorRegistry(auto_describe=False)
+        reader = PrometheusMetricReader(registry=registry, disable_target_info=False)
+        self.prometheus = lambda: generate_latest(registry)
+        return reader
 
     def shutdown(self) -> None:
         for provider in (self.meter_provider, self.tracer_provider):
@@ -167,6 +179,143 @@ class Telemetry:
                 provider.shutdown()
             except Exception as exc:  # telemetry must never block the exit
                 log.warning("telemetry flush failed", extra={"error": repr(exc)})
+
+
+def _service_counters(
+    meter: metrics.Meter,
+) -> tuple[metrics.Counter, metrics.Counter, metrics.Counter, metrics.Counter]:
+    """Counters of the process around the pipeline: API refusals, destination, Redis."""
+    counter = meter.create_counter
+    return (
+        counter(
+            "mail.api.refusals",
+            description="Operator API requests refused, by reason (unauthorized, "
+            "query_timeout, store_unavailable)",
+        ),
+        counter(
+            "mail.smtp.destination.changes",
+            description="The SMTP destination went down or came back up, by state",
+        ),
+        counter(
+            "mail.redis.unpersisted",
+            description="Startups that found Redis without an append-only file",
+        ),
+        counter(
+            "mail.redis.unavailable",
+            description="Operations that found Redis down (or a demoted master)",
+        ),
+    )
+
+
+def _instruments(meter: metrics.Meter) -> Instruments:
+    counter, histogram = meter.create_counter, meter.create_histogram
+    refusals, changes, unpersisted, redis_down = _service_counters(meter)
+    inst = Instruments(
+        stream_commands=counter(
+            "mail.stream_commands", description="Stream entries taken in, by result"
+        ),
+        stream_commands_malformed=counter(
+            "mail.stream_commands.malformed", description="Stream entries rejected"
+        ),
+        attempt_outcomes=counter("mail.attempt.outcomes", description="SMTP attempts by status"),
+        delivery_outcomes=counter(
+            "mail.delivery.outcomes", description="Deliveries reaching a state, by status"
+        ),
+        dead_letters=counter("mail.delivery.dead_letters", description="Deliveries dead-lettered"),
+        suppressed=counter("mail.delivery.suppressed", description="Deliveries ended suppressed"),
+        send_duration_ms=histogram(
+            "mail.provider.send.duration_ms",
+            unit="ms",
+            description="Duration of one SMTP send (MAIL FROM to the final reply)",
+        ),
+        claims=counter("mail.attempt_schedule.claims", description="Deliveries claimed"),
+        fenced_writes=counter(
+            "mail.attempt.fenced_writes",
+            description="Results refused because the lease had been reclaimed",
+        ),
+        store_unavailable=counter(
+            "mail.store.unavailable", description="Operations that found PostgreSQL down"
+        ),
+        events_published=counter(
+            "mail.events.published", description="Outcome events moved to the event stream"
+        ),
+        events_unpublished=counter(
+            "mail.events.publish_failures",
+            description="Outbox passes that could not publish (Redis or PostgreSQL down)",
+        ),
+        intake_batch_duration_ms=histogram(
+            "mail.intake.batch.duration_ms",
+            unit="ms",
+            description="One intake batch: validation, the PostgreSQL transaction, XACK",
+        ),
+        end_to_end_latency_ms=histogram(
+            "mail.delivery.end_to_end_latency_ms",
+            unit="ms",
+            description="From the command's stream entry id (XADD time) to SMTP acceptance",
+        ),
+        api_refusals=refusals,
+        destination_changes=changes,
+        redis_unpersisted=unpersisted,
+        redis_unavailable=redis_down,
+    )
+    _start_at_zero(inst)
+    _observe(meter, inst)
+    return inst
+
+
+def _start_at_zero(inst: Instruments) -> None:
+    """Counters of rare events start at 0, so a dashboard or rate() sees them before the
+    first one happens (and "absent" means "not scraped", not "never happened")."""
+    for counter in (inst.claims, inst.fenced_writes, inst.events_published):
+        counter.add(0)
+    inst.events_unpublished.add(0)
+    for component in ("consumer", "scheduler", "results"):
+        inst.store_unavailable.add(0, {"component": component})
+    for reason in ("unauthorized", "query_timeout", "store_unavailable"):
+        inst.api_refusals.add(0, {"reason": reason})
+    for state in ("down", "up"):
+        inst.destination_changes.add(0, {"state": state})
+    inst.redis_unpersisted.add(0)
+
+
+def _observe(meter: metrics.Meter, inst: Instruments) -> None:
+    meter.create_observable_gauge(
+        "mail.attempt_schedule.depth",
+        callbacks=[_gauge(lambda: inst.schedule_depth)],
+        description="Deliveries due now and not yet attempted",
+    )
+    meter.create_observable_gauge(
+        "mail.attempt_schedule.oldest_age_ms",
+        unit="ms",
+        callbacks=[_gauge(lambda: inst.schedule_oldest_age_ms)],
+        description="How long the oldest due delivery has waited",
+    )
+    meter.create_observable_gauge(
+        "mail.dead_letters.unreviewed",
+        callbacks=[_gauge(lambda: inst.dead_letters_unreviewed)],
+        description="Dead letters nobody has reviewed yet",
+    )
+    meter.create_observable_gauge(
+        "mail.stream.consumer_lag",
+        callbacks=[_gauge(lambda: inst.consumer_lag)],
+        description="Command stream entries not yet delivered to the consumer group",
+    )
+    meter.create_observable_gauge(
+        "mail.stream.consumer_pending",
+        callbacks=[_gauge(lambda: inst.consumer_pending)],
+        description="Command stream entries read by the group and not yet acknowledged",
+    )
+
+    meter.create_observable_gauge(
+        "mail.smtp.destination.up",
+        callbacks=[_gauge(lambda: inst.destination_up)],
+        description="1 while the SMTP destination can be reached, 0 while it is down",
+    )
+    meter.create_observable_gauge(
+        "mail.redis.persistence",
+        callbacks=[_gauge(lambda: inst.redis_persistence)],
+        description="Redis append-only file: 1 on, 0 off (stream at risk), -1 unknown",
+    )
 
 
 def _gauge(read: Callable[[], int]) -> Callable[[CallbackOptions], Iterable[Observation]]:

@@ -20,6 +20,7 @@ maildaemon dev: local stack in {state_dir}
   HTTP API    http://{http}
   Console     http://{http}/console/   (dev inbox: http://{http}/console/#/inbox)
   Operator token  {token}   (MAIL_OPERATOR_TOKEN, also in {env_file})
+  Metrics     {metrics}
 
 Send a test mail from another shell:
   set -a; . {env_file}; set +a
@@ -49,6 +50,7 @@ def run_dev(state_dir: Path, http_addr: str | None = None) -> int:
         env_file.chmod(0o600)
         os.environ.update(env)
         os.environ.setdefault("MAIL_LOG_FORMAT", "text")
+        os.environ.setdefault("MAIL_METRICS_PROMETHEUS", "true")  # /metrics on by default
         settings = load_settings()
         print(
             _BANNER.format(
@@ -60,6 +62,11 @@ def run_dev(state_dir: Path, http_addr: str | None = None) -> int:
                 ca_file=env["MAIL_SMTP_CA_FILE"],
                 maildir=stack.maildir,
                 http=env["MAIL_INTERNAL_HTTP_ADDR"],
+                metrics=(
+                    f"http://{env['MAIL_INTERNAL_HTTP_ADDR']}/metrics   (Prometheus text)"
+                    if settings.metrics_prometheus
+                    else "off (MAIL_METRICS_PROMETHEUS=false)"
+                ),
                 env_file=env_file,
                 cli=_cli_path(),
                 token=env["MAIL_OPERATOR_TOKEN"],

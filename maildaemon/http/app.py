@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from maildaemon.config import Settings
 from maildaemon.contract.command import CommandPolicy
@@ -19,6 +20,7 @@ from maildaemon.http.keys import (
     CATALOG_KEY,
     CONSOLE_KEY,
     DEV_MAILDIR_KEY,
+    METRICS_KEY,
     OPERATOR_KEY,
     POLICY_KEY,
     PREFIX,
@@ -27,6 +29,7 @@ from maildaemon.http.keys import (
     RETRY_KEY,
     SETTINGS_KEY,
     STORE_KEY,
+    MetricsText,
     Readiness,
 )
 from maildaemon.http.respond import guarded, json_errors, read_guarded
@@ -52,9 +55,13 @@ def build_app(
     on_refusal: Callable[[str], None] = _ignore,
     catalog: TemplateCatalog | None = None,
     dev_maildir: Path | None = None,
+    metrics: MetricsText | None = None,
+    middlewares: tuple[Middleware, ...] = (),
 ) -> web.Application:
-    """The listener's app over ``store`` (the operator API's own pool)."""
+    """The listener's app over ``store`` (the operator API's own pool); ``metrics`` serves
+    /metrics, ``middlewares`` run first (server spans)."""
     app = web.Application(client_max_size=1024 * 1024)
+    app.middlewares.extend(middlewares)
     app[STORE_KEY] = store
     app[SETTINGS_KEY] = settings
     app[READINESS_KEY] = readiness
@@ -83,6 +90,9 @@ def build_app(
             handler = op.handler
         app.router.add_route(op.method.upper(), op.path, handler)
     app.router.add_get("/readyz", probes.readyz)
+    if metrics is not None:
+        app[METRICS_KEY] = metrics
+        app.router.add_get("/metrics", probes.metrics)
     app.router.add_get(f"{PREFIX}/openapi.json", openapi.serve)
     console.register(app)
     return app

@@ -47,3 +47,6 @@ RETRY_KEY = web.AppKey("retry_policy", RetryPolicy)
 CONSOLE_KEY = web.AppKey("console_reads", ConsoleReads)
 CATALOG_KEY = web.AppKey("template_catalog", TemplateCatalog)
 DEV_MAILDIR_KEY = web.AppKey("dev_maildir", Path)
+# Renders the daemon's metrics in Prometheus text format (set when /metrics is served).
+MetricsText = Callable[[], bytes]
+METRICS_KEY: web.AppKey[MetricsText] = web.AppKey("metrics_text")

@@ -1,6 +1,7 @@
 """Liveness and readiness probes: /healthz answers while the process runs; /readyz says
 whether migrations are applied, workers run and PostgreSQL and Redis answer, and which
-template catalog (content hash) the process loaded."""
+template catalog (content hash) the process loaded. /metrics (when
+MAIL_METRICS_PROMETHEUS=true) serves the metrics in Prometheus text format."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import asyncio
 from aiohttp import web
 
 from maildaemon.errors import StoreUnavailable
-from maildaemon.http.keys import CATALOG_HASH_KEY, READINESS_KEY
+from maildaemon.http.keys import CATALOG_HASH_KEY, METRICS_KEY, READINESS_KEY
+
+PROMETHEUS_TEXT = "text/plain; version=0.0.4"
 
 
 async def healthz(_: web.Request) -> web.Response:
@@ -41,3 +44,9 @@ async def readyz(request: web.Request) -> web.Response:
         },
         status=200 if ready else 503,
     )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """The metrics as the exporters hold them: no query runs for a scrape."""
+    body = request.app[METRICS_KEY]()
+    return web.Response(body=body, content_type=PROMETHEUS_TEXT, charset="utf-8")

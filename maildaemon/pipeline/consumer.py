@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 from redis.exceptions import ReadOnlyError, RedisError, ResponseError
 
 from maildaemon.config import Settings
@@ -26,6 +28,7 @@ from maildaemon.contract.parsing import parse_entry, raw_entry_text
 from maildaemon.delivery import IntakeEntry, IntakeResult
 from maildaemon.errors import StoreRejected, StoreUnavailable
 from maildaemon.logs import event
+from maildaemon.pipeline.spans import command_spans
 from maildaemon.pipeline.stream_reader import BoundedBatch, BoundedReader
 from maildaemon.retry import Backoff
 from maildaemon.store.db import RETRYABLE, Store
@@ -35,6 +38,8 @@ log = logging.getLogger("maildaemon.consumer")
 
 RAW_CAP = 64 * 1024  # characters of a malformed entry kept in its record
 IDLE_POLL_MAX = 0.05  # seconds between polls of an idle stream, at most
+OBSERVE_EVERY = 5.0  # seconds between consumer lag observations (XINFO GROUPS)
+LAG_SCAN_CAP = 10_000  # Redis < 7 has no `lag`: count undelivered entries up to this many
 
 
 def entry_id_text(entry_id: bytes | str) -> str:
@@ -90,14 +95,18 @@ class StreamConsumer:
         policy: CommandPolicy,
         instruments: Instruments,
         on_committed: Callable[[], None],
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self._s = settings
+        self._tracer = tracer or trace.NoOpTracer()
+        self._observed_at = -OBSERVE_EVERY
         self._redis = redis
         self._store = store
         self._policy = policy
         self._inst = instruments
         self._on_committed = on_committed
         self._stopping = asyncio.Event()
+        self.started = asyncio.Event()  # set once the group exists and reading begins
         self._last_reclaim = 0.0
         self._reader = BoundedReader(
             redis,
@@ -131,6 +140,7 @@ class StreamConsumer:
     async def run(self) -> None:
         s = self._s
         await self.ensure_group()
+        self.started.set()
         event(
             log,
             "command consumer started",
@@ -145,6 +155,7 @@ class StreamConsumer:
         while not self._stopping.is_set():
             try:
                 batch = await self._read()
+                await self._observe_lag()
                 backoff.reset()
                 if batch:
                     idle = 0.0
@@ -220,19 +231,66 @@ class StreamConsumer:
                 )
                 event(log, "departed consumer removed", consumer=name, idle_ms=info["idle"])
 
-    async def _take_in(self, batch: BoundedBatch) -> None:
-        entries = [
-            to_intake(entry_id_text(eid), fields, self._policy) for eid, fields in batch.entries
-        ]
-        entries.extend(self._oversize(eid, size) for eid, size in batch.oversize)
-        result = await self._commit(entries) if entries else IntakeResult()
-        if result is None:  # stopping while PostgreSQL is down: leave them pending
+    async def _observe_lag(self) -> None:
+        """Refresh the consumer lag gauges (mail.stream.consumer_*) every few seconds."""
+        now = time.monotonic()
+        if now - self._observed_at < OBSERVE_EVERY:
             return
-        # Only now, with the batch committed, may the entries leave the pending list.
-        # (Gone entries were trimmed from the stream before anyone took them in.)
-        ids = [eid for eid, _ in batch.entries] + [eid for eid, _ in batch.oversize]
-        await self._redis.xack(self._s.command_stream, self._s.consumer_group, *ids, *batch.gone)
-        self._report(result)
+        self._observed_at = now
+        try:
+            observed = await self._read_lag()
+        except RedisError:  # a gauge is never worth stopping intake (e.g. stream deleted)
+            return
+        if observed is not None:
+            self._inst.consumer_lag, self._inst.consumer_pending = observed
+
+    async def _read_lag(self) -> tuple[int, int] | None:
+        """(lag, pending) of our group: XINFO GROUPS, and on Redis < 7 a bounded XRANGE."""
+        s = self._s
+        groups = await self._redis.xinfo_groups(s.command_stream)
+        names = (s.consumer_group, s.consumer_group.encode())
+        group = next((g for g in groups if g["name"] in names), None)
+        if group is None:
+            return None
+        lag = group.get("lag")
+        if lag is None:  # Redis < 7, or a lag Redis cannot tell: count, bounded
+            last = group["last-delivered-id"]
+            after = b"(" + (last if isinstance(last, bytes) else str(last).encode())
+            entries = await self._redis.xrange(
+                s.command_stream, min=after, max="+", count=LAG_SCAN_CAP
+            )
+            lag = len(entries or ())
+        return int(lag), int(group["pending"])
+
+    async def _take_in(self, batch: BoundedBatch) -> None:
+        started = time.perf_counter()
+        started_ns = time.time_ns()
+        with self._tracer.start_as_current_span(
+            "intake batch",
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "redis",
+                "messaging.destination.name": self._s.command_stream,
+                "messaging.batch.message_count": len(batch.entries) + len(batch.oversize),
+            },
+        ) as span:
+            entries = [
+                to_intake(entry_id_text(eid), fields, self._policy) for eid, fields in batch.entries
+            ]
+            entries.extend(self._oversize(eid, size) for eid, size in batch.oversize)
+            result = await self._commit(entries) if entries else IntakeResult()
+            if result is None:  # stopping while PostgreSQL is down: leave them pending
+                return
+            # Only now, with the batch committed, may the entries leave the pending list.
+            # (Gone entries were trimmed from the stream before anyone took them in.)
+            ids = [eid for eid, _ in batch.entries] + [eid for eid, _ in batch.oversize]
+            await self._redis.xack(
+                self._s.command_stream, self._s.consumer_group, *ids, *batch.gone
+            )
+            self._report(result)
+            if span.get_span_context().is_valid:  # a tracer, not the no-op one
+                command_spans(self._tracer, result, span, started_ns)
+        self._inst.intake_batch_duration_ms.record((time.perf_counter() - started) * 1000)
         if result.created:
             self._on_committed()
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from maildaemon.config import Settings
 from maildaemon.delivery import AttemptResult
 from maildaemon.errors import StoreUnavailable
-from maildaemon.logs import event
+from maildaemon.logs import event, recipients_field
 from maildaemon.retry import Backoff
 from maildaemon.store.db import Store
 from maildaemon.telemetry import Instruments
@@ -38,6 +39,19 @@ _MAX_BATCH = 500
 _GATHER = 0.002  # seconds a flush waits for company; bounds the latency it adds
 
 
+@dataclass(frozen=True, slots=True)
+class Trail:
+    """What the outcome's log line tells besides the result: whom the attempt was for,
+    and the trace and span ids of the attempt (the line is written after the commit,
+    outside the attempt's span)."""
+
+    recipients: tuple[str, ...] = ()
+    trace_ids: Mapping[str, str] = field(default_factory=dict)
+
+
+_NO_TRAIL = Trail()
+
+
 class ResultWriter:
     def __init__(
         self,
@@ -52,16 +66,17 @@ class ResultWriter:
         self._on_recorded = on_recorded  # wakes the event publisher after a commit
         self._inst = instruments
         self._worker = worker_name
-        self._pending: list[tuple[AttemptResult, asyncio.Future[bool]]] = []
+        self._pending: list[tuple[AttemptResult, asyncio.Future[bool], Trail]] = []
+        self._full = settings.log_recipients == "full"
         self._wake = asyncio.Event()
         self._closing = False
 
-    def submit(self, result: AttemptResult) -> asyncio.Future[bool]:
+    def submit(self, result: AttemptResult, trail: Trail = _NO_TRAIL) -> asyncio.Future[bool]:
         """Hand a result over. The future resolves once the result's transaction has
         committed: True if recorded, False if the fence refused it. The result is written
         whatever happens to the caller (the writer stops last and flushes everything)."""
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._pending.append((result, future))
+        self._pending.append((result, future, trail))
         self._wake.set()
         return future
 
@@ -87,8 +102,8 @@ class ResultWriter:
             if self._closing:
                 return
 
-    async def _flush(self, batch: list[tuple[AttemptResult, asyncio.Future[bool]]]) -> None:
-        results = [r for r, _ in batch]
+    async def _flush(self, batch: list[tuple[AttemptResult, asyncio.Future[bool], Trail]]) -> None:
+        results = [r for r, _, _ in batch]
         backoff = Backoff()
         while True:
             try:
@@ -109,35 +124,30 @@ class ResultWriter:
                     retry_in_s=backoff.peek(),
                 )
                 await asyncio.sleep(backoff.next())
-        for result, future in batch:
+        for result, future, trail in batch:
             ok = result.delivery_id in recorded
             if not future.done():
                 future.set_result(ok)
-            self._report(result, ok)
+            self._report(result, ok, trail)
         if recorded and self._on_recorded is not None:
             self._on_recorded()
 
-    def _report(self, r: AttemptResult, recorded: bool) -> None:
+    def _report(self, r: AttemptResult, recorded: bool, trail: Trail) -> None:
+        """Count the outcome and write its one line: the line an operator greps."""
         inst = self._inst
-        fields = {
-            "delivery_id": r.delivery_id,
-            "source": r.source,
-            "attempt": r.attempt_count,  # attempts on record, as the delivery's attempt_count
-            "attempt_recorded": r.record_attempt,
-            "attempt_status": r.attempt_status,
-            "status": r.delivery_status,
-            "reply_code": r.reply_code,
-            "reply_text": r.reply_text,
-        }
         if not recorded:
             inst.fenced_writes.add(1)
             event(
                 log,
                 "attempt result fenced out",
                 logging.WARNING,
-                **fields,
+                delivery_id=r.delivery_id,
+                source=r.source,
+                attempt=r.attempt_count,
+                status=r.delivery_status,
                 claim_token=r.claim_token,
                 reason="the lease expired and the delivery was claimed again",
+                **trail.trace_ids,
             )
             return
         if r.record_attempt:
@@ -147,15 +157,38 @@ class ResultWriter:
             inst.dead_letters.add(1, {"source": r.source})
         elif r.delivery_status == "suppressed":
             inst.suppressed.add(1, {"source": r.source})
-        level = logging.INFO if r.delivery_status in ("sent", "queued") else logging.WARNING
-        if r.delivery_status == "sent" and not log.isEnabledFor(logging.DEBUG):
-            return  # the hot path: one line per sent message only at DEBUG
+        level = logging.INFO if r.delivery_status in _QUIET else logging.WARNING
+        if not log.isEnabledFor(level):
+            return
         event(
             log,
             _EVENT_NAMES.get(r.delivery_status, "delivery updated"),
             level,
-            **fields,
-            next_attempt_at=r.next_attempt_at.isoformat() if r.next_attempt_at else None,
-            reason=r.status_reason,
-            possible_duplicate=r.possible_duplicate,
+            delivery_id=r.delivery_id,
+            source=r.source,
+            attempt=r.attempt_count,  # attempts on record, as the delivery's attempt_count
+            attempt_recorded=r.record_attempt,
+            status=r.delivery_status,
+            attempt_status=r.attempt_status,
+            reply_code=r.reply_code,
+            recipients=recipients_field(trail.recipients or tuple(r.recipients), self._full),
+            **_details(r),
+            **trail.trace_ids,
         )
+
+
+# Sent and retry scheduled log at INFO; every other ending at WARNING (it wants a look).
+_QUIET = frozenset({"sent", "queued"})
+
+
+def _details(r: AttemptResult) -> dict[str, object]:
+    """Fields only some outcomes have (kept off the hot "sent" line when empty)."""
+    out: dict[str, object] = {}
+    if r.delivery_status != "sent":
+        out["reply_text"] = r.reply_text
+        out["reason"] = r.status_reason
+    if r.next_attempt_at is not None:
+        out["next_attempt_at"] = r.next_attempt_at.isoformat()
+    if r.possible_duplicate:
+        out["possible_duplicate"] = True
+    return out

@@ -14,6 +14,8 @@ import logging
 import time
 from datetime import UTC, datetime
 
+from opentelemetry import trace
+
 from maildaemon.config import Settings
 from maildaemon.delivery import (
     AttemptResult,
@@ -26,12 +28,14 @@ from maildaemon.errors import RenderError, StoreUnavailable
 from maildaemon.logs import event
 from maildaemon.message.compose import Composer
 from maildaemon.pipeline.jobs import Job, JobQueue
-from maildaemon.pipeline.results import ResultWriter
+from maildaemon.pipeline.results import ResultWriter, Trail
+from maildaemon.pipeline.spans import describe_result
 from maildaemon.retry import Backoff
 from maildaemon.sending.destination import Destination
 from maildaemon.sending.outcomes import without_attempt
 from maildaemon.store.db import Store
 from maildaemon.telemetry import Instruments
+from maildaemon.tracing import log_ids, parent_context
 
 log = logging.getLogger("maildaemon.scheduler")
 _OBSERVE_EVERY = 5.0  # seconds between backlog gauge refreshes
@@ -48,8 +52,10 @@ class Scheduler:
         instruments: Instruments,
         worker_name: str,
         destination: Destination,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self._s = settings
+        self._tracer = tracer or trace.NoOpTracer()
         self._store = store
         self._composer = composer
         self._queue = queue
@@ -59,6 +65,7 @@ class Scheduler:
         self._dest = destination
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        self.started = asyncio.Event()  # set once claiming begins
         # Claim in useful batches: wait for this many free slots unless workers starve.
         self._claim_size = max(1, min(settings.scheduler_batch_size, queue.slots // 2))
         self._observed_at = -_OBSERVE_EVERY
@@ -127,6 +134,7 @@ class Scheduler:
                 await asyncio.wait_for(self._stopping.wait(), backoff.next())
 
     async def _loop(self) -> None:
+        self.started.set()
         backoff = Backoff()
         while not self._stopping.is_set():
             if not self._dest.up:  # claim nothing for a destination that is down
@@ -162,10 +170,11 @@ class Scheduler:
             return
         self._observed_at = now
         try:
-            depth, oldest = await self._store.schedule_depth()
+            depth, oldest, unreviewed = await self._store.schedule_depth()
         except StoreUnavailable:
             return
         self._inst.schedule_depth, self._inst.schedule_oldest_age_ms = depth, oldest
+        self._inst.dead_letters_unreviewed = unreviewed
 
     async def _idle_for(self) -> float:
         """Sleep until the next delivery is due, at most one poll interval."""
@@ -192,9 +201,21 @@ class Scheduler:
         jobs, finished = await self._prepare(claims)
         self._queue.put(jobs)
         if finished:
+            by_id = {c.delivery_id: c for c in claims}
             for result in finished:
-                self._results.submit(result)
+                self._results.submit(result, self._ended(by_id[result.delivery_id], result))
         return len(claims)
+
+    def _ended(self, claim: ClaimedDelivery, result: AttemptResult) -> Trail:
+        """A delivery that ends before any send gets its own span in the producer's trace."""
+        span = self._tracer.start_span(
+            "delivery ended before sending",
+            context=parent_context(claim.traceparent),
+            attributes={"maildaemon.delivery_id": claim.delivery_id},
+        )
+        describe_result(span, result)
+        span.end()
+        return Trail(claim.envelope_recipients(), log_ids(span))
 
     async def _prepare(
         self, claims: list[ClaimedDelivery]

@@ -10,20 +10,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from datetime import UTC, datetime
+
+from opentelemetry import trace
 
 from maildaemon.config import Settings
 from maildaemon.delivery import AttemptResult
 from maildaemon.errors import NotBegun, TransportError, TransportTimeout, UnknownOutcome
 from maildaemon.logs import event
 from maildaemon.pipeline.jobs import Job, JobQueue
-from maildaemon.pipeline.results import ResultWriter
+from maildaemon.pipeline.results import ResultWriter, Trail
+from maildaemon.pipeline.spans import SmtpPhases, attempt_span, describe_result, transaction_span
 from maildaemon.retry import RetryPolicy
 from maildaemon.sending.destination import Destination, is_unreachable
 from maildaemon.sending.outcomes import from_error, from_report
 from maildaemon.sending.pipelined import PipeliningConnection
 from maildaemon.sending.ratelimit import RateLimiter
+from maildaemon.sending.reply import SendReport
 from maildaemon.telemetry import Instruments
+from maildaemon.tracing import log_ids
 
 log = logging.getLogger("maildaemon.worker")
 
@@ -41,10 +47,14 @@ class AttemptWorker:
         limiter: RateLimiter,
         instruments: Instruments,
         destination: Destination,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self.index = index
         self._s = settings
+        self._tracer = tracer or trace.NoOpTracer()
+        self._phases = SmtpPhases(self._tracer)
         self._conn = PipeliningConnection(settings, context, lambda: queue.accepting)
+        self._conn.phase = self._phases
         self._sender = sender
         self._queue = queue
         self._results = results
@@ -64,7 +74,9 @@ class AttemptWorker:
                     await self._dest.wait_up(self._queue.stopped)
                     continue
                 try:
-                    result = await self.attempt(job)
+                    with attempt_span(self._tracer, job.claim) as span:
+                        result = await self.attempt(job)
+                        describe_result(span, result)
                 except NotBegun:
                     self._queue.give_back(job)  # nothing sent: the claim goes back
                     continue
@@ -74,7 +86,8 @@ class AttemptWorker:
                 # The slot frees up when the result is committed, not before; and this
                 # worker begins no other transaction until then, so a crash leaves at most
                 # one accepted-but-unrecorded message per connection.
-                recorded = self._results.submit(result)
+                trail = Trail(job.claim.envelope_recipients(), log_ids(span))
+                recorded = self._results.submit(result, trail)
                 recorded.add_done_callback(self._queue.release_after)
                 await asyncio.shield(recorded)
         finally:
@@ -87,6 +100,7 @@ class AttemptWorker:
         if not self._queue.accepting:
             raise NotBegun("stopping: no new SMTP transaction begins")
         started = datetime.now(UTC)
+        started_ns = self._phases.begin()
         try:
             async with asyncio.timeout(self._s.smtp_timeout):
                 report = await self._conn.send(self._sender, job.recipients, job.message)
@@ -101,17 +115,27 @@ class AttemptWorker:
                 if in_data
                 else TransportTimeout(f"MAIL_SMTP_TIMEOUT reached at {stage}", stage=stage)
             )
+            transaction_span(self._tracer, started_ns, self._phases, None, exc)
             return self._failed(job, exc, started)
         except NotBegun:
             raise
         except TransportError as exc:
+            transaction_span(self._tracer, started_ns, self._phases, None, exc)
             return self._failed(job, exc, started)
         finished = datetime.now(UTC)
+        transaction_span(self._tracer, started_ns, self._phases, report, None)
         self._inst.send_duration_ms.record(report.duration_ms)
+        self._accepted(job, report)
         self._limiter.observe(report)
         return from_report(
             claim, job.recipients, report, self._policy, started, finished, job.suppressed
         )
+
+    def _accepted(self, job: Job, report: SendReport) -> None:
+        """End-to-end latency: the command's XADD time to the server's acceptance."""
+        enqueued = job.claim.enqueued_ms()
+        if report.data_reply is not None and enqueued is not None:
+            self._inst.end_to_end_latency_ms.record(max(0, time.time_ns() // 1_000_000 - enqueued))
 
     def _failed(self, job: Job, exc: TransportError, started: datetime) -> AttemptResult:
         finished = datetime.now(UTC)

@@ -7,10 +7,12 @@ means for the delivery. Connection-level failures are raised as ``TransportError
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 
 import aiosmtplib
 from aiosmtplib import SMTPResponse
@@ -30,6 +32,13 @@ from maildaemon.logs import event
 from maildaemon.sending.reply import Reply, SendReport
 
 log = logging.getLogger("maildaemon.smtp")
+# Wraps each connection phase ("smtp connect", "smtp starttls", "smtp auth"); the attempt
+# workers set it to open a span per phase.
+PhaseHook = Callable[[str], AbstractContextManager[object]]
+
+
+def _untraced(_: str) -> AbstractContextManager[object]:
+    return contextlib.nullcontext()
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext:
@@ -68,6 +77,7 @@ class SmtpConnection:
         self._dirty = False  # a transaction was left half-way: RSET before the next one
         self.in_data = False  # the message data may be on its way: an abort is "unknown"
         self.stage = "connect"  # the SMTP step under way (errors and timeouts name it)
+        self.phase: PhaseHook = _untraced
 
     async def close(self) -> None:
         client, self._client = self._client, None
@@ -115,18 +125,21 @@ class SmtpConnection:
         s = self._settings
         where = f"{self._host}:{self._port}"
         try:
-            self.stage = "connect"
-            await client.connect()
-            self.stage = "ehlo"
-            await client.ehlo()
-            if not implicit:
-                self.stage = "starttls"
-                await self._starttls(client)
+            with self.phase("smtp connect"):
+                self.stage = "connect"
+                await client.connect()
                 self.stage = "ehlo"
                 await client.ehlo()
+            if not implicit:
+                with self.phase("smtp starttls"):
+                    self.stage = "starttls"
+                    await self._starttls(client)
+                    self.stage = "ehlo"
+                    await client.ehlo()
             if s.smtp_username and s.smtp_password:
-                self.stage = "auth"
-                await client.login(s.smtp_username, s.smtp_password.get_secret_value())
+                with self.phase("smtp auth"):
+                    self.stage = "auth"
+                    await client.login(s.smtp_username, s.smtp_password.get_secret_value())
         except InsecureTransportError:
             raise
         except aiosmtplib.SMTPAuthenticationError as exc:

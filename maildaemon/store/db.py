@@ -332,11 +332,12 @@ class Store:
             value: datetime | None = await self.pool.fetchval(q.NEXT_DUE_AT)
         return value
 
-    async def schedule_depth(self) -> tuple[int, int]:
+    async def schedule_depth(self) -> tuple[int, int, int]:
+        """Due deliveries, the oldest one's wait (ms), and unreviewed dead letters."""
         async with translate_errors("schedule depth", self.pool):
             row = await self.pool.fetchrow(q.SCHEDULE_DEPTH)
         assert row is not None
-        return int(row["depth"]), int(row["oldest_age_ms"])
+        return int(row["depth"]), int(row["oldest_age_ms"]), int(row["dead_letters_unreviewed"])
 
     async def purge(self, batch: int, delivery_age: float, malformed_age: float) -> dict[str, int]:
         """One bounded retention pass; returns rows deleted per kind."""

@@ -18,7 +18,7 @@ import asyncpg
 from maildaemon.contract.command import Rejection
 from maildaemon.delivery import AttemptResult, IntakeEntry
 from maildaemon.errors import Conflict, NotFound
-from maildaemon.logs import event
+from maildaemon.logs import event, recipients_field
 from maildaemon.store import operator_queries as q
 from maildaemon.store import operator_rows as views
 from maildaemon.store.db import RETRYABLE, Connection, Store, translate_errors, write_outcomes
@@ -168,6 +168,19 @@ class OperatorStore(OperatorReads):
             action_id = await tx.record(
                 who, "delivery.cancel", delivery_id, reason, previous_status=previous
             )
+        addresses = (*row["to_addrs"], *row["cc_addrs"], *row["bcc_addrs"])
+        event(
+            log,
+            "delivery cancelled",
+            logging.WARNING,
+            delivery_id=delivery_id,
+            source=row["source"],
+            attempt=row["attempt_count"],
+            status="cancelled",
+            reply_code=None,
+            recipients=recipients_field(addresses),
+            reason=cancelled.status_reason,
+        )
         return DeliveryChange(delivery_id, previous, "cancelled", None, action_id)
 
     async def review(self, delivery_id: str, who: Actor, note: str, reason: str | None) -> Review:

@@ -90,7 +90,8 @@ ORDER BY received_at LIMIT 1
 
 # Lock one delivery for an action; the caller checks its status.
 LOCK_DELIVERY = """
-SELECT status, source, claim_token, attempt_count FROM mail.deliveries
+SELECT status, source, claim_token, attempt_count, to_addrs, cc_addrs, bcc_addrs
+FROM mail.deliveries
 WHERE delivery_id = $1 FOR UPDATE
 """
 

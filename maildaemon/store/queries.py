@@ -118,7 +118,7 @@ WITH due AS (
     RETURNING d.delivery_id, d.source, d.claim_token, d.attempt_count, d.priority, d.to_addrs,
         d.rcpts_accepted, d.attempt_count - d.ladder_base AS ladder_rung,
         d.cc_addrs, d.bcc_addrs, d.pending_rcpts, d.expires_at, d.message_id, d.traceparent,
-        d.possible_duplicate, d.rendered_at
+        d.possible_duplicate, d.rendered_at, d.stream_entry_id
 ), abandoned AS (
     UPDATE mail.attempts a
     SET status = 'unknown', finished_at = now(),
@@ -133,7 +133,7 @@ WITH due AS (
 )
 SELECT c.delivery_id, c.source, c.claim_token, c.attempt_count, c.priority, c.to_addrs,
     c.rcpts_accepted, c.ladder_rung, c.cc_addrs, c.bcc_addrs, c.pending_rcpts, c.expires_at,
-    c.message_id, c.traceparent, c.possible_duplicate,
+    c.message_id, c.traceparent, c.possible_duplicate, c.stream_entry_id,
     CASE WHEN c.rendered_at IS NULL THEN p.command::text END AS command,
     CASE WHEN c.rendered_at IS NOT NULL THEN p.rendered END AS rendered
 FROM claimed c
@@ -295,10 +295,14 @@ NEXT_DUE_AT = """
 SELECT min(next_attempt_at) FROM mail.deliveries WHERE next_attempt_at IS NOT NULL
 """
 
+# The backlog gauges, read every few seconds (never per scrape). Unreviewed dead letters
+# are counted up to a cap so the statement stays bounded.
 SCHEDULE_DEPTH = """
 SELECT count(*) AS depth,
        coalesce(extract(epoch FROM now() - min(next_attempt_at)) * 1000, 0)::bigint
-           AS oldest_age_ms
+           AS oldest_age_ms,
+       (SELECT count(*) FROM (SELECT 1 FROM mail.dead_letters WHERE reviewed_at IS NULL
+                              LIMIT 100000) u) AS dead_letters_unreviewed
 FROM mail.deliveries
 WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= now()
 """

@@ -165,4 +165,5 @@ def claimed(r: asyncpg.Record) -> ClaimedDelivery:
         ladder_rung=r["ladder_rung"],
         command=json.loads(command) if command is not None else None,
         rendered=bytes(rendered) if rendered is not None else None,
+        stream_entry_id=r["stream_entry_id"],
     )

@@ -11,9 +11,11 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import aiosmtplib
 import psycopg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from maildaemon.devstack.postgres import pick_free_port
 from maildaemon.devstack.smtp_sink import SmtpSink
@@ -52,8 +54,13 @@ def daemon_env(pg_dsn: str, redis_addr: str, sink: SmtpSink | None, **extra: str
     return env
 
 
+# The daemon logs a line per delivery outcome: its stderr is read all along (a full pipe
+# would block it), and a test gets what it wrote with `stderr_of`.
+_STDERR: dict[int, asyncio.Future[bytes]] = {}
+
+
 async def spawn(*args: str, env: dict[str, str]) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
+    proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "maildaemon.cli.main",
@@ -63,6 +70,14 @@ async def spawn(*args: str, env: dict[str, str]) -> asyncio.subprocess.Process:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+    assert proc.stderr is not None
+    _STDERR[proc.pid] = asyncio.ensure_future(proc.stderr.read())
+    return proc
+
+
+async def stderr_of(proc: asyncio.subprocess.Process) -> str:
+    """Everything the process wrote to stderr (call once it has exited)."""
+    return (await _STDERR.pop(proc.pid)).decode()
 
 
 async def _port_open(port: int) -> bool:
@@ -105,7 +120,7 @@ async def test_sigterm_while_idle_exits_zero_in_time(stub_env: dict[str, str]) -
     await wait_for(lambda: _ready(_port(stub_env)), timeout=30)
     proc.send_signal(signal.SIGTERM)
     code = await asyncio.wait_for(proc.wait(), 10)
-    stderr = (await proc.stderr.read()).decode()  # type: ignore[union-attr]
+    stderr = await stderr_of(proc)
     assert code == 0, stderr
     assert "pw-s3cret-1" not in stderr and "tok-s3cret-2" not in stderr  # secrets never logged
     events = [json.loads(line)["event"] for line in stderr.splitlines() if line.startswith("{")]
@@ -116,12 +131,14 @@ async def test_sigterm_while_idle_exits_zero_in_time(stub_env: dict[str, str]) -
         "startup: template catalog",
         "startup: internal http listener",
         "started",
+        "ready",
         "shutdown requested",
         "internal http listener stopped",
         "stopped",
     ]
     positions = [events.index(e) for e in order]
     assert positions == sorted(positions), events
+    assert events.count("ready") == 1
     assert not await _port_open(_port(stub_env))
 
 
@@ -153,7 +170,7 @@ async def test_bad_dsn_exits_nonzero_with_a_readable_message(stub_env: dict[str,
     )
     proc = await spawn("run", env=env)
     code = await asyncio.wait_for(proc.wait(), 30)
-    stderr = (await proc.stderr.read()).decode()  # type: ignore[union-attr]
+    stderr = await stderr_of(proc)
     assert code != 0
     assert "startup failed: postgres pool" in stderr
     assert "Traceback" not in stderr
@@ -165,7 +182,7 @@ async def test_unreachable_redis_exits_nonzero_with_a_readable_message(
     env = dict(stub_env, MAIL_REDIS_MASTER_ADDR=f"127.0.0.1:{pick_free_port()}")
     proc = await spawn("run", env=env)
     code = await asyncio.wait_for(proc.wait(), 30)
-    stderr = (await proc.stderr.read()).decode()  # type: ignore[union-attr]
+    stderr = await stderr_of(proc)
     assert code != 0
     assert "startup failed: redis ping" in stderr
     assert "Traceback" not in stderr
@@ -176,7 +193,7 @@ async def test_invalid_configuration_is_one_line(stub_env: dict[str, str]) -> No
     env.pop("MAIL_SMTP_ADDR", None)
     proc = await spawn("run", env=env)
     code = await asyncio.wait_for(proc.wait(), 30)
-    stderr = (await proc.stderr.read()).decode()  # type: ignore[union-attr]
+    stderr = await stderr_of(proc)
     assert code == 2
     assert stderr.strip().count("\n") == 0 and "MAIL_SMTP_ADDR" in stderr
     assert "s3cret-value" not in stderr
@@ -190,7 +207,7 @@ async def test_check_rejects_a_broken_template(stub_env: dict[str, str], tmp_pat
     (broken / "body.txt").write_text("Hello\n")
     proc = await spawn("check", env=dict(stub_env, MAIL_TEMPLATE_DIR=str(catalog)))
     code = await asyncio.wait_for(proc.wait(), 30)
-    stderr = (await proc.stderr.read()).decode()  # type: ignore[union-attr]
+    stderr = await stderr_of(proc)
     assert code != 0
     assert "subject.txt" in stderr and "Traceback" not in stderr
     ok = await spawn("check", env=stub_env)
@@ -268,6 +285,15 @@ async def test_dev_stack_comes_up_and_its_smtp_server_offers_starttls(tmp_path: 
         await client.sendmail("a@test.example", ["b@test.example"], b"Subject: hi\r\n\r\nhi\r\n")
         await client.quit()
         assert list((state / "smtp" / "maildir").glob("*.eml"))
+        # /metrics is on by default in `maildaemon dev`.
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/metrics") as response,
+        ):
+            assert response.status == 200
+            text = await response.text()
+        names = {f.name for f in text_string_to_metric_families(text)}
+        assert {"mail_attempt_schedule_depth", "mail_stream_consumer_lag"} <= names
     finally:
         proc.send_signal(signal.SIGINT)
         code = await asyncio.wait_for(proc.wait(), 30)

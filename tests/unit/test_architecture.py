@@ -29,6 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "redaction": set(),
     "config_values": set(),
     "config": {"config_values", "errors", "redaction"},
+    "tracing": set(),
     "telemetry": {"__init__"},
     "redisconn": {"config", "config_values"},
     "contract": {"addresses", "errors"},
@@ -48,6 +49,7 @@ ALLOWED: dict[str, set[str]] = {
         "sending",
         "store",
         "telemetry",
+        "tracing",
     },
     "operator": {"addresses", "contract", "delivery", "errors", "retry", "store"},
     "http": {
@@ -75,6 +77,7 @@ ALLOWED: dict[str, set[str]] = {
         "sending",
         "store",
         "telemetry",
+        "tracing",
     },
     "cli": {
         "__init__",
