@@ -52,7 +52,7 @@ from maildaemon.sending.ratelimit import RateLimiter
 from maildaemon.sending.smtp import tls_context
 from maildaemon.store import replicas
 from maildaemon.store.db import Store
-from maildaemon.store.migrate import apply_migrations, migration_ids
+from maildaemon.store.migrate import migrate_or_check
 from maildaemon.telemetry import Telemetry
 from maildaemon.tracing import server_spans
 
@@ -87,22 +87,6 @@ def _log_configuration(s: Settings) -> None:
             "stub mode: deliveries are rendered and recorded, nothing is sent",
             logging.WARNING,
         )
-
-
-async def _migrate(s: Settings, store: Store) -> list[str]:
-    """Apply the migrations on a session; behind PgBouncer without a direct DSN only check
-    that someone did (yoyo needs a session: its search_path and locks)."""
-    if s.postgres_pgbouncer and s.postgres_listen_dsn is None:
-        applied = await store.applied_migrations()
-        missing = [m for m in await asyncio.to_thread(migration_ids) if m not in applied]
-        if missing:
-            raise StartupError(
-                f"not applied: {', '.join(missing)}; behind PgBouncer migrations need a "
-                "direct session: set MAIL_POSTGRES_LISTEN_DSN, or run `maildaemon migrate` "
-                "with a direct MAIL_POSTGRES_PRIMARY_DSN first"
-            )
-        return []
-    return await asyncio.to_thread(apply_migrations, s.session_dsn)
 
 
 async def _step(name: str, action: Callable[[], Awaitable[T]], timeout: float, **fields: Any) -> T:
@@ -183,7 +167,10 @@ class App:
                 pgbouncer=s.postgres_pgbouncer,
             )
             stack.push_async_callback(store.close)
-            applied = await _step("migrations", lambda: _migrate(s, store), 120)
+            session = not (s.postgres_pgbouncer and s.postgres_listen_dsn is None)
+            applied = await _step(
+                "migrations", lambda: migrate_or_check(store, s.session_dsn, session=session), 120
+            )
             event(log, "migrations applied", applied=applied)
             self.readiness.migrations_applied = True
             catalog = await _step(

@@ -276,6 +276,7 @@ def _start_at_zero(inst: Instruments) -> None:
     for state in ("down", "up"):
         inst.destination_changes.add(0, {"state": state})
     inst.redis_unpersisted.add(0)
+    inst.redis_unavailable.add(0, {"component": "consumer"})
 
 
 def _observe(meter: metrics.Meter, inst: Instruments) -> None:

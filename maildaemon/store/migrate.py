@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import psycopg
 from yoyo import get_backend, read_migrations
 
 from maildaemon.errors import StartupError
+from maildaemon.store.db import Store
 
 log = logging.getLogger("maildaemon.migrate")
 
@@ -75,3 +77,19 @@ def pending_migrations(dsn: str, folder: Path | None = None) -> list[str]:
         return [m.id for m in backend.to_apply(read_migrations(str(folder)))]
     finally:
         backend.connection.close()
+
+
+async def migrate_or_check(store: Store, dsn: str, *, session: bool) -> list[str]:
+    """Apply the migrations on a session; without one (behind PgBouncer and no direct DSN)
+    only check that someone did: yoyo needs a session for its search_path and locks."""
+    if session:
+        return await asyncio.to_thread(apply_migrations, dsn)
+    applied = await store.applied_migrations()
+    missing = [m for m in await asyncio.to_thread(migration_ids) if m not in applied]
+    if missing:
+        raise StartupError(
+            f"not applied: {', '.join(missing)}; behind PgBouncer migrations need a "
+            "direct session: set MAIL_POSTGRES_LISTEN_DSN, or run `maildaemon migrate` "
+            "with a direct MAIL_POSTGRES_PRIMARY_DSN first"
+        )
+    return []

@@ -11,7 +11,7 @@ import pytest
 
 from maildaemon.devstack.postgres import pick_free_port
 from maildaemon.redaction import split_dsn
-from tests.acceptance.test_process import daemon_env, spawn
+from tests.acceptance.test_process import daemon_env, spawn, stderr_of
 
 PASSWORDS = ["p/ss?w#rd", "50%off&x=y", "sl%2Fash%3Fq%zz", "a@b#c/d?e%"]
 
@@ -26,10 +26,13 @@ def spellings(password: str) -> set[str]:
 
 
 async def _run(*args: str, env: dict[str, str], timeout: float = 90) -> tuple[int, str]:
-    proc = await spawn(*args, env=env)
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    proc = await spawn(*args, env=env)  # its stderr is read all along by spawn()
+    assert proc.stdout is not None
+    out = await asyncio.wait_for(proc.stdout.read(), timeout)
+    await asyncio.wait_for(proc.wait(), timeout)
+    err = await stderr_of(proc)
     assert proc.returncode is not None
-    return proc.returncode, (out + err).decode(errors="replace")
+    return proc.returncode, out.decode(errors="replace") + err
 
 
 def _assert_clean(output: str, password: str) -> None:
