@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 from maildaemon.devstack.postgres import pick_free_port
-from tests.acceptance.test_process import daemon_env, spawn
+from tests.acceptance.test_process import daemon_env, finish, spawn
 from tests.support import redis_client
 
 
 async def _enqueue(env: dict[str, str], *args: str) -> tuple[int, str, str]:
     proc = await spawn("enqueue", *args, env=env)
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    out, err = await finish(proc, 60)
     assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return proc.returncode, out, err
 
 
 async def test_enqueue_refuses_what_the_template_cannot_render(redis_addr: str) -> None:

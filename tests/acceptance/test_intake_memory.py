@@ -13,7 +13,7 @@ import json
 import signal
 from pathlib import Path
 
-from tests.acceptance.test_process import daemon_env, spawn
+from tests.acceptance.test_process import daemon_env, finish, spawn
 from tests.support import Db, command, redis_client, wait_for
 
 ENTRY_MB = 4
@@ -73,7 +73,7 @@ async def test_backlog_of_large_commands_is_taken_in_within_the_batch_budget(
         peak = _peak_rss_mb(proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(proc.communicate(), 30)
+        await finish(proc, 30)
     growth = peak - baseline
     print(f"\nintake of {ENTRIES} x {ENTRY_MB} MiB: RSS {baseline:.0f} -> {peak:.0f} MiB")
     # The whole backlog is 96 MiB; parsed, validated and serialised at once it would cost

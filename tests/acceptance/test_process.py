@@ -80,6 +80,15 @@ async def stderr_of(proc: asyncio.subprocess.Process) -> str:
     return (await _STDERR.pop(proc.pid)).decode()
 
 
+async def finish(proc: asyncio.subprocess.Process, timeout: float) -> tuple[str, str]:
+    """Wait for a spawned process; (stdout, stderr). Use this, not ``communicate()``:
+    spawn() already reads stderr, and a second reader of one pipe is an error."""
+    assert proc.stdout is not None
+    out = await asyncio.wait_for(proc.stdout.read(), timeout)
+    await asyncio.wait_for(proc.wait(), timeout)
+    return out.decode(errors="replace"), await stderr_of(proc)
+
+
 async def _port_open(port: int) -> bool:
     try:
         _, writer = await asyncio.open_connection("127.0.0.1", port)

@@ -4,14 +4,13 @@ tracebacks. Each path runs the real CLI; all of its output is searched for the p
 
 from __future__ import annotations
 
-import asyncio
 from urllib.parse import quote, unquote
 
 import pytest
 
 from maildaemon.devstack.postgres import pick_free_port
 from maildaemon.redaction import split_dsn
-from tests.acceptance.test_process import daemon_env, spawn, stderr_of
+from tests.acceptance.test_process import daemon_env, finish, spawn
 
 PASSWORDS = ["p/ss?w#rd", "50%off&x=y", "sl%2Fash%3Fq%zz", "a@b#c/d?e%"]
 
@@ -26,13 +25,10 @@ def spellings(password: str) -> set[str]:
 
 
 async def _run(*args: str, env: dict[str, str], timeout: float = 90) -> tuple[int, str]:
-    proc = await spawn(*args, env=env)  # its stderr is read all along by spawn()
-    assert proc.stdout is not None
-    out = await asyncio.wait_for(proc.stdout.read(), timeout)
-    await asyncio.wait_for(proc.wait(), timeout)
-    err = await stderr_of(proc)
+    proc = await spawn(*args, env=env)
+    out, err = await finish(proc, timeout)
     assert proc.returncode is not None
-    return proc.returncode, out.decode(errors="replace") + err
+    return proc.returncode, out + err
 
 
 def _assert_clean(output: str, password: str) -> None:
