@@ -19,6 +19,15 @@ DeliveryStatus = Literal[
     "expired",
     "cancelled",
 ]
+# Why the daemon itself ended or rescheduled a delivery when no SMTP reply says why
+# (``failure_code`` on the delivery row and in its outcome event; RUNBOOK lists each).
+DAEMON_FAILURE_CODES = {
+    "store_unreadable": "the stored row could not be read back into the daemon",
+    "unprocessable": "preparing the delivery for sending raised on its data",
+    "attempt_fault": "the attempt raised an unexpected error (retried on the ladder)",
+    "unrecordable_result": "the attempt's result could not be stored, even without its texts",
+}
+
 AttemptStatus = Literal[
     "sent",
     "transport_failed",
@@ -76,6 +85,7 @@ class ClaimedDelivery:
     command: dict[str, Any] | None  # present until the message is rendered
     rendered: bytes | None  # the pinned message bytes, once rendered
     stream_entry_id: str | None = None  # "<ms>-<seq>": when the command entered the stream
+    unreadable: str | None = None  # why the stored row could not be read back (then ended)
 
     def envelope_recipients(self) -> tuple[str, ...]:
         # An empty list with nobody served is a record left by an older release (a 4xx to
@@ -133,6 +143,8 @@ class AttemptResult:
     possible_duplicate: bool = False
     record_attempt: bool = True  # False when nothing was tried (e.g. expired before sending)
     claimed: bool = True  # False for an operator's cancel: the delivery was not under a lease
+    # Why the daemon ended it when no SMTP reply says why (see FAILURE_CODES); None otherwise.
+    failure_code: str | None = None
 
     @property
     def attempt_count(self) -> int:

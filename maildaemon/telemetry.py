@@ -50,6 +50,7 @@ class Instruments:
     send_duration_ms: metrics.Histogram
     claims: metrics.Counter
     fenced_writes: metrics.Counter
+    poison_ended: metrics.Counter
     store_unavailable: metrics.Counter
     events_published: metrics.Counter
     events_unpublished: metrics.Counter
@@ -232,6 +233,11 @@ def _instruments(meter: metrics.Meter) -> Instruments:
         fenced_writes=counter(
             "mail.attempt.fenced_writes",
             description="Results refused because the lease had been reclaimed",
+        ),
+        poison_ended=counter(
+            "mail.delivery.poison",
+            description="Deliveries whose own data broke a component, ended or retried in "
+            "its place, by component and failure_code",
         ),
         store_unavailable=counter(
             "mail.store.unavailable", description="Operations that found PostgreSQL down"

@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -77,6 +78,11 @@ _TEMPLATE_ID = re.compile(r"[a-z0-9][a-z0-9_.-]{0,127}")
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 _HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")  # RFC 5322 ftext
 _KEY = re.compile(r"[^\x00-\x1f\x7f]{1,200}")
+_INSTANT = (
+    "An RFC 3339 date-time with a UTC offset, between "
+    f"{limits.INSTANT_MIN:%Y-%m-%dT%H:%M:%SZ} and {limits.INSTANT_MAX:%Y-%m-%dT%H:%M:%SZ} "
+    "once turned into UTC."
+)
 
 
 class DeliveryCommand(BaseModel):
@@ -111,8 +117,8 @@ class DeliveryCommand(BaseModel):
     text: str | None = None
     html: str | None = None
     priority: Literal["critical", "high", "normal", "low"] = "normal"
-    send_at: AwareDatetime | None = None
-    expires_at: AwareDatetime | None = None
+    send_at: Annotated[AwareDatetime | None, Field(description=_INSTANT)] = None
+    expires_at: Annotated[AwareDatetime | None, Field(description=_INSTANT)] = None
     headers: dict[str, str] = Field(default_factory=dict)
     attachments: Annotated[list[Attachment], Field(max_length=limits.ATTACHMENTS_MAX_COUNT)] = (
         Field(default_factory=list)
@@ -144,6 +150,16 @@ class DeliveryCommand(BaseModel):
     def _timestamp_text(cls, value: Any) -> Any:
         if value is not None and not isinstance(value, str):
             raise custom_error("invalid_field", "must be an ISO-8601 date-time string with a zone")
+        return value
+
+    @field_validator("send_at", "expires_at")
+    @classmethod
+    def _instant_in_range(cls, value: datetime | None) -> datetime | None:
+        if value is not None:
+            try:
+                limits.check_instant(value)
+            except limits.LimitExceeded as exc:
+                raise custom_error(exc.code, str(exc)) from None
         return value
 
     @field_validator("delivery_id")

@@ -10,6 +10,8 @@ crossed: nothing here recurses or takes more than linear time.
 
 from __future__ import annotations
 
+import math
+from datetime import UTC, datetime
 from typing import Any
 
 # Containers (objects, arrays) nested inside the whole command document.
@@ -28,6 +30,10 @@ HEADER_LINE_MAX = 998
 # Link variables (names ending in "_url") fill href attributes: absolute http(s) URLs only.
 LINK_SUFFIX = "_url"
 LINK_MAX_CHARS = 2048
+# Instants (send_at, expires_at), as UTC: every one PostgreSQL stores must read back into
+# Python (whose datetime ends at 9999-12-31 in UTC; "9999-12-31T23:00:00-05:00" is past it).
+INSTANT_MIN = datetime(1970, 1, 1, tzinfo=UTC)
+INSTANT_MAX = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
 
 # Headers the message builder writes itself; a command may not set them.
 RESERVED_HEADERS = frozenset(
@@ -145,3 +151,26 @@ def check_link(name: str, value: Any) -> None:
             f"variable {name!r} must be an absolute http:// or https:// URL "
             f"(at most {LINK_MAX_CHARS} characters, no spaces)",
         )
+
+
+def check_instant(value: datetime) -> None:
+    """An instant within [INSTANT_MIN, INSTANT_MAX] once turned into UTC."""
+    try:
+        utc = value.astimezone(UTC)
+    except (OverflowError, ValueError):
+        utc = None
+    if utc is None or not INSTANT_MIN <= utc <= INSTANT_MAX:
+        raise LimitExceeded(
+            "invalid_field",
+            f"must lie between {INSTANT_MIN:%Y-%m-%dT%H:%M:%SZ} and "
+            f"{INSTANT_MAX:%Y-%m-%dT%H:%M:%SZ} (UTC)",
+        )
+
+
+def finite_number(text: str) -> float:
+    """A JSON number as a float, refused when it does not fit one (1e400 is no number
+    PostgreSQL's jsonb takes back as written: Python reads it as infinity)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]!r} is out of range")
+    return value

@@ -93,7 +93,7 @@ def parse_command(raw: str | bytes, policy: CommandPolicy | None) -> DeliveryCom
     else:
         text = raw
     try:
-        document = json.loads(text, parse_constant=_no_constants)
+        document = json.loads(text, parse_constant=_no_constants, parse_float=limits.finite_number)
     except (ValueError, RecursionError) as exc:
         return Rejection("invalid_json", f"not a JSON document: {exc}"[:500])
     if not isinstance(document, dict):

@@ -58,6 +58,7 @@ def delivery_detail(
         delivery_id=record.delivery_id,
         status=record.status,
         status_reason=record.status_reason,
+        failure_code=record.failure_code,
         source=record.source,
         idempotency_key=record.idempotency_key,
         priority=priority_name(record.priority),

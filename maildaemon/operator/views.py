@@ -41,6 +41,7 @@ class DeliveryDetail:
     delivery_id: str
     status: str
     status_reason: str | None
+    failure_code: str | None
     source: str
     idempotency_key: str
     priority: str

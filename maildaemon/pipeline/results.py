@@ -12,13 +12,14 @@ outbox in the same transaction; ``events.EventPublisher`` moves them to Redis.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from maildaemon.config import Settings
-from maildaemon.delivery import AttemptResult
-from maildaemon.errors import StoreUnavailable
+from maildaemon.delivery import AttemptResult, RecipientOutcome
+from maildaemon.errors import StoreRejected, StoreUnavailable
 from maildaemon.logs import event, recipients_field
 from maildaemon.retry import Backoff
 from maildaemon.store.db import Store
@@ -104,13 +105,62 @@ class ResultWriter:
 
     async def _flush(self, batch: list[tuple[AttemptResult, asyncio.Future[bool], Trail]]) -> None:
         results = [r for r, _, _ in batch]
+        try:
+            recorded = await self._write(results)
+        except StoreRejected as exc:
+            recorded = await self._write_apart(results, exc)
+        for result, future, trail in batch:
+            ok = result.delivery_id in recorded
+            if not future.done():
+                future.set_result(ok)
+            self._report(result, ok, trail)
+        if recorded and self._on_recorded is not None:
+            self._on_recorded()
+
+    async def _write_apart(self, results: list[AttemptResult], cause: StoreRejected) -> set[str]:
+        """PostgreSQL refused the batch for what one result holds: write each alone, and a
+        result refused alone as written without its texts, then as its bare ending
+        (``unrecordable_result``). A refusal of even that is no result's data: it stops
+        the writer (and the daemon) loudly."""
+        event(log, "result batch refused", logging.WARNING, error=str(cause), size=len(results))
+        recorded: set[str] = set()
+        for result in results:
+            last: StoreRejected = cause
+            for step, candidate in enumerate(storable_forms(result)):
+                try:
+                    recorded |= await self._write([candidate])
+                except StoreRejected as exc:
+                    last = exc
+                    continue
+                if step:
+                    self._unrecordable(result, candidate, last)
+                break
+            else:
+                raise last
+        return recorded
+
+    def _unrecordable(self, result: AttemptResult, kept: AttemptResult, exc: Exception) -> None:
+        code = kept.failure_code or "unrecordable_reply"
+        self._inst.poison_ended.add(1, {"component": "results", "failure_code": code})
+        event(
+            log,
+            "attempt result unrecordable",
+            logging.ERROR,
+            delivery_id=result.delivery_id,
+            source=result.source,
+            attempt=result.attempt_no,
+            failure_code=code,
+            status=kept.delivery_status,
+            error=str(exc)[:500],
+        )
+
+    async def _write(self, results: list[AttemptResult]) -> set[str]:
         backoff = Backoff()
         while True:
             try:
-                recorded = await self._store.record_results(
+                return await self._store.record_results(
                     results, self._worker, self._s.suppression_ttl
                 )
-                break
             except StoreUnavailable as exc:
                 # A result may stand for a message already accepted: never drop it.
                 self._inst.store_unavailable.add(1, {"component": "results"})
@@ -124,13 +174,6 @@ class ResultWriter:
                     retry_in_s=backoff.peek(),
                 )
                 await asyncio.sleep(backoff.next())
-        for result, future, trail in batch:
-            ok = result.delivery_id in recorded
-            if not future.done():
-                future.set_result(ok)
-            self._report(result, ok, trail)
-        if recorded and self._on_recorded is not None:
-            self._on_recorded()
 
     def _report(self, r: AttemptResult, recorded: bool, trail: Trail) -> None:
         """Count the outcome and write its one line: the line an operator greps."""
@@ -179,6 +222,34 @@ class ResultWriter:
 
 # Sent and retry scheduled log at INFO; every other ending at WARNING (it wants a look).
 _QUIET = frozenset({"sent", "queued"})
+
+
+def storable_forms(r: AttemptResult) -> Iterator[AttemptResult]:
+    """The result as it is, then without the server's texts, then as its bare ending."""
+    yield r
+    note = "the server's reply text could not be stored"
+    yield dataclasses.replace(
+        r,
+        reply_text=note if r.reply_text is not None else None,
+        status_reason=note if r.status_reason is not None else None,
+        recipients={a: RecipientOutcome(o.outcome, o.code, None) for a, o in r.recipients.items()},
+        failure_code=r.failure_code or "unrecordable_reply",
+    )
+    yield AttemptResult(
+        delivery_id=r.delivery_id,
+        source=r.source,
+        claim_token=r.claim_token,
+        attempt_no=r.attempt_no,
+        attempt_status=r.attempt_status,
+        delivery_status="sent" if r.delivery_status == "sent" else "failed",
+        started_at=r.started_at,
+        finished_at=r.finished_at,
+        status_reason="the attempt's result could not be stored (see the daemon's log)",
+        failure_code="unrecordable_result",
+        possible_duplicate=r.possible_duplicate,
+        record_attempt=r.record_attempt,
+        claimed=r.claimed,
+    )
 
 
 def _details(r: AttemptResult) -> dict[str, object]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from datetime import UTC, datetime
@@ -18,6 +19,7 @@ from opentelemetry import trace
 
 from maildaemon.config import Settings
 from maildaemon.delivery import (
+    DAEMON_FAILURE_CODES,
     AttemptResult,
     ClaimedDelivery,
     DeliveryStatus,
@@ -198,7 +200,12 @@ class Scheduler:
         if not claims:
             return 0
         self._inst.claims.add(len(claims))
-        jobs, finished = await self._prepare(claims)
+        try:
+            jobs, finished = await self._prepare(claims)
+        except StoreUnavailable:
+            raise
+        except Exception as exc:  # one claim's data broke the batch: find it, end only it
+            jobs, finished = await self._prepare_apart(claims, exc)
         self._queue.put(jobs)
         if finished:
             by_id = {c.delivery_id: c for c in claims}
@@ -253,9 +260,52 @@ class Scheduler:
         jobs = await self._jobs(ready, finished, now)
         return jobs, finished
 
-    @staticmethod
-    def _end_early(claim: ClaimedDelivery, now: datetime) -> AttemptResult | None:
-        """A delivery that ends before rendering: expired, or nothing to render from."""
+    async def _prepare_apart(
+        self, claims: list[ClaimedDelivery], cause: Exception
+    ) -> tuple[list[Job], list[AttemptResult]]:
+        """Prepare each claim alone; one whose own preparation raises ends ``failed``
+        (``unprocessable``) instead of stopping the scheduler on every replica. A store
+        outage meanwhile still propagates (the claims' leases run out, as before)."""
+        event(log, "claim batch fault", logging.WARNING, error=repr(cause), size=len(claims))
+        jobs: list[Job] = []
+        finished: list[AttemptResult] = []
+        for claim in claims:
+            try:
+                one_jobs, one_finished = await self._prepare([claim])
+            except StoreUnavailable:
+                raise
+            except Exception as exc:
+                finished.append(self._poisoned(claim, "unprocessable", exc))
+                continue
+            jobs += one_jobs
+            finished += one_finished
+        return jobs, finished
+
+    def _poisoned(self, claim: ClaimedDelivery, code: str, exc: Exception | str) -> AttemptResult:
+        """End one delivery whose own data broke a step: ``failed`` with ``code``."""
+        error = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+        self._inst.poison_ended.add(1, {"component": "scheduler", "failure_code": code})
+        event(
+            log,
+            "delivery data unprocessable",
+            logging.ERROR,
+            delivery_id=claim.delivery_id,
+            source=claim.source,
+            failure_code=code,
+            error=error[:500],
+            exc_info=exc if isinstance(exc, Exception) else None,
+        )
+        reason = f"{DAEMON_FAILURE_CODES[code]}: {error}"[:500]
+        ended = without_attempt(
+            claim, "failed", reason, datetime.now(UTC), "failed", record_attempt=True
+        )
+        return dataclasses.replace(ended, failure_code=code)
+
+    def _end_early(self, claim: ClaimedDelivery, now: datetime) -> AttemptResult | None:
+        """A delivery that ends before rendering: unreadable, expired, or nothing to
+        render from."""
+        if claim.unreadable is not None:
+            return self._poisoned(claim, "store_unreadable", claim.unreadable)
         if claim.expires_at is not None and claim.expires_at <= now:
             reason = "expires_at passed before the attempt"
             return without_attempt(claim, "expired", reason, now, "expired")

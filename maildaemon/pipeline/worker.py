@@ -8,6 +8,7 @@ hand the result to the result writer, which commits it whatever happens to the w
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import ssl
 import time
@@ -17,7 +18,13 @@ from opentelemetry import trace
 
 from maildaemon.config import Settings
 from maildaemon.delivery import AttemptResult
-from maildaemon.errors import NotBegun, TransportError, TransportTimeout, UnknownOutcome
+from maildaemon.errors import (
+    NotBegun,
+    TransientTransportError,
+    TransportError,
+    TransportTimeout,
+    UnknownOutcome,
+)
 from maildaemon.logs import event
 from maildaemon.pipeline.jobs import Job, JobQueue
 from maildaemon.pipeline.results import ResultWriter, Trail
@@ -122,20 +129,56 @@ class AttemptWorker:
         except TransportError as exc:
             transaction_span(self._tracer, started_ns, self._phases, None, exc)
             return self._failed(job, exc, started)
+        except Exception as exc:  # a reply or message that breaks the client: this job's own
+            return self._faulted(job, exc, started)
         finished = datetime.now(UTC)
         transaction_span(self._tracer, started_ns, self._phases, report, None)
         self._inst.send_duration_ms.record(report.duration_ms)
         self._accepted(job, report)
         self._limiter.observe(report)
-        return from_report(
-            claim, job.recipients, report, self._policy, started, finished, job.suppressed
-        )
+        try:
+            return from_report(
+                claim, job.recipients, report, self._policy, started, finished, job.suppressed
+            )
+        except Exception as exc:  # the data went out: whatever the fault, "unknown"
+            return self._faulted(job, exc, started, in_data=True)
 
     def _accepted(self, job: Job, report: SendReport) -> None:
         """End-to-end latency: the command's XADD time to the server's acceptance."""
         enqueued = job.claim.enqueued_ms()
         if report.data_reply is not None and enqueued is not None:
             self._inst.end_to_end_latency_ms.record(max(0, time.time_ns() // 1_000_000 - enqueued))
+
+    def _faulted(
+        self, job: Job, fault: Exception, started: datetime, in_data: bool | None = None
+    ) -> AttemptResult:
+        """An unexpected error inside one send ends that attempt, never the worker: the
+        connection is dropped (its state is unknown) and the attempt is retried on the
+        ladder like a lost link — ``unknown`` once the data may have gone out."""
+        stage = self._conn.stage
+        if in_data is None:
+            in_data = self._conn.in_data
+        self._conn.abort()
+        what = f"{type(fault).__name__}: {fault}"[:300]
+        exc: TransportError = (
+            UnknownOutcome(f"unexpected fault during DATA: {what}", stage=stage)
+            if in_data
+            else TransientTransportError(f"unexpected fault at {stage}: {what}", stage=stage)
+        )
+        self._inst.poison_ended.add(1, {"component": "worker", "failure_code": "attempt_fault"})
+        event(
+            log,
+            "smtp attempt fault",
+            logging.ERROR,
+            delivery_id=job.claim.delivery_id,
+            source=job.claim.source,
+            attempt=job.claim.attempt_no,
+            failure_code="attempt_fault",
+            stage=stage,
+            exc_info=fault,
+        )
+        result = self._failed(job, exc, started)
+        return dataclasses.replace(result, failure_code="attempt_fault")
 
     def _failed(self, job: Job, exc: TransportError, started: datetime) -> AttemptResult:
         finished = datetime.now(UTC)

@@ -22,6 +22,8 @@ from maildaemon.delivery import (
     IntakeResult,
     RenderedPin,
 )
+from maildaemon.errors import StoreRejected
+from maildaemon.store import codecs
 from maildaemon.store import queries as q
 from maildaemon.store import rows as convert
 from maildaemon.store.pgerrors import _UNAVAILABLE, RETRYABLE, translate_errors
@@ -75,6 +77,7 @@ class Store:
                 command_timeout=command_timeout,
                 server_settings=settings,
                 statement_cache_size=0 if pgbouncer else 100,
+                init=codecs.install,
             )
         return cls(pool)
 
@@ -254,7 +257,7 @@ class Store:
             if "*" in paused:
                 return []
             rows = await self.pool.fetch(q.CLAIM_DUE, limit, lease_seconds, worker, paused)
-        return [convert.claimed(r) for r in rows]
+        return [convert.claimed_or_unreadable(r) for r in rows]
 
     async def release(self, claims: Iterable[ClaimedDelivery]) -> int:
         claims = list(claims)
@@ -304,7 +307,7 @@ class Store:
             return await write_outcomes(conn, results, worker, suppression_ttl)
 
     @contextlib.asynccontextmanager
-    async def outbox_batch(self, limit: int) -> AsyncIterator[list[dict[str, Any]]]:
+    async def outbox_batch(self, limit: int) -> AsyncIterator[list[dict[str, str | int | float]]]:
         """The oldest unpublished outcome events, deleted when the block exits normally.
 
         Only one replica holds a batch at a time; the others get an empty list. An error
@@ -319,7 +322,7 @@ class Store:
                 yield []
                 return
             rows = await conn.fetch(q.OUTBOX_BATCH, limit)
-            yield [json.loads(r["fields"]) for r in rows]
+            yield [convert.stream_fields(r["fields"]) for r in rows]
             if rows:
                 await conn.execute(q.OUTBOX_DELETE, [r["id"] for r in rows])
 
@@ -410,16 +413,26 @@ async def write_outcomes(
     here, inside the caller's transaction: the delivery row (fenced by claim token), the
     attempt row, the dead letter, suppressions and the outcome event (outbox). Returns the
     delivery ids the fence let in."""
-    payload = json.dumps([convert.result_row(r, worker) for r in results], ensure_ascii=False)
+    try:
+        rows = [convert.result_row(r, worker) for r in results]
+        payload = json.dumps(rows, ensure_ascii=False, allow_nan=False)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise StoreRejected(f"record results: a result cannot be serialised: {exc}") from exc
     recorded = {row["delivery_id"] for row in await conn.fetch(q.RECORD_RESULTS, payload)}
-    suppress = [(a, r) for r in results if r.delivery_id in recorded for a in r.suppress]
+    # One row per address: ON CONFLICT DO UPDATE may not touch a row twice in a statement,
+    # and two mails to one dead address in a batch is the common case. The latest wins.
+    suppress: dict[str, tuple[str, AttemptResult]] = {}
+    for r in results:
+        if r.delivery_id in recorded:
+            for a in r.suppress:
+                suppress[lookup_key(a).lower()] = (a, r)
     if suppress:
         await conn.execute(
             q.SUPPRESS_ADDRESSES,
-            [lookup_key(a) for a, _ in suppress],
-            [convert.suppression_reason(a, r) for a, r in suppress],
-            [convert.rcpt_code(a, r) for a, r in suppress],
-            [r.delivery_id for _, r in suppress],
+            list(suppress),
+            [convert.suppression_reason(a, r) for a, r in suppress.values()],
+            [convert.rcpt_code(a, r) for a, r in suppress.values()],
+            [r.delivery_id for _, r in suppress.values()],
             suppression_ttl,
         )
     return recorded

@@ -13,7 +13,8 @@ from __future__ import annotations
 # --- deliveries ---------------------------------------------------------------------------
 
 DELIVERY = """
-SELECT d.delivery_id, d.source, d.idempotency_key, d.status, d.status_reason, d.priority,
+SELECT d.delivery_id, d.source, d.idempotency_key, d.status, d.status_reason, d.failure_code,
+    d.priority,
     d.payload_mode, d.template_id, d.locale, d.to_addrs, d.cc_addrs, d.bcc_addrs, d.reply_to,
     d.pending_rcpts, d.rcpts_accepted, d.send_at, d.expires_at, d.next_attempt_at,
     d.attempt_count, d.ladder_base, d.possible_duplicate, d.last_reply_code, d.last_reply_text,
@@ -105,7 +106,8 @@ SELECT status, source, claim_token, attempt_count FROM mail.deliveries WHERE del
 REQUEUE = """
 UPDATE mail.deliveries d
 SET status = 'queued', next_attempt_at = now(), finished_at = NULL, claimed_by = NULL,
-    ladder_base = d.attempt_count, status_reason = $2, updated_at = now()
+    ladder_base = d.attempt_count, status_reason = $2, failure_code = NULL,
+    updated_at = now()
 WHERE d.delivery_id = $1
 RETURNING d.next_attempt_at
 """
@@ -190,7 +192,7 @@ WITH picked AS (
     SET status = 'queued',
         next_attempt_at = now() + make_interval(secs => numbered.n * $10::float8),
         finished_at = NULL, claimed_by = NULL, ladder_base = d.attempt_count,
-        status_reason = $11, updated_at = now()
+        status_reason = $11, failure_code = NULL, updated_at = now()
     FROM numbered
     WHERE d.delivery_id = numbered.delivery_id
     RETURNING d.delivery_id, d.next_attempt_at

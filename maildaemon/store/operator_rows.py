@@ -32,6 +32,7 @@ def delivery_record(
         idempotency_key=r["idempotency_key"],
         status=r["status"],
         status_reason=r["status_reason"],
+        failure_code=r["failure_code"],
         priority=r["priority"],
         payload_mode=r["payload_mode"],
         template_id=r["template_id"],

@@ -38,6 +38,7 @@ _REFUSED: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.ProgramLimitExceededError,
     asyncpg.exceptions.CheckViolationError,
     asyncpg.exceptions.NotNullViolationError,
+    asyncpg.exceptions.CardinalityViolationError,
     UnicodeError,
 )
 # Conflicts between concurrent transactions: the whole batch is simply tried again.

@@ -200,7 +200,8 @@ WITH r AS (
         delivery_id text, claim_token bigint, attempt_no integer, attempt_status text,
         delivery_status text, started_at timestamptz, finished_at timestamptz,
         reply_code integer, reply_text text, recipients jsonb, next_attempt_at timestamptz,
-        pending_rcpts text[], keep_pending boolean, status_reason text, terminal boolean,
+        pending_rcpts text[], keep_pending boolean, status_reason text, failure_code text,
+        terminal boolean,
         possible_duplicate boolean, record_attempt boolean, claimed boolean,
         accepted_now integer, worker text, event jsonb)
 ), upd AS (
@@ -211,6 +212,7 @@ WITH r AS (
         last_reply_code = coalesce(r.reply_code, d.last_reply_code),
         last_reply_text = coalesce(r.reply_text, d.last_reply_text),
         status_reason = r.status_reason,
+        failure_code = r.failure_code,
         rcpts_accepted = d.rcpts_accepted + r.accepted_now,
         possible_duplicate = d.possible_duplicate OR r.possible_duplicate,
         attempt_count = CASE WHEN r.record_attempt OR NOT r.claimed THEN d.attempt_count

@@ -140,6 +140,7 @@ class DeliveryRecord:
     idempotency_key: str
     status: str
     status_reason: str | None
+    failure_code: str | None  # the daemon's own reason (see RUNBOOK "poison rows")
     priority: int
     payload_mode: str
     template_id: str | None

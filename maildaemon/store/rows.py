@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -20,7 +20,9 @@ def clean_text(value: str | None) -> str | None:
 
 
 def iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
+    """An instant as PostgreSQL reads it: in UTC (PostgreSQL refuses offsets past ±15:59,
+    which RFC 3339 and Python allow up to ±23:59)."""
+    return value.astimezone(UTC).isoformat() if value is not None else None
 
 
 def conflict(entry: IntakeEntry, holder: str | None, same_key: bool) -> Rejection:
@@ -96,16 +98,17 @@ def result_row(r: AttemptResult, worker: str) -> dict[str, Any]:
         "started_at": r.started_at.isoformat(),
         "finished_at": r.finished_at.isoformat(),
         "reply_code": r.reply_code,
-        "reply_text": r.reply_text,
+        "reply_text": clean_text(r.reply_text),
         "recipients": {
-            addr: {"outcome": o.outcome, "code": o.code, "text": o.text}
+            addr: {"outcome": o.outcome, "code": o.code, "text": clean_text(o.text)}
             for addr, o in r.recipients.items()
         }
         or None,
         "next_attempt_at": iso(r.next_attempt_at),
         "pending_rcpts": list(r.pending_rcpts) if r.pending_rcpts is not None else None,
         "keep_pending": r.pending_rcpts is None and r.delivery_status not in TERMINAL_STATUSES,
-        "status_reason": r.status_reason,
+        "status_reason": clean_text(r.status_reason),
+        "failure_code": r.failure_code,
         "terminal": r.delivery_status in TERMINAL_STATUSES,
         "possible_duplicate": r.possible_duplicate,
         "record_attempt": r.record_attempt,
@@ -125,22 +128,54 @@ def event_fields(r: AttemptResult) -> dict[str, str | int]:
         "attempt": r.attempt_count,  # attempts on record (0: ended before any attempt)
         "attempt_status": r.attempt_status,
         "reply_code": r.reply_code if r.reply_code is not None else "",
-        "reply_text": (r.reply_text or "")[:500],
+        "reply_text": clean_text((r.reply_text or "")[:500]) or "",
         "next_attempt_at": r.next_attempt_at.isoformat() if r.next_attempt_at else "",
         "at": r.finished_at.isoformat(),
+        "failure_code": r.failure_code or "",
     }
 
 
 def suppression_reason(address: str, r: AttemptResult) -> str:
     outcome = r.recipients.get(address)
     if outcome is not None and outcome.text:
-        return f"permanent rejection: {outcome.code} {outcome.text}"[:500]
-    return f"permanent rejection: {r.reply_code} {r.reply_text}"[:500]
+        text = f"permanent rejection: {outcome.code} {outcome.text}"[:500]
+    else:
+        text = f"permanent rejection: {r.reply_code} {r.reply_text}"[:500]
+    return clean_text(text) or ""
 
 
 def rcpt_code(address: str, r: AttemptResult) -> int | None:
     outcome = r.recipients.get(address)
     return outcome.code if outcome is not None else r.reply_code
+
+
+def claimed_or_unreadable(r: asyncpg.Record) -> ClaimedDelivery:
+    """The claim as the scheduler takes it; a row whose values cannot be read back (a
+    payload that is no JSON object, an array that is no list of text) becomes a claim
+    marked ``unreadable``, which the scheduler ends instead of dying on it."""
+    try:
+        return claimed(r)
+    except Exception as exc:
+        return ClaimedDelivery(
+            delivery_id=r["delivery_id"],
+            source=r["source"],
+            claim_token=r["claim_token"],
+            attempt_no=r["attempt_count"],
+            priority=r["priority"],
+            to_addrs=(),
+            cc_addrs=(),
+            bcc_addrs=(),
+            pending_rcpts=None,
+            expires_at=None,
+            message_id=None,
+            traceparent=None,
+            possible_duplicate=False,
+            rcpts_accepted=0,
+            ladder_rung=0,
+            command=None,
+            rendered=None,
+            unreadable=clean_text(f"{type(exc).__name__}: {exc}"[:300]),
+        )
 
 
 def claimed(r: asyncpg.Record) -> ClaimedDelivery:
@@ -163,7 +198,38 @@ def claimed(r: asyncpg.Record) -> ClaimedDelivery:
         possible_duplicate=r["possible_duplicate"],
         rcpts_accepted=r["rcpts_accepted"],
         ladder_rung=r["ladder_rung"],
-        command=json.loads(command) if command is not None else None,
+        command=_command(command),
         rendered=bytes(rendered) if rendered is not None else None,
         stream_entry_id=r["stream_entry_id"],
     )
+
+
+def _command(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"the stored command is a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def stream_fields(text: str) -> dict[str, str | int | float]:
+    """An outbox row as the event stream's entry fields: never raises, so one row can
+    not stop publishing. Values Redis cannot take as they are (nested, booleans, null)
+    go as JSON text; a row that is no JSON object goes whole as ``malformed_event``."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict) or not value:
+        return {"malformed_event": clean_text(str(text)[:2000]) or ""}
+    out: dict[str, str | int | float] = {}
+    for key, item in value.items():
+        name = clean_text(str(key)) or "_"
+        if isinstance(item, str):
+            out[name] = clean_text(item) or ""
+        elif isinstance(item, int | float) and not isinstance(item, bool):
+            out[name] = item
+        else:
+            out[name] = clean_text(json.dumps(item, ensure_ascii=False)) or ""
+    return out

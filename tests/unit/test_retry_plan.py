@@ -22,6 +22,7 @@ def record(**fields: object) -> DeliveryRecord:
         idempotency_key="k",
         status="queued",
         status_reason=None,
+        failure_code=None,
         priority=2,
         payload_mode="template",
         template_id="signin_code",
