@@ -17,7 +17,13 @@ from opentelemetry import trace
 
 from maildaemon.config import Settings
 from maildaemon.delivery import AttemptResult
-from maildaemon.errors import NotBegun, TransportError, TransportTimeout, UnknownOutcome
+from maildaemon.errors import (
+    MessageTooLarge,
+    NotBegun,
+    TransportError,
+    TransportTimeout,
+    UnknownOutcome,
+)
 from maildaemon.logs import event
 from maildaemon.pipeline.jobs import Job, JobQueue
 from maildaemon.pipeline.results import ResultWriter, Trail
@@ -155,4 +161,17 @@ class AttemptWorker:
             reply_code=exc.code,
             reply_text=exc.text,
         )
+        if isinstance(exc, MessageTooLarge):
+            self._inst.messages_too_large.add(1)
+            event(
+                log,
+                "smtp message too large",
+                logging.WARNING,
+                delivery_id=job.claim.delivery_id,
+                source=job.claim.source,
+                attempt=job.claim.attempt_no,
+                failure_code=exc.failure_code,
+                size_octets=exc.size,
+                limit_octets=exc.limit,
+            )
         return from_error(job.claim, job.recipients, exc, self._policy, started, finished)

@@ -19,7 +19,7 @@ from maildaemon.delivery import (
     DeliveryStatus,
     RecipientOutcome,
 )
-from maildaemon.errors import TransportError, TransportTimeout, UnknownOutcome
+from maildaemon.errors import MessageTooLarge, TransportError, TransportTimeout, UnknownOutcome
 from maildaemon.retry import RetryPolicy
 from maildaemon.sending.reply import Reply, SendReport
 
@@ -295,6 +295,18 @@ def from_error(
             {},
             pending,
             possible_duplicate=True,
+        )
+    if isinstance(exc, MessageTooLarge):
+        # Refused here, before MAIL FROM: nobody got it, and no later attempt would differ.
+        return _make(
+            claim,
+            started,
+            finished,
+            "failed",
+            _final_status(claim, suppressed_all=False),
+            reply_text=reason,
+            recipients={a: RecipientOutcome("refused", None, reason) for a in pending},
+            status_reason=reason,
         )
     if exc.permanent:
         return _make(
