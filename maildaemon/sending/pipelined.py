@@ -261,6 +261,10 @@ class PipeliningConnection(SmtpConnection):
             if flight.settled(replies, report):
                 self.abort()  # refused before the data: the server discarded the chunk
                 return
+            if any(r.code == 421 for r in replies):
+                # The server said it was closing (RFC 5321 3.8): it acted on nothing later,
+                # so the chunk was not taken either.
+                raise self._failed_before_data(True, exc) from exc
             self.abort()
             raise UnknownOutcome(
                 f"link lost after the message data, before the server's reply: {_why(exc)}"
