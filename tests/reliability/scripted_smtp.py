@@ -4,10 +4,12 @@ Each stage — ``banner``, ``ehlo``, ``starttls``, ``auth``, ``mail``, ``rcpt``,
 ``end of data`` — has a FIFO of actions; an action is a reply line (``"421 4.3.2 busy"``,
 or bytes sent as they are, 8-bit or not), a reply line ending in ``CLOSE`` (the reply, then
 the server closes the link, as a server does after a 421 or when it gives up on a client),
-``"drop"`` (close the link without a reply) or ``"silence"`` (never answer; the link stays
-open until the client gives up). RCPT actions can also be keyed by address. With nothing
-scripted a stage answers normally. Every connection serves one transaction and is then
-closed, so each message starts from a fresh session and scripts apply deterministically.
+``"drop"`` (close the link without a reply), ``"silence"`` (never answer; the link stays
+open until the client gives up) or ``"endless"`` (a reply line that never ends). RCPT
+actions can also be keyed by address. With nothing scripted a stage answers normally.
+``bdat`` answers ``BDAT`` before its chunk is read, as a server refusing it outright does.
+Every connection serves one transaction and is then closed, so each message starts from a
+fresh session and scripts apply deterministically.
 
 ``pipelining``, ``chunking`` (BDAT, RFC 3030; its ``end of data`` is the reply to
 ``BDAT … LAST``) and ``size`` (RFC 1870) choose what EHLO offers.
@@ -84,6 +86,7 @@ class ScriptedSmtp:
         self.pipelining = True
         self.chunking = False
         self.size: int | None = None  # SIZE offered in EHLO, with this limit
+        self.endless_written = 0  # bytes of the "endless" reply line the client took
         self._ca = ca
         self._auth = auth
         self._server: asyncio.Server | None = None
@@ -165,6 +168,8 @@ class _Session:
         if action == "silence":
             await self.reader.read()  # until the client hangs up
             raise _Closed
+        if action == "endless":
+            await self.endless()
         line = action if isinstance(action, bytes) else action.encode()
         closing = line.endswith(CLOSE.encode())
         self.writer.write(line.removesuffix(CLOSE.encode()) + b"\r\n")
@@ -238,6 +243,16 @@ class _Session:
         return "\r\n".join(
             f"250{'-' if i < len(lines) - 1 else ' '}{text}" for i, text in enumerate(lines)
         )
+
+    async def endless(self) -> None:
+        """A reply line that never ends: written until the client cuts the link (or 64 MB)."""
+        self.writer.write(b"250-")
+        piece = b"x" * 65536
+        while self.server.endless_written < 64 * 2**20:
+            self.writer.write(piece)
+            await self.writer.drain()
+            self.server.endless_written += len(piece)
+        raise _Closed
 
     async def chunk(self, arg: str) -> bool:
         """``BDAT <size> LAST``: the whole message in one chunk (what the daemon sends)."""
