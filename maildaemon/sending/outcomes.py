@@ -297,17 +297,7 @@ def from_error(
             possible_duplicate=True,
         )
     if isinstance(exc, MessageTooLarge):
-        # Refused here, before MAIL FROM: nobody got it, and no later attempt would differ.
-        return _make(
-            claim,
-            started,
-            finished,
-            "failed",
-            _final_status(claim, suppressed_all=False),
-            reply_text=reason,
-            recipients={a: RecipientOutcome("refused", None, reason) for a in pending},
-            status_reason=reason,
-        )
+        return _too_large(claim, pending, reason, started, finished)
     if exc.permanent:
         return _make(
             claim,
@@ -324,6 +314,26 @@ def from_error(
         )
     status: AttemptStatus = "timed_out" if isinstance(exc, TransportTimeout) else "transport_failed"
     return _retry_or_give_up(claim, policy, status, reply, reason, started, finished, {}, None)
+
+
+def _too_large(
+    claim: ClaimedDelivery,
+    pending: tuple[str, ...],
+    reason: str,
+    started: datetime,
+    finished: datetime,
+) -> AttemptResult:
+    """Refused here, before MAIL FROM: nobody got it, and no later attempt would differ."""
+    return _make(
+        claim,
+        started,
+        finished,
+        "failed",
+        _final_status(claim, suppressed_all=False),
+        reply_text=reason,
+        recipients={a: RecipientOutcome("refused", None, reason) for a in pending},
+        status_reason=reason,
+    )
 
 
 def without_attempt(
