@@ -297,13 +297,14 @@ class _Flight:
         next command would have met the failure; the caller reports it."""
         if len(replies) <= self.mail:
             return False
+        mail = replies[self.mail].code
         rcpts = replies[self.mail + 1 : self.mail + 1 + self.rcpt_count]
-        if replies[self.mail].code == 250 and (
-            len(rcpts) < self.rcpt_count or any(r.code in (250, 251) for r in rcpts)
-        ):
-            return False
-        self.read_envelope(replies, report)
-        return True
+        refused = mail >= 400 or (
+            mail == 250 and len(rcpts) == self.rcpt_count and all(r.code >= 400 for r in rcpts)
+        )  # anything else there (a 354 to RCPT: a reply missing) is out of step
+        if refused:
+            self.read_envelope(replies, report)
+        return refused
 
     def read_envelope(self, replies: Sequence[Reply], report: SendReport) -> None:
         """What the MAIL and RCPT replies say, reported as ``SmtpConnection`` reports it."""

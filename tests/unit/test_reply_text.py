@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from maildaemon.errors import MessageTooLarge
 from maildaemon.sending.reply import MAX_REPLY_TEXT, Reply, storable_text
-from maildaemon.sending.session import ReplyReader
+from maildaemon.sending.session import OutOfStep, ReplyReader
 from maildaemon.sending.size import advertised_limit, mail_parameter
 from tests.unit.test_reply_reader import _Transport
 
@@ -94,3 +94,16 @@ def test_size_parameter_and_local_refusal() -> None:
     assert (info.value.size, info.value.limit) == (11, 10)
     assert "message_too_large" in str(info.value) and "11" in str(info.value)
     assert info.value.permanent
+
+
+async def test_the_reader_bounds_a_reply_of_endless_continuation_lines() -> None:
+    transport = _Transport()
+    reader = ReplyReader(transport)
+    line = b"250-" + b"x" * 1000 + b"\r\n"
+    fed = 0
+    while not transport.aborted and fed < 10 * 2**20:
+        reader.data_received(line)
+        fed += len(line)
+    assert transport.aborted and fed < 64 * 1024  # cut within about MAX_REPLY
+    with pytest.raises(OutOfStep):
+        await reader.reply()
