@@ -26,6 +26,7 @@ DAEMON_FAILURE_CODES = {
     "unprocessable": "preparing the delivery for sending raised on its data",
     "attempt_fault": "the attempt raised an unexpected error (retried on the ladder)",
     "unrecordable_result": "the attempt's result could not be stored, even without its texts",
+    "message_too_large": "the message is larger than the SMTP server's advertised SIZE",
 }
 
 AttemptStatus = Literal[

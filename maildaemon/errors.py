@@ -76,6 +76,22 @@ class PermanentTransportError(TransportError):
     permanent = True
 
 
+class MessageTooLarge(PermanentTransportError):
+    """The message is larger than the SMTP server accepts (its SIZE, RFC 1870); it was
+    refused before it was sent, and sending it again would not change that."""
+
+    failure_code = "message_too_large"
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"{self.failure_code}: the message is {size} octets, "
+            f"the SMTP server accepts at most {limit} (SIZE)",
+            stage="mail",
+        )
+        self.size = size
+        self.limit = limit
+
+
 class InsecureTransportError(TransientTransportError):
     """The server did not offer STARTTLS or the TLS handshake failed; nothing was sent."""
 

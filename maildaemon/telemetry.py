@@ -60,6 +60,7 @@ class Instruments:
     destination_changes: metrics.Counter
     redis_unpersisted: metrics.Counter
     redis_unavailable: metrics.Counter
+    messages_too_large: metrics.Counter
     # Gauges: values set by one bounded query every few seconds (scheduler, consumer),
     # read by the exporters; a scrape never queries anything.
     schedule_depth: int = 0
@@ -263,6 +264,10 @@ def _instruments(meter: metrics.Meter) -> Instruments:
         destination_changes=changes,
         redis_unpersisted=unpersisted,
         redis_unavailable=redis_down,
+        messages_too_large=counter(
+            "mail.smtp.messages_too_large",
+            description="Messages refused before sending: larger than the server's SIZE",
+        ),
     )
     _start_at_zero(inst)
     _observe(meter, inst)
@@ -272,7 +277,12 @@ def _instruments(meter: metrics.Meter) -> Instruments:
 def _start_at_zero(inst: Instruments) -> None:
     """Counters of rare events start at 0, so a dashboard or rate() sees them before the
     first one happens (and "absent" means "not scraped", not "never happened")."""
-    for counter in (inst.claims, inst.fenced_writes, inst.events_published):
+    for counter in (
+        inst.claims,
+        inst.fenced_writes,
+        inst.events_published,
+        inst.messages_too_large,
+    ):
         counter.add(0)
     inst.events_unpublished.add(0)
     for component in ("consumer", "scheduler", "results"):

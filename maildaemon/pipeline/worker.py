@@ -19,6 +19,7 @@ from opentelemetry import trace
 from maildaemon.config import Settings
 from maildaemon.delivery import AttemptResult
 from maildaemon.errors import (
+    MessageTooLarge,
     NotBegun,
     TransientTransportError,
     TransportError,
@@ -198,4 +199,17 @@ class AttemptWorker:
             reply_code=exc.code,
             reply_text=exc.text,
         )
+        if isinstance(exc, MessageTooLarge):
+            self._inst.messages_too_large.add(1)
+            event(
+                log,
+                "smtp message too large",
+                logging.WARNING,
+                delivery_id=job.claim.delivery_id,
+                source=job.claim.source,
+                attempt=job.claim.attempt_no,
+                failure_code=exc.failure_code,
+                size_octets=exc.size,
+                limit_octets=exc.limit,
+            )
         return from_error(job.claim, job.recipients, exc, self._policy, started, finished)

@@ -19,7 +19,7 @@ from maildaemon.delivery import (
     DeliveryStatus,
     RecipientOutcome,
 )
-from maildaemon.errors import TransportError, TransportTimeout, UnknownOutcome
+from maildaemon.errors import MessageTooLarge, TransportError, TransportTimeout, UnknownOutcome
 from maildaemon.retry import RetryPolicy
 from maildaemon.sending.reply import Reply, SendReport
 
@@ -296,6 +296,8 @@ def from_error(
             pending,
             possible_duplicate=True,
         )
+    if isinstance(exc, MessageTooLarge):
+        return _too_large(claim, pending, reason, started, finished)
     if exc.permanent:
         return _make(
             claim,
@@ -312,6 +314,27 @@ def from_error(
         )
     status: AttemptStatus = "timed_out" if isinstance(exc, TransportTimeout) else "transport_failed"
     return _retry_or_give_up(claim, policy, status, reply, reason, started, finished, {}, None)
+
+
+def _too_large(
+    claim: ClaimedDelivery,
+    pending: tuple[str, ...],
+    reason: str,
+    started: datetime,
+    finished: datetime,
+) -> AttemptResult:
+    """Refused here, before MAIL FROM: nobody got it, and no later attempt would differ."""
+    result = _make(
+        claim,
+        started,
+        finished,
+        "failed",
+        _final_status(claim, suppressed_all=False),
+        reply_text=reason,
+        recipients={a: RecipientOutcome("refused", None, reason) for a in pending},
+        status_reason=reason,
+    )
+    return replace(result, failure_code=MessageTooLarge.failure_code)
 
 
 def without_attempt(

@@ -22,6 +22,7 @@ error) loses the connection; when the message data was already out, the attempt 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import ssl
 import time
@@ -38,6 +39,7 @@ from maildaemon.errors import (
 )
 from maildaemon.sending.reply import Reply, SendReport
 from maildaemon.sending.session import LinkLost, OutOfStep, ReplyReader, Session
+from maildaemon.sending.size import mail_parameter
 from maildaemon.sending.smtp import SmtpConnection, _StaleConnection, envelope
 
 # A kept-open connection idle longer than this is probed with NOOP before a BDAT flight,
@@ -46,11 +48,11 @@ IDLE_PROBE_S = 5.0
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 
 
-def _address(prefix: bytes, address: str) -> bytes:
+def _address(prefix: bytes, address: str, parameters: bytes = b"") -> bytes:
     encoded = envelope(address)
     if _CONTROL.search(encoded):
         raise PermanentTransportError(f"address cannot be sent over SMTP: {address!r}")
-    return prefix + encoded + b">\r\n"
+    return prefix + encoded + b">" + parameters + b"\r\n"
 
 
 class PipeliningConnection(SmtpConnection):
@@ -124,9 +126,10 @@ class PipeliningConnection(SmtpConnection):
             raise _StaleConnection("kept-open connection closed or out of step")
         if self._may_begin is not None and not self._may_begin():
             raise NotBegun("stopping: no new SMTP transaction begins")
+        size = mail_parameter(message, session.size_limit)
         self.stage = "mail"  # the whole flight: MAIL, RCPT, DATA or BDAT
         commands = [b"RSET\r\n"] if session.dirty else []
-        commands.append(_address(b"MAIL FROM:<", sender))
+        commands.append(_address(b"MAIL FROM:<", sender, size))
         commands.extend(_address(b"RCPT TO:<", rcpt) for rcpt in recipients)
         flight = _Flight(len(commands) - len(recipients) - 1, recipients)
         session.dirty = True
@@ -146,10 +149,13 @@ class PipeliningConnection(SmtpConnection):
     ) -> None:
         """Write one flight, then read its ``expected`` replies into ``replies``.
 
-        ``replies`` keeps what arrived when this raises. Replies beyond ``expected`` that
-        came with them (more replies than commands) raise ``OutOfStep``.
+        ``replies`` keeps what arrived when this raises: a write refused because the link
+        is gone still reads every reply that came before it went (a refusal, then the
+        server's close). Replies beyond ``expected`` that came with them (more replies than
+        commands) raise ``OutOfStep``.
         """
-        reader.write(data)
+        with contextlib.suppress(LinkLost):
+            reader.write(data)  # if it is lost, reply() says so once the queue is empty
         async with asyncio.timeout(self._timeout):
             while len(replies) < expected:
                 replies.append(await reader.reply())
@@ -200,6 +206,9 @@ class PipeliningConnection(SmtpConnection):
             await self._exchange(reader, commands, flight.size, replies)
         except (LinkLost, OutOfStep, TimeoutError) as exc:
             self._closing(fresh, replies)
+            if flight.settled(replies, report):
+                self.abort()
+                return
             raise self._failed_before_data(fresh, exc) from exc
         self._closing(fresh, replies)
         flight.read_envelope(replies, report)
@@ -249,7 +258,12 @@ class PipeliningConnection(SmtpConnection):
             await self._exchange(session.reader, data, flight.size, replies)
         except (LinkLost, OutOfStep, TimeoutError) as exc:
             self._closing(fresh, replies)
-            if flight.nobody_accepted(replies):
+            if flight.settled(replies, report):
+                self.abort()  # refused before the data: the server discarded the chunk
+                return
+            if any(r.code == 421 for r in replies):
+                # The server said it was closing (RFC 5321 3.8): it acted on nothing later,
+                # so the chunk was not taken either.
                 raise self._failed_before_data(True, exc) from exc
             self.abort()
             raise UnknownOutcome(
@@ -275,14 +289,22 @@ class _Flight:
         """Replies in the flight: [RSET] MAIL RCPT… DATA|BDAT."""
         return self.mail + 1 + self.rcpt_count + 1
 
-    def nobody_accepted(self, replies: Sequence[Reply]) -> bool:
-        """From the replies that did arrive: was the message refused before its data?"""
+    def settled(self, replies: Sequence[Reply], report: SendReport) -> bool:
+        """The flight broke off (link lost, out of step, silence): do the replies that did
+        arrive decide the transaction as ``SmtpConnection``, one command at a time, decides
+        it? MAIL refused, or every RCPT answered and none accepted: the message cannot be
+        sent on this connection whatever came next, and ``report`` says why. Otherwise the
+        next command would have met the failure; the caller reports it."""
         if len(replies) <= self.mail:
             return False
-        if replies[self.mail].code != 250:
-            return True  # MAIL refused
+        mail = replies[self.mail].code
         rcpts = replies[self.mail + 1 : self.mail + 1 + self.rcpt_count]
-        return len(rcpts) == self.rcpt_count and not any(r.code in (250, 251) for r in rcpts)
+        refused = mail >= 400 or (
+            mail == 250 and len(rcpts) == self.rcpt_count and all(r.code >= 400 for r in rcpts)
+        )  # anything else there (a 354 to RCPT: a reply missing) is out of step
+        if refused:
+            self.read_envelope(replies, report)
+        return refused
 
     def read_envelope(self, replies: Sequence[Reply], report: SendReport) -> None:
         """What the MAIL and RCPT replies say, reported as ``SmtpConnection`` reports it."""

@@ -11,7 +11,8 @@ from typing import cast
 
 import aiosmtplib
 
-from maildaemon.sending.reply import Reply
+from maildaemon.sending.reply import Reply, storable_text
+from maildaemon.sending.size import advertised_limit
 
 MAX_LINE = 8192  # RFC 5321 allows 512 per reply line; be generous, but bounded
 MAX_REPLY = 4 * MAX_LINE
@@ -34,7 +35,7 @@ class ReplyReader(asyncio.Protocol):
         self.failure: Exception | None = None  # why no more replies will come
         self.last_activity = time.monotonic()
         self._buffer = bytearray()
-        self._lines: list[str] = []
+        self._lines: list[bytes] = []
         self._code = 0
         self._replies: collections.deque[Reply] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
@@ -102,12 +103,12 @@ class ReplyReader(asyncio.Protocol):
             if self._lines and code != self._code:
                 raise OutOfStep(f"multi-line reply changes its code: {self._code} then {code}")
             self._code = code
-            self._lines.append(line[4:].strip(b" \t\r\n").decode("utf-8", "surrogateescape"))
+            self._lines.append(line[4:].strip(b" \t\r\n"))
             if sep == b"-":
                 if sum(map(len, self._lines)) > MAX_REPLY:
                     raise OutOfStep("reply too long")
                 continue
-            self._replies.append(Reply(code, "\n".join(self._lines)))
+            self._replies.append(Reply(code, storable_text(b"\n".join(self._lines))))
             self._lines = []
         if len(self._buffer) > MAX_LINE:
             raise OutOfStep("reply line too long")
@@ -125,9 +126,10 @@ class ReplyReader(asyncio.Protocol):
 class Session:
     """A connection after STARTTLS, EHLO and AUTH, whose replies ``ReplyReader`` reads."""
 
-    def __init__(self, reader: ReplyReader, chunking: bool) -> None:
+    def __init__(self, reader: ReplyReader, chunking: bool, size_limit: int | None) -> None:
         self.reader = reader
         self.chunking = chunking
+        self.size_limit = size_limit  # the server's SIZE (RFC 1870), when it offers it
         self.dirty = False  # a transaction was left half-way: RSET leads the next flight
 
     @classmethod
@@ -135,12 +137,13 @@ class Session:
         """Detach the transport from aiosmtplib's protocol (one reply per command)."""
         transport = cast(asyncio.Transport, client.transport)
         chunking = client.supports_extension("chunking")
+        size_limit = advertised_limit(client.esmtp_extensions)
         reader = ReplyReader(transport)
         transport.set_protocol(reader)
         client.protocol = None
         client.transport = None
         client.close()  # resets aiosmtplib's state; the transport is ours now
-        return cls(reader, chunking)
+        return cls(reader, chunking, size_limit)
 
     async def quit(self) -> None:
         try:

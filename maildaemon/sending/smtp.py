@@ -29,7 +29,8 @@ from maildaemon.errors import (
     UnknownOutcome,
 )
 from maildaemon.logs import event
-from maildaemon.sending.reply import Reply, SendReport
+from maildaemon.sending.reply import Reply, SendReport, storable_text
+from maildaemon.sending.size import advertised_limit, mail_parameter
 
 log = logging.getLogger("maildaemon.smtp")
 # Wraps each connection phase ("smtp connect", "smtp starttls", "smtp auth"); the attempt
@@ -49,6 +50,13 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+def server_said(exc: aiosmtplib.SMTPResponseException) -> tuple[int | None, str]:
+    """An aiosmtplib reply error's code and text as they are recorded: the text storable
+    (aiosmtplib decodes with ``surrogateescape``), no code for its ``-1`` (no valid reply:
+    too long, or not an SMTP reply line)."""
+    return (exc.code if 200 <= exc.code <= 599 else None), storable_text(exc.message)
 
 
 def envelope(address: str) -> bytes:
@@ -143,21 +151,20 @@ class SmtpConnection:
         except InsecureTransportError:
             raise
         except aiosmtplib.SMTPAuthenticationError as exc:
+            code, text = server_said(exc)
             raise TransientTransportError(
-                f"SMTP authentication failed: {exc.code} {exc.message}",
-                code=exc.code,
-                text=exc.message,
-                stage="auth",
+                f"SMTP authentication failed: {code} {text}", code=code, text=text, stage="auth"
             ) from exc
         except aiosmtplib.SMTPTimeoutError as exc:
             raise TransportTimeout(
                 f"timed out at {self.stage} with {where}", stage=self.stage
             ) from exc
         except aiosmtplib.SMTPResponseException as exc:
+            code, text = server_said(exc)
             raise TransientTransportError(
-                f"{self.stage} refused by the server: {exc.code} {exc.message}",
-                code=exc.code,
-                text=exc.message,
+                f"{self.stage} refused by the server: {code} {text}",
+                code=code,
+                text=text,
                 stage=self.stage,
             ) from exc
         except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as exc:
@@ -179,11 +186,9 @@ class SmtpConnection:
         except aiosmtplib.SMTPTimeoutError:
             raise
         except aiosmtplib.SMTPResponseException as exc:
+            code, text = server_said(exc)
             raise InsecureTransportError(
-                f"STARTTLS refused: {exc.code} {exc.message}",
-                code=exc.code,
-                text=exc.message,
-                stage="starttls",
+                f"STARTTLS refused: {code} {text}", code=code, text=text, stage="starttls"
             ) from exc
         except (ssl.SSLError, aiosmtplib.SMTPException, OSError) as exc:
             raise InsecureTransportError(
@@ -218,6 +223,7 @@ class SmtpConnection:
         assert client is not None
         if self._may_begin is not None and not self._may_begin():
             raise NotBegun("stopping: no new SMTP transaction begins")
+        size = mail_parameter(message, advertised_limit(client.esmtp_extensions))
         report = SendReport()
         started = time.perf_counter()
         try:
@@ -228,7 +234,7 @@ class SmtpConnection:
             self.stage = "mail"
             # MAIL and RCPT through execute_command with pre-encoded addresses: the
             # client's own mail()/rcpt() re-parse every address with email.utils.
-            resp = await client.execute_command(b"MAIL", b"FROM:<" + envelope(sender) + b">")
+            resp = await client.execute_command(b"MAIL", b"FROM:<" + envelope(sender) + b">" + size)
             if resp.code != 250:
                 await self._reset(client)
                 report.data_refused = Reply(resp.code, resp.message)
@@ -283,12 +289,14 @@ class SmtpConnection:
             ) from exc
         except aiosmtplib.SMTPResponseException as exc:
             self.abort()
-            kind = PermanentTransportError if exc.code >= 500 else TransientTransportError
+            code, text = server_said(exc)
+            if self.in_data:  # no valid reply to the message data: it may have been taken
+                raise UnknownOutcome(
+                    f"no valid reply to the message data: {text}", stage=self.stage
+                ) from exc
+            kind = PermanentTransportError if code and code >= 500 else TransientTransportError
             raise kind(
-                f"{self.stage}: {exc.code} {exc.message}",
-                code=exc.code,
-                text=exc.message,
-                stage=self.stage,
+                f"{self.stage}: {code} {text}", code=code, text=text, stage=self.stage
             ) from exc
         except aiosmtplib.SMTPException as exc:
             self.abort()

@@ -19,7 +19,7 @@ import pytest
 import trustme
 
 from maildaemon.devstack.postgres import pick_free_port
-from maildaemon.errors import InsecureTransportError
+from maildaemon.errors import InsecureTransportError, MessageTooLarge
 from maildaemon.sending.pipelined import PipeliningConnection
 from maildaemon.sending.reply import SendReport
 from maildaemon.sending.smtp import tls_context
@@ -65,7 +65,9 @@ smtpd_tls_key_file = {d}/key.pem
 smtpd_recipient_restrictions = check_recipient_access texthash:{d}/rcpt_access,
     permit_mynetworks, reject
 smtpd_discard_ehlo_keywords = {discard}
+message_size_limit = {size_limit}
 """
+SIZE_LIMIT = 200_000  # Postfix offers SIZE with it; the test messages are far smaller
 SERVICES = """\
 cleanup unix n - n - 0 cleanup
 qmgr unix n - n 300 1 qmgr
@@ -162,7 +164,9 @@ def postfix_server(request: pytest.FixtureRequest) -> Iterator[Postfix]:
         (d / "mail").mkdir()
         os.chown(d / "mail", NOBODY, NOBODY)
         discard = VARIANTS[request.param]
-        (d / "main.cf").write_text(MAIN_CF.format(d=d, nobody=NOBODY, discard=discard))
+        (d / "main.cf").write_text(
+            MAIN_CF.format(d=d, nobody=NOBODY, discard=discard, size_limit=SIZE_LIMIT)
+        )
         (d / "master.cf").write_text(f"127.0.0.1:{port} inet n - n - - smtpd\n{SERVICES}")
         (d / "rcpt_access").write_text(RCPT_ACCESS)
         started = subprocess.run(
@@ -256,3 +260,21 @@ async def test_postfix_certificate_not_trusted_nothing_sent(
         await _send_with_retry(conn, ["ok@example.com"], MESSAGE)
     await asyncio.sleep(0.5)
     assert postfix.delivered() == []
+
+
+async def test_postfix_size_limit_refused_before_sending(postfix: Postfix) -> None:
+    """Postfix offers SIZE 200000: a message over it is refused here, before MAIL FROM, and
+    the connection goes on; a smaller one goes out with SIZE= declared and is delivered.
+    (Postfix counts the headers it adds against its limit too, so "fits" is well under.)"""
+    fits = MESSAGE + b"x" * (SIZE_LIMIT // 2) + b"\r\n"
+    conn = connection(postfix)
+    try:
+        assert (await _send_with_retry(conn, ["ok@example.com"], fits)).data_reply
+        with pytest.raises(MessageTooLarge) as info:
+            await conn.send("noreply@test.example", ["ok@example.com"], b"x" * (SIZE_LIMIT + 1))
+        assert (info.value.size, info.value.limit) == (SIZE_LIMIT + 1, SIZE_LIMIT)
+        assert (await conn.send("noreply@test.example", ["ok@example.com"], MESSAGE)).data_reply
+    finally:
+        await conn.close()
+    assert len(await postfix.wait_delivered(2)) == 2
+    assert postfix.log().count(" connect from ") == 1  # the refusal kept the session

@@ -1,11 +1,18 @@
 """A small SMTP server with STARTTLS whose every reply can be scripted, for the reply matrix.
 
 Each stage — ``banner``, ``ehlo``, ``starttls``, ``auth``, ``mail``, ``rcpt``, ``data``,
-``end of data`` — has a FIFO of actions; an action is a reply line (``"421 4.3.2 busy"``),
-``"drop"`` (close the link without a reply) or ``"silence"`` (never answer; the link stays
-open until the client gives up). RCPT actions can also be keyed by address. With nothing
-scripted a stage answers normally. Every connection serves one transaction and is then
-closed, so each message starts from a fresh session and scripts apply deterministically.
+``end of data`` — has a FIFO of actions; an action is a reply line (``"421 4.3.2 busy"``,
+or bytes sent as they are, 8-bit or not), a reply line ending in ``CLOSE`` (the reply, then
+the server closes the link, as a server does after a 421 or when it gives up on a client),
+``"drop"`` (close the link without a reply), ``"silence"`` (never answer; the link stays
+open until the client gives up) or ``"endless"`` (a reply line that never ends). RCPT
+actions can also be keyed by address. With nothing scripted a stage answers normally.
+``bdat`` answers ``BDAT`` before its chunk is read, as a server refusing it outright does.
+Every connection serves one transaction and is then closed, so each message starts from a
+fresh session and scripts apply deterministically.
+
+``pipelining``, ``chunking`` (BDAT, RFC 3030; its ``end of data`` is the reply to
+``BDAT … LAST``) and ``size`` (RFC 1870) choose what EHLO offers.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ from pathlib import Path
 
 import trustme
 
-STAGES = ("banner", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "end of data")
+CLOSE = " +close"  # suffix of a reply line: the server closes the link after sending it
+STAGES = ("banner", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "bdat", "end of data")
 _DEFAULTS = {
     "banner": "220 scripted.test ESMTP",
     "starttls": "220 2.0.0 ready to start TLS",
@@ -40,12 +48,15 @@ class Received:
     data: bytes
 
 
+Action = str | bytes
+
+
 @dataclass
 class Script:
-    stages: dict[str, list[str]] = field(default_factory=dict)
-    rcpt: dict[str, list[str]] = field(default_factory=dict)  # per address
+    stages: dict[str, list[Action]] = field(default_factory=dict)
+    rcpt: dict[str, list[Action]] = field(default_factory=dict)  # per address
 
-    def take(self, stage: str, address: str | None = None) -> str | None:
+    def take(self, stage: str, address: str | None = None) -> Action | None:
         if address is not None and self.rcpt.get(address):
             return self.rcpt[address].pop(0)
         queue = self.stages.get(stage)
@@ -60,6 +71,10 @@ class _Closed(Exception):
     """The scripted action ended the session."""
 
 
+class _ClosedAfterReply(Exception):
+    """The scripted action sent its reply, then ended the session."""
+
+
 class ScriptedSmtp:
     def __init__(self, ca: trustme.CA, auth: tuple[str, str] | None = None) -> None:
         self.script = Script()
@@ -67,6 +82,11 @@ class ScriptedSmtp:
         self.connections = 0
         self.data_delay = 0.0  # seconds before the reply to the end of data (a slow server)
         self.mail_times: list[float] = []  # time.time() of every MAIL FROM received
+        self.mail_args: list[str] = []  # the argument of every MAIL command received
+        self.pipelining = True
+        self.chunking = False
+        self.size: int | None = None  # SIZE offered in EHLO, with this limit
+        self.endless_written = 0  # bytes of the "endless" reply line the client took
         self._ca = ca
         self._auth = auth
         self._server: asyncio.Server | None = None
@@ -101,7 +121,10 @@ class ScriptedSmtp:
         self._tasks.add(task)
         self.connections += 1
         try:
-            await _Session(self, reader, writer).run()
+            try:
+                await _Session(self, reader, writer).run()
+            except _ClosedAfterReply:
+                await _drain_briefly(reader)
             writer.close()  # the last reply is flushed first
             with contextlib.suppress(OSError, ssl.SSLError, TimeoutError):
                 await asyncio.wait_for(writer.wait_closed(), 2)
@@ -145,9 +168,15 @@ class _Session:
         if action == "silence":
             await self.reader.read()  # until the client hangs up
             raise _Closed
-        self.writer.write(action.encode() + b"\r\n")
+        if action == "endless":
+            await self.endless()
+        line = action if isinstance(action, bytes) else action.encode()
+        closing = line.endswith(CLOSE.encode())
+        self.writer.write(line.removesuffix(CLOSE.encode()) + b"\r\n")
         await self.writer.drain()
-        return action
+        if closing:
+            raise _ClosedAfterReply
+        return line.decode("utf-8", "replace")
 
     async def run(self) -> None:
         await self.act("banner", _DEFAULTS["banner"])
@@ -174,6 +203,7 @@ class _Session:
             await self.act("auth", _DEFAULTS["auth"] if ok else "535 5.7.8 bad credentials")
         elif verb == "MAIL":
             self.server.mail_times.append(time.time())
+            self.server.mail_args.append(arg)
             if not self.tls:
                 await self.act("mail", "530 5.7.0 must issue STARTTLS first")
                 return False
@@ -181,8 +211,13 @@ class _Session:
                 self.mail_from, self.rcpts = _address(arg), []
         elif verb == "RCPT":
             address = _address(arg)
-            if (await self.act("rcpt", _DEFAULTS["rcpt"], address)).startswith("2"):
+            default = _DEFAULTS["rcpt"] if self.mail_from is not None else "503 5.5.1 MAIL first"
+            if (await self.act("rcpt", default, address)).startswith("2"):
                 self.rcpts.append(address)
+        elif verb == "BDAT" and self.server.chunking:
+            return await self.chunk(arg)
+        elif verb == "DATA" and not self.rcpts:
+            await self.act("other", "554 5.5.1 no valid recipients")
         elif verb == "DATA":
             if (await self.act("data", _DEFAULTS["data"])).startswith("3"):
                 return await self.message()
@@ -197,7 +232,10 @@ class _Session:
         return False
 
     def ehlo_reply(self) -> str:
-        lines = ["scripted.test", "PIPELINING", "8BITMIME"]
+        lines = ["scripted.test", "8BITMIME"]
+        lines += ["PIPELINING"] if self.server.pipelining else []
+        lines += ["CHUNKING"] if self.server.chunking else []
+        lines += [f"SIZE {self.server.size}"] if self.server.size is not None else []
         if not self.tls:
             lines.append("STARTTLS")
         elif self.server.offers_auth:
@@ -205,6 +243,34 @@ class _Session:
         return "\r\n".join(
             f"250{'-' if i < len(lines) - 1 else ' '}{text}" for i, text in enumerate(lines)
         )
+
+    async def endless(self) -> None:
+        """A reply line that never ends: written until the client cuts the link (or 64 MB)."""
+        self.writer.write(b"250-")
+        piece = b"x" * 65536
+        while self.server.endless_written < 64 * 2**20:
+            self.writer.write(piece)
+            await self.writer.drain()
+            self.server.endless_written += len(piece)
+        raise _Closed
+
+    async def chunk(self, arg: str) -> bool:
+        """``BDAT <size> LAST``: the whole message in one chunk (what the daemon sends)."""
+        size, _, last = arg.partition(" ")
+        if self.server.script.stages.get("bdat"):  # answered before the chunk is read
+            await self.act("bdat", "")
+            return True
+        data = await self.reader.readexactly(int(size))
+        if not self.rcpts:
+            await self.act("other", "554 5.5.1 no valid recipients")
+            return True
+        if last.strip().upper() != "LAST":
+            await self.act("other", "250 2.0.0 chunk received")
+            return False
+        reply = await self.act("end of data", _DEFAULTS["end of data"])
+        if reply.startswith("2"):
+            self.server.received.append(Received(self.mail_from or "", tuple(self.rcpts), data))
+        return True  # one transaction per connection
 
     async def message(self) -> bool:
         chunks: list[bytes] = []
@@ -223,6 +289,16 @@ class _Session:
                 Received(self.mail_from or "", tuple(self.rcpts), b"".join(chunks))
             )
         return True  # one transaction per connection
+
+
+async def _drain_briefly(reader: asyncio.StreamReader) -> None:
+    """Read what the client already sent before closing: closing a socket with unread data
+    resets the connection, and a reset can take the last reply with it before the client
+    reads it. (A real server that closes reads its input first, or lingers, too.)"""
+    with contextlib.suppress(OSError, ssl.SSLError, TimeoutError):
+        async with asyncio.timeout(0.2):
+            while await reader.read(65536):
+                pass
 
 
 def _address(arg: str) -> str:

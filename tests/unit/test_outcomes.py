@@ -11,6 +11,7 @@ import pytest
 from maildaemon.delivery import ClaimedDelivery
 from maildaemon.errors import (
     InsecureTransportError,
+    MessageTooLarge,
     PermanentTransportError,
     TransientTransportError,
     TransportTimeout,
@@ -233,6 +234,17 @@ def test_permanent_connection_failure() -> None:
     exc = PermanentTransportError("no", code=554, text="go away")
     result = from_error(claim(), ["a@example.com"], exc, POLICY, NOW, NOW)
     assert result.delivery_status == "failed" and result.reply_code == 554
+    assert result.recipients["a@example.com"].outcome == "refused"
+
+
+def test_message_too_large_fails_for_good_naming_both_sizes() -> None:
+    exc = MessageTooLarge(2_000_000, 1_000_000)
+    result = from_error(claim(), ["a@example.com"], exc, POLICY, NOW, NOW)
+    assert (result.attempt_status, result.delivery_status) == ("failed", "failed")
+    assert result.next_attempt_at is None and result.reply_code is None
+    reason = result.status_reason or ""
+    assert reason.startswith("message_too_large:") and "2000000" in reason
+    assert "1000000" in reason and result.reply_text == reason
     assert result.recipients["a@example.com"].outcome == "refused"
 
 
