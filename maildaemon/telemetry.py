@@ -293,6 +293,14 @@ def _start_at_zero(inst: Instruments) -> None:
         inst.destination_changes.add(0, {"state": state})
     inst.redis_unpersisted.add(0)
     inst.redis_unavailable.add(0, {"component": "consumer"})
+    for component, code in (
+        ("scheduler", "store_unreadable"),
+        ("scheduler", "unprocessable"),
+        ("worker", "attempt_fault"),
+        ("results", "unrecordable_reply"),
+        ("results", "unrecordable_result"),
+    ):
+        inst.poison_ended.add(0, {"component": component, "failure_code": code})
 
 
 def _observe(meter: metrics.Meter, inst: Instruments) -> None:

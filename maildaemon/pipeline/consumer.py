@@ -29,7 +29,7 @@ from maildaemon.delivery import IntakeEntry, IntakeResult
 from maildaemon.errors import StoreRejected, StoreUnavailable
 from maildaemon.logs import event
 from maildaemon.pipeline.spans import command_spans
-from maildaemon.pipeline.stream_reader import BoundedBatch, BoundedReader
+from maildaemon.pipeline.stream_reader import BoundedBatch, BoundedReader, EntryCounter
 from maildaemon.retry import Backoff
 from maildaemon.store.db import RETRYABLE, Store
 from maildaemon.telemetry import Instruments
@@ -39,7 +39,10 @@ log = logging.getLogger("maildaemon.consumer")
 RAW_CAP = 64 * 1024  # characters of a malformed entry kept in its record
 IDLE_POLL_MAX = 0.05  # seconds between polls of an idle stream, at most
 OBSERVE_EVERY = 5.0  # seconds between consumer lag observations (XINFO GROUPS)
-LAG_SCAN_CAP = 10_000  # Redis < 7 has no `lag`: count undelivered entries up to this many
+# Redis < 7 has no `lag`: undelivered entries are counted inside Redis, up to this many
+# entries or bytes (the lag alert fires at 1,000).
+LAG_SCAN_CAP = 10_000
+LAG_SCAN_BYTES = 8 * 1024 * 1024
 
 
 def entry_id_text(entry_id: bytes | str) -> str:
@@ -108,6 +111,9 @@ class StreamConsumer:
         self._stopping = asyncio.Event()
         self.started = asyncio.Event()  # set once the group exists and reading begins
         self._last_reclaim = 0.0
+        self._lag_counter = EntryCounter(
+            redis, settings.command_stream, cap=LAG_SCAN_CAP, byte_cap=LAG_SCAN_BYTES
+        )
         self._reader = BoundedReader(
             redis,
             settings.command_stream,
@@ -245,7 +251,7 @@ class StreamConsumer:
             self._inst.consumer_lag, self._inst.consumer_pending = observed
 
     async def _read_lag(self) -> tuple[int, int] | None:
-        """(lag, pending) of our group: XINFO GROUPS, and on Redis < 7 a bounded XRANGE."""
+        """(lag, pending) of our group: XINFO GROUPS, and on Redis < 7 a bounded count."""
         s = self._s
         groups = await self._redis.xinfo_groups(s.command_stream)
         names = (s.consumer_group, s.consumer_group.encode())
@@ -254,12 +260,7 @@ class StreamConsumer:
             return None
         lag = group.get("lag")
         if lag is None:  # Redis < 7, or a lag Redis cannot tell: count, bounded
-            last = group["last-delivered-id"]
-            after = b"(" + (last if isinstance(last, bytes) else str(last).encode())
-            entries = await self._redis.xrange(
-                s.command_stream, min=after, max="+", count=LAG_SCAN_CAP
-            )
-            lag = len(entries or ())
+            lag = await self._lag_counter.after(group["last-delivered-id"])
         return int(lag), int(group["pending"])
 
     async def _take_in(self, batch: BoundedBatch) -> None:

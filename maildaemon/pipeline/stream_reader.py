@@ -154,3 +154,41 @@ class BoundedReader:
         ]
         self.deferred = list(deferred)
         return batch
+
+
+# KEYS[1] stream; ARGV: exclusive start id ("(<id>"), entry cap, byte cap. Returns how many
+# entries follow the start, counted one at a time inside Redis and stopped at either cap, so
+# neither the daemon nor Redis ever holds more than one entry for the count (before Redis 7,
+# XINFO GROUPS has no `lag`, and an XRANGE of the backlog would bring it all to the daemon).
+_COUNT_AFTER = """
+local stream, start = KEYS[1], ARGV[1]
+local cap, byte_cap = tonumber(ARGV[2]), tonumber(ARGV[3])
+local counted, scanned = 0, 0
+while counted < cap and scanned < byte_cap do
+  local found = redis.call('XRANGE', stream, start, '+', 'COUNT', 1)
+  if #found == 0 then break end
+  local id, fields = found[1][1], found[1][2]
+  counted = counted + 1
+  for i = 1, #fields do scanned = scanned + #fields[i] end
+  start = '(' .. id
+end
+return counted
+"""
+
+
+class EntryCounter:
+    """Counts the entries after an id, up to ``cap`` entries or ``byte_cap`` bytes read.
+
+    The count is exact below both caps and a lower bound at either (enough for a lag
+    gauge whose alert threshold lies well below the cap)."""
+
+    def __init__(self, redis: aioredis.Redis, stream: str, *, cap: int, byte_cap: int) -> None:
+        self._stream = stream
+        self._cap = cap
+        self._byte_cap = byte_cap
+        self._script = redis.register_script(_COUNT_AFTER)
+
+    async def after(self, entry_id: bytes | str) -> int:
+        last = entry_id if isinstance(entry_id, bytes) else entry_id.encode()
+        args: list[bytes | int] = [b"(" + last, self._cap, self._byte_cap]
+        return int(cast(int, await self._script(keys=[self._stream], args=args)))

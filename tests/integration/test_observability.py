@@ -280,6 +280,30 @@ async def test_consumer_lag_and_pending_from_the_group(make_settings: MakeSettin
         telemetry.shutdown()
 
 
+async def test_lag_count_before_redis_7_stops_at_its_caps(make_settings: MakeSettings) -> None:
+    """The count Redis < 7 needs runs inside Redis one entry at a time: exact below its caps,
+    stopped at the entry cap or the byte cap, and nothing of the backlog reaches the daemon."""
+    from maildaemon.pipeline.stream_reader import EntryCounter
+    from tests.support import redis_client
+
+    settings = make_settings()
+    client = redis_client(settings.redis_master_addr)
+    stream = settings.command_stream
+    try:
+        first = await client.xadd(stream, {"command": "x" * 1000})
+        for _ in range(9):
+            await client.xadd(stream, {"command": "x" * 1000})
+        wide = EntryCounter(client, stream, cap=100, byte_cap=1 << 20)
+        assert await wide.after(first) == 9
+        assert await wide.after("0-0") == 10
+        assert await EntryCounter(client, stream, cap=4, byte_cap=1 << 20).after("0-0") == 4
+        # Each entry is ~1,007 bytes: the scan stops once 3,000 bytes have been read.
+        assert await EntryCounter(client, stream, cap=100, byte_cap=3000).after("0-0") == 3
+        assert await wide.after("99999999999999-0") == 0
+    finally:
+        await client.aclose()
+
+
 async def test_operator_cancel_writes_the_cancelled_line(make_settings: MakeSettings) -> None:
     from maildaemon.store.db import Store
     from maildaemon.store.operator import OperatorStore
