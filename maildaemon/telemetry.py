@@ -51,6 +51,7 @@ class Instruments:
     claims: metrics.Counter
     fenced_writes: metrics.Counter
     poison_ended: metrics.Counter
+    lost_claims_released: metrics.Counter
     store_unavailable: metrics.Counter
     events_published: metrics.Counter
     events_unpublished: metrics.Counter
@@ -235,6 +236,10 @@ def _instruments(meter: metrics.Meter) -> Instruments:
             "mail.attempt.fenced_writes",
             description="Results refused because the lease had been reclaimed",
         ),
+        lost_claims_released=counter(
+            "mail.attempt_schedule.lost_claims_released",
+            description="Leases given back at reconnect from claims whose commit reply was lost",
+        ),
         poison_ended=counter(
             "mail.delivery.poison",
             description="Deliveries whose own data broke a component, ended or retried in "
@@ -282,6 +287,7 @@ def _start_at_zero(inst: Instruments) -> None:
         inst.fenced_writes,
         inst.events_published,
         inst.messages_too_large,
+        inst.lost_claims_released,
     ):
         counter.add(0)
     inst.events_unpublished.add(0)

@@ -151,17 +151,26 @@ class Db:
 
 
 class TcpProxy:
-    """A TCP relay that a test can cut and restore, to take a server 'down'."""
+    """A TCP relay that a test can cut and restore, to take a server 'down'.
+
+    :meth:`lose_reply_to` arms a one-shot fault: the request holding a marker reaches the
+    server whole, the server's reply is withheld and the client's link cut as soon as the
+    server answers (so the server has done the work, and the client never hears of it)."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self._target = (target_host, target_port)
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._marker: bytes | None = None
+        self.replies_lost = 0
         self.port = 0
 
     async def start(self, port: int = 0) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", port or self.port)
         self.port = self._server.sockets[0].getsockname()[1]
+
+    def lose_reply_to(self, marker: bytes) -> None:
+        self._marker = marker
 
     async def cut(self) -> None:
         """Close the listener and every relayed connection."""
@@ -180,16 +189,37 @@ class TcpProxy:
             writer.close()
             return
         self._writers.update({writer, up_writer})
+        losing = asyncio.Event()  # the marked request went up: its reply must not come down
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        async def up() -> None:
             try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
+                while data := await reader.read(65536):
+                    if self._marker is not None and self._marker in data:
+                        self._marker = None
+                        losing.set()
+                    up_writer.write(data)
+                    await up_writer.drain()
+                    if losing.is_set():
+                        return
             except (OSError, asyncio.CancelledError):
                 pass
             finally:
-                dst.close()
+                if not losing.is_set():
+                    up_writer.close()
 
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        async def down() -> None:
+            try:
+                while data := await up_reader.read(65536):
+                    if losing.is_set():  # the server answered: it did the work; cut both
+                        self.replies_lost += 1
+                        break
+                    writer.write(data)
+                    await writer.drain()
+            except (OSError, asyncio.CancelledError):
+                pass
+            finally:
+                writer.close()
+                up_writer.close()
+
+        await asyncio.gather(up(), down())
         self._writers.difference_update({writer, up_writer})

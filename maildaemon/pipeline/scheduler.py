@@ -9,10 +9,12 @@ across replicas); otherwise it sleeps until the next due time or the poll interv
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
 import time
+import uuid
 from datetime import UTC, datetime
 
 from opentelemetry import trace
@@ -40,6 +42,7 @@ from maildaemon.telemetry import Instruments
 from maildaemon.tracing import log_ids, parent_context
 
 log = logging.getLogger("maildaemon.scheduler")
+_LOST_REFS_KEPT = 256
 _OBSERVE_EVERY = 5.0  # seconds between backlog gauge refreshes
 
 
@@ -71,6 +74,9 @@ class Scheduler:
         # Claim in useful batches: wait for this many free slots unless workers starve.
         self._claim_size = max(1, min(settings.scheduler_batch_size, queue.slots // 2))
         self._observed_at = -_OBSERVE_EVERY
+        # Claim statements that failed with PostgreSQL gone (bounded: past it, the lease's
+        # expiry gives the deliveries back as before).
+        self._lost_refs: collections.deque[str] = collections.deque(maxlen=_LOST_REFS_KEPT)
 
     def wake(self) -> None:
         self._wake.set()
@@ -147,6 +153,7 @@ class Scheduler:
                 break
             self._wake.clear()
             try:
+                await self._release_lost()
                 claimed = await self._claim(min(free, self._s.scheduler_batch_size))
                 backoff.reset()
             except StoreUnavailable as exc:
@@ -195,17 +202,35 @@ class Scheduler:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
 
+    async def _release_lost(self) -> None:
+        """Give back the leases of claim statements that failed with PostgreSQL gone: the
+        statement may have committed with only its reply lost, and those deliveries would
+        otherwise sit 'sending' until their lease ran out. Nothing of them reached a worker."""
+        if not self._lost_refs:
+            return
+        released = await self._store.release_lost(self._lost_refs)
+        self._lost_refs.clear()
+        self._inst.lost_claims_released.add(released)
+        if released:
+            event(log, "lost claims released", logging.WARNING, released=released)
+
     async def _claim(self, limit: int) -> int:
-        claims = await self._store.claim_due(limit, self._s.lease_duration, self._worker)
-        if not claims:
-            return 0
-        self._inst.claims.add(len(claims))
+        ref = uuid.uuid4().hex
         try:
-            jobs, finished = await self._prepare(claims)
+            claims = await self._store.claim_due(limit, self._s.lease_duration, self._worker, ref)
+            if not claims:
+                return 0
+            self._inst.claims.add(len(claims))
+            try:
+                jobs, finished = await self._prepare(claims)
+            except StoreUnavailable:
+                raise
+            except Exception as exc:  # one claim's data broke the batch: find it, end only it
+                jobs, finished = await self._prepare_apart(claims, exc)
         except StoreUnavailable:
+            # Committed or not, none of this claim reached a worker: release it at reconnect.
+            self._lost_refs.append(ref)
             raise
-        except Exception as exc:  # one claim's data broke the batch: find it, end only it
-            jobs, finished = await self._prepare_apart(claims, exc)
         self._queue.put(jobs)
         if finished:
             by_id = {c.delivery_id: c for c in claims}

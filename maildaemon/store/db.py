@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
@@ -249,15 +250,25 @@ class Store:
     # --- scheduler ----------------------------------------------------------------------
 
     async def claim_due(
-        self, limit: int, lease_seconds: float, worker: str
+        self, limit: int, lease_seconds: float, worker: str, ref: str | None = None
     ) -> list[ClaimedDelivery]:
-        """Lease up to ``limit`` due deliveries, skipping paused scopes."""
+        """Lease up to ``limit`` due deliveries, skipping paused scopes; ``ref`` names this
+        claim statement (see :meth:`release_lost`)."""
         async with translate_errors("claim", self.pool):
             paused = [r["scope"] for r in await self.pool.fetch(q.PAUSED_SCOPES)]
             if "*" in paused:
                 return []
-            rows = await self.pool.fetch(q.CLAIM_DUE, limit, lease_seconds, worker, paused)
+            ref = ref or uuid.uuid4().hex
+            rows = await self.pool.fetch(q.CLAIM_DUE, limit, lease_seconds, worker, paused, ref)
         return [convert.claimed_or_unreadable(r) for r in rows]
+
+    async def release_lost(self, refs: Iterable[str]) -> int:
+        """Give back what claim statements ``refs`` leased, if they committed at all."""
+        refs = list(refs)
+        if not refs:
+            return 0
+        async with translate_errors("release lost claims", self.pool):
+            return int(await self.pool.fetchval(q.RELEASE_LOST_CLAIMS, refs))
 
     async def release(self, claims: Iterable[ClaimedDelivery]) -> int:
         claims = list(claims)

@@ -109,6 +109,7 @@ WITH due AS (
     SET status = 'sending',
         claim_token = d.claim_token + 1,
         claimed_by = $3,
+        claim_ref = $5,
         attempt_count = d.attempt_count + 1,
         possible_duplicate = d.possible_duplicate OR due.was = 'sending',
         next_attempt_at = now() + make_interval(secs => $2),
@@ -153,6 +154,25 @@ WITH r AS (
     FROM r
     WHERE d.delivery_id = r.delivery_id AND d.claim_token = r.claim_token
       AND d.status = 'sending'
+    RETURNING d.delivery_id, d.attempt_count + 1 AS attempt_no
+), withdrawn AS (
+    DELETE FROM mail.attempts a USING upd
+    WHERE a.delivery_id = upd.delivery_id AND a.attempt_no = upd.attempt_no
+      AND a.status = 'started'
+)
+SELECT count(*) FROM upd
+"""
+
+# Give back the deliveries one claim statement leased when the daemon never learnt that it
+# committed (its reply was lost with the connection): found by the statement's claim_ref,
+# still 'sending' under it (so nobody took them over since), and never handed to a worker.
+RELEASE_LOST_CLAIMS = """
+WITH upd AS (
+    UPDATE mail.deliveries d
+    SET status = 'queued',
+        next_attempt_at = now(), claimed_by = NULL, claim_ref = NULL,
+        attempt_count = d.attempt_count - 1, updated_at = now()
+    WHERE d.status = 'sending' AND d.claim_ref = ANY ($1::text[])
     RETURNING d.delivery_id, d.attempt_count + 1 AS attempt_no
 ), withdrawn AS (
     DELETE FROM mail.attempts a USING upd
