@@ -435,7 +435,7 @@ class _Components:
             results,
             scheduler,
             consumer,
-            RetentionWorker(s, store),
+            RetentionWorker(s, store, inst),
             ReplicaHeartbeat(store, me, inst),
             workers,
             destination,

@@ -12,7 +12,6 @@ the rest of its batch is taken in.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from maildaemon.contract.parsing import parse_entry, raw_entry_text
 from maildaemon.delivery import IntakeEntry, IntakeResult
 from maildaemon.errors import StoreRejected, StoreUnavailable
 from maildaemon.logs import event
+from maildaemon.pipeline.lifecycle import Lifecycle, unavailable
 from maildaemon.pipeline.spans import command_spans
 from maildaemon.pipeline.stream_reader import BoundedBatch, BoundedReader, EntryCounter
 from maildaemon.retry import Backoff
@@ -87,7 +87,7 @@ def _refused(entry: IntakeEntry, detail: str, keep_raw: bool = True) -> IntakeEn
     return IntakeEntry(entry.stream_entry_id, None, rejection, raw[:RAW_CAP], not keep_raw)
 
 
-class StreamConsumer:
+class StreamConsumer(Lifecycle):
     """Reads the command stream through a consumer group until told to stop."""
 
     def __init__(
@@ -100,6 +100,7 @@ class StreamConsumer:
         on_committed: Callable[[], None],
         tracer: trace.Tracer | None = None,
     ) -> None:
+        super().__init__()
         self._s = settings
         self._tracer = tracer or trace.NoOpTracer()
         self._observed_at = -OBSERVE_EVERY
@@ -108,7 +109,6 @@ class StreamConsumer:
         self._policy = policy
         self._inst = instruments
         self._on_committed = on_committed
-        self._stopping = asyncio.Event()
         self.started = asyncio.Event()  # set once the group exists and reading begins
         self._last_reclaim = 0.0
         self._lag_counter = EntryCounter(
@@ -123,9 +123,6 @@ class StreamConsumer:
             budget=settings.consumer_batch_max_bytes,
             max_entry=settings.command_max_bytes,
         )
-
-    def stop(self) -> None:
-        self._stopping.set()
 
     async def ensure_group(self) -> None:
         """Create the consumer group on first start, reading from the start of the stream."""
@@ -158,7 +155,7 @@ class StreamConsumer:
         )
         backoff = Backoff()
         idle = 0.0
-        while not self._stopping.is_set():
+        while not self.stopping:
             try:
                 batch = await self._read()
                 await self._observe_lag()
@@ -168,7 +165,7 @@ class StreamConsumer:
                     await self._take_in(batch)
                 else:
                     idle = min(max(idle * 2, 0.002), s.consumer_block, IDLE_POLL_MAX)
-                    await self._sleep(idle)
+                    await self.sleep(idle)
             except ResponseError as exc:
                 if isinstance(exc, ReadOnlyError) or str(exc).startswith("UNBLOCKED"):
                     # A demoted master (failover behind a fixed address): wait for the new.
@@ -190,16 +187,9 @@ class StreamConsumer:
         event(log, "command consumer stopped", consumer=s.consumer_name)
 
     async def _redis_unavailable(self, exc: RedisError, backoff: Backoff) -> None:
-        self._inst.redis_unavailable.add(1, {"component": "consumer"})
-        event(
-            log,
-            "redis unavailable",
-            logging.WARNING,
-            error=repr(exc),
-            component="consumer",
-            retry_in_s=backoff.peek(),
-        )
-        await self._sleep(backoff.next())
+        wait = backoff.next()
+        unavailable(log, self._inst, "consumer", exc, wait)
+        await self.sleep(wait)
 
     async def _read(self) -> BoundedBatch:
         """One bounded batch; every so often it also takes over entries of dead consumers."""
@@ -309,16 +299,7 @@ class StreamConsumer:
             try:
                 return await self._store.ingest(entries, self._s.idempotency_window)
             except StoreUnavailable as exc:
-                self._inst.store_unavailable.add(1, {"component": "consumer"})
-                event(
-                    log,
-                    "postgres unavailable",
-                    logging.WARNING,
-                    error=str(exc),
-                    component="consumer",
-                    retry_in_s=backoff.peek(),
-                    pending=len(entries),
-                )
+                unavailable(log, self._inst, "consumer", exc, backoff.peek(), pending=len(entries))
             except StoreRejected as exc:
                 # One entry's data is refused by PostgreSQL: find it, record it as malformed.
                 if len(entries) > 1:
@@ -351,9 +332,9 @@ class StreamConsumer:
                 )
                 if conflicts >= 3 and len(entries) > 1:
                     return await self._commit_one_by_one(entries)
-            if self._stopping.is_set():
+            if self.stopping:
                 return None
-            await self._sleep(backoff.next())
+            await self.sleep(backoff.next())
 
     async def _commit_one_by_one(self, entries: list[IntakeEntry]) -> IntakeResult | None:
         total = IntakeResult()
@@ -403,7 +384,3 @@ class StreamConsumer:
                     delivery_id=entry.command.delivery_id,
                     source=entry.command.source,
                 )
-
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)

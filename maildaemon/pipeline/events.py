@@ -9,18 +9,15 @@ commit; otherwise it looks every ``MAIL_EVENT_PUBLISH_INTERVAL``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from maildaemon.config import Settings
-from maildaemon.errors import StoreUnavailable
 from maildaemon.logs import event
-from maildaemon.retry import Backoff
+from maildaemon.pipeline.lifecycle import DEPENDENCY_DOWN, Periodic, unavailable
 from maildaemon.store.db import Store
 from maildaemon.telemetry import Instruments
 
@@ -28,55 +25,36 @@ log = logging.getLogger("maildaemon.events")
 _BATCH = 500
 
 
-class EventPublisher:
+class EventPublisher(Periodic):
+    component = "events"
+    wakeable = True
+
     def __init__(
         self, settings: Settings, store: Store, redis: aioredis.Redis, instruments: Instruments
     ) -> None:
+        super().__init__(log, instruments, settings.event_publish_interval)
         self._s = settings
         self._store = store
         self._redis = redis
-        self._inst = instruments
-        self._wake = asyncio.Event()
-        self._stopping = asyncio.Event()
 
-    def wake(self) -> None:
-        self._wake.set()
+    async def tick(self) -> float:
+        published = await self.publish_once()
+        return 0.0 if published >= _BATCH else self.interval
 
-    def stop(self) -> None:
-        """Publish what is in the outbox now (one more pass), then stop."""
-        self._stopping.set()
-        self._wake.set()
+    def down(self, exc: Exception, retry_in_s: float) -> None:
+        self._inst.events_unpublished.add(1)
+        unavailable(
+            log, self._inst, self.component, exc, retry_in_s, message="outcome events not published"
+        )
 
-    async def run(self) -> None:
-        backoff = Backoff()
-        failing = False
-        while True:
-            self._wake.clear()
-            try:
-                published = await self.publish_once()
-            except (StoreUnavailable, RedisError) as exc:
-                self._inst.events_unpublished.add(1)
-                event(
-                    log,
-                    "outcome events not published",
-                    logging.WARNING,
-                    error=repr(exc),
-                    retry_in_s=round(backoff.peek(), 3),
-                )
-                failing = True
-                if self._stopping.is_set():
-                    return  # the events stay in the outbox for the next start
-                await self._sleep(backoff.next(), interruptible=False)
-                continue
-            if failing:
-                event(log, "outcome events publishing again")
-                failing = False
-            backoff.reset()
-            if published >= _BATCH:
-                continue
-            if self._stopping.is_set():
-                return
-            await self._sleep(self._s.event_publish_interval, interruptible=True)
+    def recovered(self) -> None:
+        event(log, "outcome events publishing again")
+
+    async def finish(self) -> None:
+        """Publish what is in the outbox now; what cannot go stays for the next start."""
+        with contextlib.suppress(*DEPENDENCY_DOWN):
+            while await self.publish_once() >= _BATCH:
+                pass
 
     async def publish_once(self) -> int:
         """Move one batch from the outbox to the stream; returns how many went."""
@@ -98,8 +76,3 @@ class EventPublisher:
                     approximate=True,
                 )
             await pipe.execute()
-
-    async def _sleep(self, seconds: float, *, interruptible: bool) -> None:
-        waiter = self._wake if interruptible else self._stopping
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(waiter.wait(), seconds)

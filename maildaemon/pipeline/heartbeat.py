@@ -4,13 +4,12 @@ seconds and removed on a clean stop. The CLI reads it to judge replays as the da
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 
 from maildaemon.errors import StoreUnavailable
 from maildaemon.logs import event
-from maildaemon.retry import Backoff
+from maildaemon.pipeline.lifecycle import Periodic
 from maildaemon.store import replicas
 from maildaemon.store.db import Store
 from maildaemon.telemetry import Instruments
@@ -18,17 +17,16 @@ from maildaemon.telemetry import Instruments
 log = logging.getLogger("maildaemon.heartbeat")
 
 
-class ReplicaHeartbeat:
+class ReplicaHeartbeat(Periodic):
+    component = "heartbeat"
+
     def __init__(self, store: Store, me: replicas.Identity, instruments: Instruments) -> None:
+        super().__init__(log, instruments, replicas.HEARTBEAT_INTERVAL)
         self._store = store
         self._me = me
-        self._inst = instruments
-        self._stopping = asyncio.Event()
+        self._starting = True
 
-    def stop(self) -> None:
-        self._stopping.set()
-
-    async def run(self) -> None:
+    def started(self) -> None:
         event(
             log,
             "replica heartbeat started",
@@ -36,25 +34,15 @@ class ReplicaHeartbeat:
             catalog_hash=self._me.catalog_hash,
             policy_hash=self._me.policy_hash,
         )
-        starting, backoff = True, Backoff()
-        while not self._stopping.is_set():
-            wait = replicas.HEARTBEAT_INTERVAL
-            try:
-                await replicas.beat(self._store.pool, self._me, starting=starting)
-                starting, backoff = False, Backoff()
-            except StoreUnavailable as exc:
-                self._inst.store_unavailable.add(1, {"component": "heartbeat"})
-                wait = min(wait, backoff.next())
-                event(
-                    log,
-                    "postgres unavailable",
-                    logging.WARNING,
-                    component="heartbeat",
-                    error=str(exc),
-                    retry_in_s=round(wait, 2),
-                )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), wait)
+
+    async def tick(self) -> float:
+        await replicas.beat(self._store.pool, self._me, starting=self._starting)
+        self._starting = False
+        return self.interval
+
+    async def finish(self) -> None:
         with contextlib.suppress(StoreUnavailable):
             await replicas.leave(self._store.pool, self._me.consumer_name)
+
+    def stopped(self) -> None:
         event(log, "replica heartbeat stopped", consumer=self._me.consumer_name)

@@ -11,7 +11,6 @@ wakes the scheduler.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 
@@ -19,6 +18,7 @@ from maildaemon.config import Settings
 from maildaemon.errors import StoreUnavailable, TransportError
 from maildaemon.logs import event
 from maildaemon.pipeline.jobs import JobQueue
+from maildaemon.pipeline.lifecycle import Lifecycle, unavailable
 from maildaemon.retry import Backoff
 from maildaemon.sending.destination import Destination, is_unreachable
 from maildaemon.sending.smtp import SmtpConnection
@@ -29,7 +29,7 @@ log = logging.getLogger("maildaemon.probe")
 PROBE_CAP = 1.0  # seconds: the longest wait between two probes
 
 
-class DestinationProbe:
+class DestinationProbe(Lifecycle):
     def __init__(
         self,
         settings: Settings,
@@ -39,25 +39,22 @@ class DestinationProbe:
         store: Store,
         instruments: Instruments,
     ) -> None:
+        super().__init__()
         self._s = settings
         self._context = context
         self._dest = destination
         self._queue = queue
         self._store = store
         self._inst = instruments
-        self._stopping = asyncio.Event()
-
-    def stop(self) -> None:
-        self._stopping.set()
 
     async def run(self) -> None:
-        while not self._stopping.is_set():
+        while not self.stopping:
             down = asyncio.ensure_future(self._dest.wait_down())
             stop = asyncio.ensure_future(self._stopping.wait())
             await asyncio.wait({down, stop}, return_when=asyncio.FIRST_COMPLETED)
             down.cancel()
             stop.cancel()
-            if self._stopping.is_set():
+            if self.stopping:
                 return
             await self._while_down()
 
@@ -78,11 +75,10 @@ class DestinationProbe:
         )
         backoff = Backoff(cap=PROBE_CAP)
         probes = 0
-        while not self._stopping.is_set():
+        while not self.stopping:
             await self._hand_back()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), backoff.next())
-            if self._stopping.is_set():
+            await self.sleep(backoff.next())
+            if self.stopping:
                 return
             probes += 1
             if await self._probe():
@@ -126,7 +122,7 @@ class DestinationProbe:
             return
         try:
             released = await self._store.release(j.claim for j in jobs)
-        except StoreUnavailable as exc:  # their leases run out instead
-            event(log, "postgres unavailable", logging.WARNING, error=str(exc), component="probe")
+        except StoreUnavailable as exc:  # tried again with the next probe; else leases run out
+            unavailable(log, self._inst, "probe", exc, PROBE_CAP)
             return
         event(log, "claims held for the destination released", count=released)

@@ -21,6 +21,7 @@ from maildaemon.config import Settings
 from maildaemon.delivery import AttemptResult, RecipientOutcome
 from maildaemon.errors import StoreRejected, StoreUnavailable
 from maildaemon.logs import event, recipients_field
+from maildaemon.pipeline.lifecycle import unavailable
 from maildaemon.retry import Backoff
 from maildaemon.store.db import Store
 from maildaemon.telemetry import Instruments
@@ -162,18 +163,11 @@ class ResultWriter:
                     results, self._worker, self._s.suppression_ttl
                 )
             except StoreUnavailable as exc:
-                # A result may stand for a message already accepted: never drop it.
-                self._inst.store_unavailable.add(1, {"component": "results"})
-                event(
-                    log,
-                    "postgres unavailable",
-                    logging.WARNING,
-                    error=str(exc),
-                    component="results",
-                    pending=len(results),
-                    retry_in_s=backoff.peek(),
-                )
-                await asyncio.sleep(backoff.next())
+                # A result may stand for a message already accepted: never drop it (and
+                # never give up because of a stop: the writer stops last).
+                wait = backoff.next()
+                unavailable(log, self._inst, "results", exc, wait, pending=len(results))
+                await asyncio.sleep(wait)
 
     def _report(self, r: AttemptResult, recorded: bool, trail: Trail) -> None:
         """Count the outcome and write its one line: the line an operator greps."""

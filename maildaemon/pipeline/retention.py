@@ -8,53 +8,44 @@ never deleted.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 
 from maildaemon.config import Settings
-from maildaemon.errors import StoreUnavailable
 from maildaemon.logs import event
+from maildaemon.pipeline.lifecycle import Periodic
 from maildaemon.store.db import Store
+from maildaemon.telemetry import Instruments
 
 log = logging.getLogger("maildaemon.retention")
 
 
-class RetentionWorker:
-    def __init__(self, settings: Settings, store: Store) -> None:
+class RetentionWorker(Periodic):
+    component = "retention"
+
+    def __init__(self, settings: Settings, store: Store, instruments: Instruments) -> None:
+        super().__init__(log, instruments, settings.retention_interval)
         self._s = settings
         self._store = store
-        self._stopping = asyncio.Event()
 
-    def stop(self) -> None:
-        self._stopping.set()
-
-    async def run(self) -> None:
+    def started(self) -> None:
         event(
             log,
             "retention worker started",
             interval_s=self._s.retention_interval,
             delivery_retention_s=self._s.delivery_retention,
         )
-        while not self._stopping.is_set():
-            try:
-                await self.run_once()
-            except StoreUnavailable as exc:
-                event(
-                    log,
-                    "postgres unavailable",
-                    logging.WARNING,
-                    component="retention",
-                    error=str(exc),
-                )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self._s.retention_interval)
+
+    async def tick(self) -> float:
+        await self.run_once()
+        return self.interval
+
+    def stopped(self) -> None:
         event(log, "retention worker stopped")
 
     async def run_once(self) -> dict[str, int]:
         """Purge until nothing is left past its period (each batch a short statement)."""
         total: dict[str, int] = {}
-        while not self._stopping.is_set():
+        while not self.stopping:
             deleted = await self._store.purge(
                 self._s.retention_batch_size,
                 self._s.delivery_retention,

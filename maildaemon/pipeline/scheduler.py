@@ -32,6 +32,7 @@ from maildaemon.errors import RenderError, StoreUnavailable
 from maildaemon.logs import event
 from maildaemon.message.compose import Composer
 from maildaemon.pipeline.jobs import Job, JobQueue
+from maildaemon.pipeline.lifecycle import Lifecycle, unavailable
 from maildaemon.pipeline.results import ResultWriter, Trail
 from maildaemon.pipeline.spans import describe_result
 from maildaemon.retry import Backoff
@@ -46,7 +47,7 @@ _LOST_REFS_KEPT = 256
 _OBSERVE_EVERY = 5.0  # seconds between backlog gauge refreshes
 
 
-class Scheduler:
+class Scheduler(Lifecycle):
     def __init__(
         self,
         settings: Settings,
@@ -59,6 +60,7 @@ class Scheduler:
         destination: Destination,
         tracer: trace.Tracer | None = None,
     ) -> None:
+        super().__init__()
         self._s = settings
         self._tracer = tracer or trace.NoOpTracer()
         self._store = store
@@ -68,8 +70,6 @@ class Scheduler:
         self._inst = instruments
         self._worker = worker_name
         self._dest = destination
-        self._wake = asyncio.Event()
-        self._stopping = asyncio.Event()
         self.started = asyncio.Event()  # set once claiming begins
         # Claim in useful batches: wait for this many free slots unless workers starve.
         self._claim_size = max(1, min(settings.scheduler_batch_size, queue.slots // 2))
@@ -77,13 +77,6 @@ class Scheduler:
         # Claim statements that failed with PostgreSQL gone (bounded: past it, the lease's
         # expiry gives the deliveries back as before).
         self._lost_refs: collections.deque[str] = collections.deque(maxlen=_LOST_REFS_KEPT)
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._wake.set()
 
     async def run(self) -> None:
         event(
@@ -115,7 +108,7 @@ class Scheduler:
         direct = self._s.listen_dsn if self._s.postgres_listen_dsn is not None else None
         backoff = Backoff()
         lost_before = False
-        while not self._stopping.is_set():
+        while not self.stopping:
             error = "connection lost"
             try:
                 async with self._store.listen("mail_due", self.wake, dsn=direct) as lost:
@@ -126,7 +119,7 @@ class Scheduler:
                     await _first(lost, self._stopping)
             except StoreUnavailable as exc:
                 error = str(exc)
-            if self._stopping.is_set():
+            if self.stopping:
                 return
             lost_before = True
             self._inst.store_unavailable.add(1, {"component": "listen"})
@@ -138,18 +131,17 @@ class Scheduler:
                 error=error,
                 retry_in_s=backoff.peek(),
             )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), backoff.next())
+            await self.sleep(backoff.next())
 
     async def _loop(self) -> None:
         self.started.set()
         backoff = Backoff()
-        while not self._stopping.is_set():
+        while not self.stopping:
             if not self._dest.up:  # claim nothing for a destination that is down
                 await self._dest.wait_up(self._stopping)
                 continue
             free = await self._queue.wait_for_slots(self._claim_size)
-            if self._stopping.is_set() or not self._queue.accepting:
+            if self.stopping or not self._queue.accepting:
                 break
             self._wake.clear()
             try:
@@ -157,20 +149,13 @@ class Scheduler:
                 claimed = await self._claim(min(free, self._s.scheduler_batch_size))
                 backoff.reset()
             except StoreUnavailable as exc:
-                self._inst.store_unavailable.add(1, {"component": "scheduler"})
-                event(
-                    log,
-                    "postgres unavailable",
-                    logging.WARNING,
-                    error=str(exc),
-                    component="scheduler",
-                    retry_in_s=backoff.peek(),
-                )
-                await self._sleep(backoff.next())
+                wait = backoff.next()
+                unavailable(log, self._inst, "scheduler", exc, wait)
+                await self.sleep(wait)
                 continue
             await self._observe_backlog()
             if claimed < min(free, self._s.scheduler_batch_size):
-                await self._sleep(await self._idle_for())
+                await self.sleep(await self._idle_for(), wakeable=True)
 
     async def _observe_backlog(self) -> None:
         """Refresh the backlog gauges (mail.attempt_schedule.*) every few seconds."""
@@ -195,12 +180,6 @@ class Scheduler:
         if nxt is None:
             return poll
         return max(0.0, min(poll, (nxt - datetime.now(UTC)).total_seconds()))
-
-    async def _sleep(self, seconds: float) -> None:
-        if seconds <= 0:
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
 
     async def _release_lost(self) -> None:
         """Give back the leases of claim statements that failed with PostgreSQL gone: the

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from maildaemon.config import Settings
 from maildaemon.pipeline.retention import RetentionWorker
 from maildaemon.store.db import Store
+from maildaemon.telemetry import Telemetry
 from tests.support import Db, command, ingest_one
 
 MakeSettings = Callable[..., Settings]
@@ -44,7 +45,7 @@ async def test_retention_deletes_only_what_is_old_and_terminal(make_settings: Ma
         ]
         for sql in conn_sql:
             await store.pool.execute(sql)
-        deleted = await RetentionWorker(settings, store).run_once()
+        deleted = await RetentionWorker(settings, store, Telemetry().instruments).run_once()
     finally:
         await store.close()
     assert deleted["deliveries"] == 5 and deleted["idempotency_reservations"] == 5

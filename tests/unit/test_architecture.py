@@ -266,3 +266,23 @@ def test_functions_stay_short() -> None:
         if key not in LONG_FUNCTIONS:
             long.append(entry)
     assert not long, f"functions over 60 lines (split them, or say why in LONG_FUNCTIONS): {long}"
+
+
+def test_one_loop_shape_and_one_unavailable_line() -> None:
+    """Stop events, interruptible sleeps and the "postgres/redis unavailable" warning are
+    written once, in pipeline/lifecycle.py; every component uses them from there."""
+    shape = PACKAGE / "pipeline" / "lifecycle.py"
+    patterns = {
+        "a stop event of its own": re.compile(r"_stopping\s*=\s*asyncio\.Event\(\)"),
+        "a hand-written stop wait": re.compile(r"wait_for\(self\._stopping\.wait\(\)"),
+        "its own unavailable line": re.compile(r"\"(postgres|redis) unavailable\""),
+    }
+    found = [
+        f"{path.relative_to(PACKAGE)}: {what}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path != shape
+        for what, pattern in patterns.items()
+        if pattern.search(path.read_text())
+    ]
+    assert found == []
+    assert all(p.search(shape.read_text()) for p in list(patterns.values())[::2])

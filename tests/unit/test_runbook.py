@@ -46,8 +46,9 @@ def code_metrics() -> set[str]:
 
 
 def code_events() -> list[re.Pattern[str]]:
-    """Every event name passed to ``logs.event`` (f-strings become patterns), and the
-    outcome names the result writer looks up."""
+    """Every event name passed to ``logs.event`` (f-strings become patterns) or as the
+    ``message`` of ``pipeline.lifecycle.unavailable``, and the names modules keep in an
+    ``_EVENT_NAMES`` table (the result writer's outcomes, the unavailable lines)."""
     found: list[re.Pattern[str]] = []
     for path in PACKAGE.rglob("*.py"):
         tree = ast.parse(path.read_text())
@@ -56,6 +57,10 @@ def code_events() -> list[re.Pattern[str]]:
                 pattern = _pattern(node.args[1])
                 if pattern is not None:
                     found.append(pattern)
+            elif isinstance(node, ast.Call) and _name(node.func) == "unavailable":
+                found += [
+                    p for k in node.keywords if k.arg == "message" and (p := _pattern(k.value))
+                ]
             elif isinstance(node, ast.Assign) and any(
                 isinstance(t, ast.Name) and t.id == "_EVENT_NAMES" for t in node.targets
             ):
