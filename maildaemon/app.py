@@ -407,9 +407,9 @@ class _Components:
         composer = Composer(
             catalog, s.smtp_from or "maildaemon <noreply@maildaemon.localhost>", signer
         )
-        # Two jobs per connection: one in flight, one ready. This also bounds what a crash
-        # can leave with an open outcome (claimed, possibly sent, result not yet written).
-        queue = JobQueue(2 * s.attempt_worker_concurrency)
+        # Per connection: the result window (sent, result not yet committed) and one job
+        # ready. This also bounds what a crash can leave with an open outcome.
+        queue = JobQueue((s.result_window + 1) * s.attempt_worker_concurrency)
         publisher = EventPublisher(s, store, redis, inst)
         results = ResultWriter(s, store, inst, name, publisher.wake)
         destination = Destination(s.smtp_addr or "stub")

@@ -112,6 +112,9 @@ class Settings(BaseSettings):
 
     # Delivery.
     attempt_worker_concurrency: int = Field(default=8, ge=1, le=512)
+    # Accepted messages per connection whose results may still be uncommitted: a worker
+    # goes on sending while the writer commits, up to this many (the crash-duplicate bound).
+    result_window: int = Field(default=4, ge=1, le=64)
     scheduler_batch_size: int = Field(default=200, ge=1, le=5_000)
     scheduler_poll_interval: Duration = 1.0
     lease_duration: Duration = 120.0

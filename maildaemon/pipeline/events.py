@@ -4,13 +4,16 @@ Every recorded outcome writes its event into ``mail.outbox`` in the same transac
 (``store.db.write_outcomes``). This loop moves them to ``MAIL_EVENT_STREAM`` in id order —
 one replica at a time, at least once: a batch is deleted only after Redis took it, so a
 Redis outage delays events and never loses them. The result writer wakes it after each
-commit; otherwise it looks every ``MAIL_EVENT_PUBLISH_INTERVAL``.
+commit; wake-ups are coalesced (at most one pass per ``COALESCE`` seconds, so a busy writer
+costs one publish transaction per pass, not one per commit); otherwise it looks every
+``MAIL_EVENT_PUBLISH_INTERVAL``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -23,6 +26,7 @@ from maildaemon.telemetry import Instruments
 
 log = logging.getLogger("maildaemon.events")
 _BATCH = 500
+COALESCE = 0.05  # seconds: the shortest time between two passes a wake-up can start
 
 
 class EventPublisher(Periodic):
@@ -36,8 +40,13 @@ class EventPublisher(Periodic):
         self._s = settings
         self._store = store
         self._redis = redis
+        self._last_pass = -COALESCE
 
     async def tick(self) -> float:
+        early = self._last_pass + COALESCE - time.monotonic()
+        if early > 0:  # woken again soon after a pass: let more commits join this one
+            await self.sleep(early)
+        self._last_pass = time.monotonic()
         published = await self.publish_once()
         return 0.0 if published >= _BATCH else self.interval
 

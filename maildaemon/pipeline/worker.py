@@ -2,7 +2,10 @@
 
 Workers take prepared jobs from the scheduler's queue, send them, classify the outcome and
 hand the result to the result writer, which commits it whatever happens to the worker
-(the job's queue slot frees up only once its result is durable).
+(the job's queue slot frees up only once its result is durable). A worker does not wait
+for each commit: it goes on sending while at most ``MAIL_RESULT_WINDOW`` of its accepted
+messages have results not yet committed, which is what one crash can leave unrecorded
+(and send again, flagged ``possible_duplicate``) per connection.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import dataclasses
 import logging
 import ssl
 import time
+from collections import deque
 from datetime import UTC, datetime
 
 from opentelemetry import trace
@@ -70,6 +74,7 @@ class AttemptWorker:
         self._limiter = limiter
         self._inst = instruments
         self._dest = destination
+        self._unrecorded: deque[asyncio.Future[bool]] = deque()  # results not yet committed
 
     async def run(self) -> None:
         try:
@@ -92,14 +97,27 @@ class AttemptWorker:
                     self._queue.release()
                     raise
                 # The slot frees up when the result is committed, not before; and this
-                # worker begins no other transaction until then, so a crash leaves at most
-                # one accepted-but-unrecorded message per connection.
+                # worker begins no other transaction while MAIL_RESULT_WINDOW of its results
+                # are uncommitted, so a crash leaves at most that many accepted-but-
+                # unrecorded messages per connection.
                 trail = Trail(job.claim.envelope_recipients(), log_ids(span))
                 recorded = self._results.submit(result, trail)
                 recorded.add_done_callback(self._queue.release_after)
-                await asyncio.shield(recorded)
+                await self._within_window(recorded)
         finally:
             await asyncio.shield(self._conn.close())
+
+    async def _within_window(self, recorded: asyncio.Future[bool]) -> None:
+        """Keep ``recorded`` among this worker's uncommitted results; wait (shielded: the
+        writer commits whatever happens to us) until fewer than the window remain."""
+        pending = self._unrecorded
+        pending.append(recorded)
+        while pending and pending[0].done():
+            pending.popleft()
+        while len(pending) >= self._s.result_window:
+            await asyncio.shield(pending.popleft())
+            while pending and pending[0].done():
+                pending.popleft()
 
     async def attempt(self, job: Job) -> AttemptResult:
         """Send one job; raises NotBegun when no SMTP transaction was begun for it."""
