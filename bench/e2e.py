@@ -227,6 +227,18 @@ async def wait_count(
         await conn.close()
 
 
+async def write_counters(dsn: str) -> tuple[int, int]:
+    """(next transaction id, WAL syncs so far): their growth over a run is the number of
+    transactions that wrote (read-only ones take no id) and of WAL fsyncs, server-wide."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        xid = int(await conn.fetchval("SELECT pg_snapshot_xmax(pg_current_snapshot())::text"))
+        syncs = int(await conn.fetchval("SELECT wal_sync FROM pg_stat_wal"))
+        return xid, syncs
+    finally:
+        await conn.close()
+
+
 SENT = "SELECT count(*) FROM mail.deliveries WHERE status = 'sent'"
 ALL = "SELECT count(*) FROM mail.deliveries"
 
@@ -239,11 +251,13 @@ async def phase_throughput(
     proc = await start_daemon(daemon_env(dsn, servers, port, concurrency, pipelining), port)
     flights0, messages0 = servers.sink.flights()
     cpu0 = proc.cpu_seconds()
+    xid0, syncs0 = await write_counters(dsn)
     docs = [command(i, "tp") for i in range(n)]
     first = await xadd_all(servers.redis_addr, docs)
     produced = time.monotonic()
     done = await wait_count(dsn, SENT, n, proc)
     cpu = proc.cpu_seconds() - cpu0
+    xid1, syncs1 = await write_counters(dsn)
     stop_daemon(proc)
     attempts = await count(dsn, "SELECT count(*) FROM mail.attempts WHERE status = 'sent'")
     elapsed = done - first
@@ -259,6 +273,8 @@ async def phase_throughput(
         "daemon_cpu_s": round(cpu, 2),
         "daemon_cpu_ms_per_delivery": round(cpu * 1000 / n, 3),
         "daemon_peak_rss_mb": round(proc.peak_rss_kb / 1024, 1),
+        "write_transactions_per_delivery": round((xid1 - xid0) / n, 3),
+        "wal_syncs_per_delivery": round((syncs1 - syncs0) / n, 3),
         "sent_attempts_recorded": attempts,
     }
 
