@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     # Bytes of stream entries one batch may hold (read by a Lua script that measures them).
     consumer_batch_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     consumer_block: Duration = 1.0
+    # How an idle consumer learns of a new command: keyspace notifications (turned on when
+    # off: auto; only if already on: existing) or polling alone (off).
+    redis_stream_wakeup: Literal["auto", "existing", "off"] = "auto"
     consumer_reclaim_idle: Duration = 60.0
     consumer_forget_idle: Duration = 86400.0
     event_stream: str = Field(default="mail:delivery_events", min_length=1)

@@ -30,6 +30,7 @@ from maildaemon.logs import event
 from maildaemon.pipeline.lifecycle import Lifecycle, unavailable
 from maildaemon.pipeline.spans import command_spans
 from maildaemon.pipeline.stream_reader import BoundedBatch, BoundedReader, EntryCounter
+from maildaemon.pipeline.stream_wakeup import StreamWakeup
 from maildaemon.retry import Backoff
 from maildaemon.store.db import RETRYABLE, Store
 from maildaemon.telemetry import Instruments
@@ -114,6 +115,7 @@ class StreamConsumer(Lifecycle):
         self._lag_counter = EntryCounter(
             redis, settings.command_stream, cap=LAG_SCAN_CAP, byte_cap=LAG_SCAN_BYTES
         )
+        self._wakeup = StreamWakeup(settings, redis, instruments, self.wake)
         self._reader = BoundedReader(
             redis,
             settings.command_stream,
@@ -153,6 +155,16 @@ class StreamConsumer(Lifecycle):
             batch_size=s.consumer_batch_size,
             batch_max_bytes=s.consumer_batch_max_bytes,
         )
+        wakeup = asyncio.create_task(self._wakeup.run(), name="consumer-wakeup")
+        try:
+            await self._consume()
+        finally:
+            self._wakeup.stop()
+            await asyncio.gather(wakeup, return_exceptions=True)
+        event(log, "command consumer stopped", consumer=s.consumer_name)
+
+    async def _consume(self) -> None:
+        s = self._s
         backoff = Backoff()
         idle = 0.0
         while not self.stopping:
@@ -163,9 +175,11 @@ class StreamConsumer(Lifecycle):
                 if batch:
                     idle = 0.0
                     await self._take_in(batch)
+                elif self._wakeup.active:  # an XADD wakes us: sleep until then
+                    await self.sleep(s.consumer_block, wakeable=True)
                 else:
                     idle = min(max(idle * 2, 0.002), s.consumer_block, IDLE_POLL_MAX)
-                    await self.sleep(idle)
+                    await self.sleep(idle, wakeable=True)
             except ResponseError as exc:
                 if isinstance(exc, ReadOnlyError) or str(exc).startswith("UNBLOCKED"):
                     # A demoted master (failover behind a fixed address): wait for the new.
@@ -184,7 +198,6 @@ class StreamConsumer(Lifecycle):
                 await self.ensure_group()
             except RedisError as exc:
                 await self._redis_unavailable(exc, backoff)
-        event(log, "command consumer stopped", consumer=s.consumer_name)
 
     async def _redis_unavailable(self, exc: RedisError, backoff: Backoff) -> None:
         wait = backoff.next()

@@ -25,8 +25,8 @@ class JobQueue:
     A slot is taken when a job is claimed and given back when its result is committed,
     so claims never run ahead of what the workers and the writer can absorb — and a crash
     leaves at most ``slots`` claims whose outcome is open (the daemon sizes it
-    ``(MAIL_RESULT_WINDOW + 1) × MAIL_ATTEMPT_WORKER_CONCURRENCY``). ``stop()`` (SIGTERM) ends the
-    hand-out at once: no worker gets another job and no new SMTP transaction begins
+    ``(MAIL_RESULT_WINDOW + 1) * MAIL_ATTEMPT_WORKER_CONCURRENCY``). ``stop()`` (SIGTERM)
+    ends the hand-out at once: no worker gets another job and no new SMTP transaction begins
     (``accepting`` turns False); jobs not begun are taken back with ``take_unstarted()``.
     """
 

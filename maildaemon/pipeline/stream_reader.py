@@ -12,7 +12,8 @@ inside Redis, which takes entries one at a time (``XREADGROUP COUNT 1``) and mea
 * entries reclaimed from dead consumers (``XAUTOCLAIM ... JUSTID``) are fetched the same
   way, so a reclaim is bounded too.
 
-Nothing blocks inside the script; when the stream is idle the consumer polls it (every few
+Nothing blocks inside the script; when the stream is idle the consumer sleeps until an
+XADD notification wakes it (``stream_wakeup``), or without notifications polls (every few
 milliseconds, backing off to ``min(MAIL_CONSUMER_BLOCK, 50 ms)``).
 """
 
