@@ -74,7 +74,8 @@ def command_policy(settings: Settings, catalog: TemplateCatalog) -> CommandPolic
 
 
 def _log_configuration(s: Settings) -> None:
-    event(log, "configuration", **s.redacted())  # secrets and DSN passwords removed
+    # secrets and DSN passwords removed; in text format one setting a line
+    event(log, "configuration", _block=True, **s.redacted())
     if s.smtp_mode == "smtp" and not s.smtp_tls_verify:
         event(
             log,
