@@ -87,9 +87,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from maildaemon.app import check_read_exposure
     from maildaemon.message.render import TemplateCatalog
 
     settings = _settings()
+    check_read_exposure(settings)
     catalog = TemplateCatalog.load(settings.template_dir, settings.default_locale)
     ids = sorted(catalog.template_ids)
     print(f"configuration ok; template catalog {settings.template_dir}: {len(ids)} template(s)")

@@ -15,6 +15,7 @@ from unittest import mock
 
 import pytest
 
+from maildaemon.app import check_read_exposure
 from maildaemon.config import Settings
 from maildaemon.config_values import parse_duration
 
@@ -139,7 +140,14 @@ def test_example_settings_are_real_and_valid_together() -> None:
     commented = re.findall(r"^#\s*(MAIL_[A-Z0-9_]+)=", ENV_EXAMPLE.read_text(), re.M)
     assert set(commented) <= SETTING_NAMES
     with mock.patch.dict(os.environ, env, clear=True):
-        Settings(_env_file=None)  # raises on a bad value or combination
+        settings = Settings(_env_file=None)  # raises on a bad value or combination
+    check_read_exposure(settings)
+    # The reads are guarded even when an operator moves the listener off loopback.
+    assert settings.read_token is not None
+    with mock.patch.dict(
+        os.environ, {**env, "MAIL_INTERNAL_HTTP_ADDR": "0.0.0.0:8080"}, clear=True
+    ):
+        check_read_exposure(Settings(_env_file=None))
 
 
 def test_sysusers_and_tmpfiles_fit_the_unit() -> None:
