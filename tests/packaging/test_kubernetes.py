@@ -25,9 +25,9 @@ import pytest
 import yaml
 
 import maildaemon
-from maildaemon.app import check_read_exposure
 from maildaemon.config import Settings
 from maildaemon.config_values import parse_duration
+from maildaemon.exposure import check_read_exposure
 from maildaemon.message.render import TemplateCatalog
 from tests.packaging.test_image import _tool
 

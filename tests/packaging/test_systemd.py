@@ -15,9 +15,9 @@ from unittest import mock
 
 import pytest
 
-from maildaemon.app import check_read_exposure
 from maildaemon.config import Settings
 from maildaemon.config_values import parse_duration
+from maildaemon.exposure import check_read_exposure
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEMD = REPO / "deploy" / "systemd"

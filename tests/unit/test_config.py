@@ -208,7 +208,7 @@ def test_pgbouncer_listen_and_session_dsns() -> None:
     ],
 )
 def test_a_reachable_listener_needs_the_read_token(addr: str, reachable: bool) -> None:
-    from maildaemon.app import check_read_exposure
+    from maildaemon.exposure import check_read_exposure
 
     for token in (None, ""):  # an empty token is no token
         extra = {} if token is None else {"MAIL_OPERATOR_READ_TOKEN": token}
