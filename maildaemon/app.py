@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 from maildaemon.config import Settings
 from maildaemon.contract.command import CommandPolicy
 from maildaemon.errors import MailDaemonError, StartupError
+from maildaemon.exposure import check_read_exposure
 from maildaemon.http.app import build_app
 from maildaemon.http.keys import Readiness
 from maildaemon.logs import add_secrets, event
@@ -74,7 +75,8 @@ def command_policy(settings: Settings, catalog: TemplateCatalog) -> CommandPolic
 
 
 def _log_configuration(s: Settings) -> None:
-    event(log, "configuration", **s.redacted())  # secrets and DSN passwords removed
+    # secrets and DSN passwords removed; in text format one setting a line
+    event(log, "configuration", _block=True, **s.redacted())
     if s.smtp_mode == "smtp" and not s.smtp_tls_verify:
         event(
             log,
@@ -143,6 +145,7 @@ class App:
     async def run(self) -> int:
         """Run until stopped; returns the process exit code."""
         s = self.settings
+        check_read_exposure(s)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):

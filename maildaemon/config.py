@@ -164,6 +164,8 @@ class Settings(BaseSettings):
     operator_tokens: SecretStr | None = None
     # When set, the operator API's reads need this token (or an operator token).
     operator_read_token: SecretStr | None = None
+    # Without a read token the daemon refuses a non-loopback listener unless this says yes.
+    internal_http_open_reads: bool = False
     # The operator API's own PostgreSQL pool, so it cannot take the pipeline's connections.
     api_pool_max: int = Field(default=4, ge=1, le=100)
     api_statement_timeout: Duration = 5.0

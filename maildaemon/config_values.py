@@ -3,6 +3,7 @@ Redis addresses — parsed the same way wherever a setting is read."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated
 
@@ -65,6 +66,20 @@ def split_host_port(addr: str, default_port: int) -> tuple[str, int]:
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"bad port in {addr!r}")
     return host, int(port_text)
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a listener on ``host`` is reachable from this machine only.
+
+    ``localhost`` and loopback addresses are; any other name is not (what it resolves to
+    can change), nor are ``0.0.0.0`` and ``::``.
+    """
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def split_redis_addr(addr: str) -> tuple[bool, str, int]:

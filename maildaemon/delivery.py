@@ -113,6 +113,8 @@ class RenderedPin:
     message_id: str
     content_hash: str
     rendered: bytes
+    # The template locale it was rendered in (after fallback); None for a rendered command.
+    locale: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,11 @@ class StoreRejected(MailDaemonError):
     """PostgreSQL refused the data itself (not a connection problem)."""
 
 
+class StoreFailed(MailDaemonError):
+    """PostgreSQL refused the operation for another reason (a login or privilege refused, a
+    missing table): neither an outage nor the data's fault; retrying will not help."""
+
+
 class TemplateError(MailDaemonError):
     """A template could not be parsed or rendered."""
 

@@ -8,6 +8,15 @@ Lines from libraries (asyncpg's pool, aiohttp's server, asyncio, Python warnings
 one line each too: their message's first line as ``event``, the exception as
 ``error_class`` and ``error``, never a traceback. Only maildaemon's own loggers attach
 tracebacks (a crashed component).
+
+The ``text`` format (for people) cannot be forged by what a field carries: a value with a
+space, ``"``, ``=`` or any character that is not printable (CR, LF, other controls, line
+separators, bidi overrides) is quoted, with ``\\``, ``"`` and those characters escaped;
+keys and the event name are escaped the same way. Its only multi-line output is indented
+under its first line (a traceback; an event logged with ``_block=True`` such as the
+startup configuration, one ``key=value`` per line), so a line at column 0 always starts a
+new event. The ``json`` format is one JSON object per line, the Unicode line separators
+escaped too.
 """
 
 from __future__ import annotations
@@ -110,7 +119,62 @@ class JsonFormatter(logging.Formatter):
                 out["exception"] = self.formatException(record.exc_info)
             else:
                 _add_error(out, record)
-        return scrub(json.dumps(out, default=str, ensure_ascii=False))
+        return scrub(json.dumps(out, default=str, ensure_ascii=False)).translate(_JSON_BREAKS)
+
+
+# JSON allows these unescaped inside strings, but str.splitlines and some log viewers
+# break lines at them; escaped, the line is the same JSON value and stays one line.
+_JSON_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+# Inside a quoted text value: the quote and the escape character itself.
+_QUOTED_ESCAPES = {ord("\\"): "\\\\", ord('"'): '\\"'}
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_KEY_SPECIALS = frozenset(' "=\\')
+_INDENT = "    "
+
+
+def _escape_char(ch: str) -> str:
+    if ch in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[ch]
+    code = ord(ch)
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def _printable(text: str) -> str:
+    """``text`` with every character that is not printable escaped (no line breaks left)."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else _escape_char(ch) for ch in text)
+
+
+def _text_key(key: str) -> str:
+    """A key is never quoted: a space, ``"``, ``=``, ``\\`` or unprintable one is escaped."""
+    key = scrub(key)
+    if key and key.isprintable() and not any(ch in key for ch in _KEY_SPECIALS):
+        return key
+    escaped = (
+        _escape_char(ch) if ch in _KEY_SPECIALS or not ch.isprintable() else ch for ch in key
+    )
+    return "".join(escaped) or '""'
+
+
+def _text_value(value: Any) -> str:
+    if isinstance(value, (list, tuple, dict)):
+        text = json.dumps(value, default=str, ensure_ascii=False, separators=(",", ":"))
+    else:
+        text = str(value)
+    text = scrub(text)
+    if text and text.isprintable() and not any(ch in text for ch in ' "='):
+        return text
+    return '"' + _printable(text.translate(_QUOTED_ESCAPES)) + '"'
+
+
+def _text_fields(fields: dict[str, Any], sep: str) -> str:
+    return sep.join(f"{_text_key(k)}={_text_value(v)}" for k, v in fields.items())
+
+
+def _indented(text: str) -> str:
+    """A multi-line block under its event: every line indented, none of them forged."""
+    return "".join(f"\n{_INDENT}{_printable(line)}" for line in text.splitlines())
 
 
 class TextFormatter(logging.Formatter):
@@ -120,10 +184,13 @@ class TextFormatter(logging.Formatter):
         if record.exc_info and not _own(record):
             _add_error(fields, record)
         ts = datetime.fromtimestamp(record.created, UTC).strftime("%H:%M:%S.%f")[:-3]
-        tail = " ".join(f"{k}={v}" for k, v in fields.items())
-        text = f"{ts} {record.levelname:<7} {_message(record)}" + (f"  {tail}" if tail else "")
+        text = f"{ts} {_printable(record.levelname):<7} {_printable(scrub(_message(record)))}"
+        if fields and record.__dict__.get("_block"):
+            text += f"\n{_INDENT}" + _text_fields(fields, f"\n{_INDENT}")
+        elif fields:
+            text += "  " + _text_fields(fields, " ")
         if record.exc_info and _own(record):
-            text += "\n" + self.formatException(record.exc_info)
+            text += _indented(scrub(self.formatException(record.exc_info)))
         return scrub(text)
 
 

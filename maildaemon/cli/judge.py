@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import sys
 
-import asyncpg
-
 from maildaemon import errors
 from maildaemon.cli.console_cmds import open_store
 from maildaemon.config import Settings
@@ -30,7 +28,7 @@ async def daemon_disagrees(settings: Settings, catalog_hash: str, policy_hash: s
 
     try:
         running = await asyncio.wait_for(live(), 5)
-    except (errors.MailDaemonError, TimeoutError, OSError, asyncpg.PostgresError) as exc:
+    except (errors.MailDaemonError, TimeoutError, OSError) as exc:
         print(
             f"maildaemon: warning: could not read which catalog the running daemon loaded "
             f"({type(exc).__name__}); validated against {settings.template_dir} only",

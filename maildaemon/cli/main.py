@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 from redis.exceptions import RedisError
 
 from maildaemon import __version__
@@ -87,9 +86,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from maildaemon.exposure import check_read_exposure
     from maildaemon.message.render import TemplateCatalog
 
     settings = _settings()
+    check_read_exposure(settings)
     catalog = TemplateCatalog.load(settings.template_dir, settings.default_locale)
     ids = sorted(catalog.template_ids)
     print(f"configuration ok; template catalog {settings.template_dir}: {len(ids)} template(s)")
@@ -348,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    except (RedisError, OSError, asyncpg.PostgresError) as exc:
+    except (RedisError, OSError) as exc:
         print(f"maildaemon: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
 

@@ -109,7 +109,8 @@ class DeliveryCommand(BaseModel):
                 f"{limits.VARIABLE_NAME_MAX_CHARS} characters, {limits.VARIABLES_MAX_VALUES} "
                 f"values in all, containers nested at most {limits.VARIABLES_MAX_DEPTH} deep, "
                 f"{limits.VARIABLES_MAX_CHARS} characters of keys and strings in all. "
-                f"Variables named *{limits.LINK_SUFFIX} are links: absolute http(s) URLs."
+                f"Variables named *{limits.LINK_SUFFIX} are links: absolute http(s) URLs "
+                "without user@ before the host."
             ),
         ),
     ] = Field(default_factory=dict)

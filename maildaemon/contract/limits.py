@@ -134,7 +134,7 @@ def is_link_variable(name: str) -> bool:
 
 
 def check_link(name: str, value: Any) -> None:
-    """A link variable must be an absolute http(s) URL without spaces or controls."""
+    """A link variable must be an absolute http(s) URL without spaces, controls or userinfo."""
     if value is None or value == "":
         return  # no link: the templates leave it out
     if not isinstance(value, str):
@@ -145,12 +145,26 @@ def check_link(name: str, value: Any) -> None:
         or not (lowered.startswith("https://") or lowered.startswith("http://"))
         or len(value) <= len("http://")
         or any(ch.isspace() or not ch.isprintable() for ch in value)
+        or _has_userinfo(value)
     ):
         raise LimitExceeded(
             "invalid_link",
             f"variable {name!r} must be an absolute http:// or https:// URL "
-            f"(at most {LINK_MAX_CHARS} characters, no spaces)",
+            f"(at most {LINK_MAX_CHARS} characters, no spaces, no user@ before the host)",
         )
+
+
+def _has_userinfo(url: str) -> bool:
+    """An ``@`` (or a ``\\``) in the authority: ``https://bank.example@evil.example/``.
+
+    The authority ends at the first ``/``, ``?`` or ``#`` (RFC 3986); browsers also end it
+    at ``\\``, other parsers do not, so a backslash there is refused as well: the host a
+    reader sees is then the host every client opens.
+    """
+    rest = url.split("://", 1)[1]
+    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    authority = rest[:end]
+    return "@" in authority or "\\" in authority
 
 
 def check_instant(value: datetime) -> None:

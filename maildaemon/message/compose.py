@@ -43,6 +43,13 @@ class Composer:
         except (KeyError, TypeError, AttributeError, binascii.Error) as exc:
             raise RenderError(f"stored command is not usable: {exc!r}") from None
 
+    def locale_of(self, command: dict[str, Any]) -> str | None:
+        """The locale a stored command renders in (its own, a fallback or the default);
+        None for a rendered command. Read it after ``compose`` succeeded."""
+        if command["payload_mode"] != "template":
+            return None
+        return self._catalog.locale_for(command["template_id"], command.get("locale"))
+
     def _compose(
         self, delivery_id: str, cmd: dict[str, Any], now: datetime | None
     ) -> tuple[str, str, bytes]:

@@ -185,6 +185,10 @@ class TemplateCatalog:
         variant = self._select(template_id, locale)
         return variant.required, variant.links
 
+    def locale_for(self, template_id: str, locale: str | None) -> str:
+        """The locale folder a command asking for ``locale`` renders from (after fallback)."""
+        return self._select(template_id, locale).locale
+
     def render(
         self, template_id: str, locale: str | None, variables: Mapping[str, object]
     ) -> RenderedContent:

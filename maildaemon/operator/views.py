@@ -47,6 +47,8 @@ class DeliveryDetail:
     priority: str
     payload_mode: str
     template_id: str | None
+    # Once rendered, the locale the template was rendered in (the command's, its language
+    # or MAIL_DEFAULT_LOCALE); before, the command's (None when it named none).
     locale: str | None
     recipients: Recipients
     send_at: datetime | None

@@ -336,7 +336,10 @@ class Scheduler(Lifecycle):
             event(log, "render fault", logging.ERROR, delivery_id=claim.delivery_id, exc_info=exc)
             reason = f"cannot build the message: {type(exc).__name__}: {exc}"[:500]
             return without_attempt(claim, "failed", reason, now, "failed", record_attempt=True)
-        return RenderedPin(claim.delivery_id, claim.claim_token, message_id, content_hash, message)
+        locale = self._composer.locale_of(claim.command)
+        return RenderedPin(
+            claim.delivery_id, claim.claim_token, message_id, content_hash, message, locale
+        )
 
     async def _pin(self, pins: list[RenderedPin]) -> set[str]:
         """Pin the rendered bytes (fenced); returns the deliveries whose lease was lost."""

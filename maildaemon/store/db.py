@@ -291,6 +291,7 @@ class Store:
                 [p.message_id for p in pins],
                 [p.content_hash for p in pins],
                 [p.rendered for p in pins],
+                [p.locale for p in pins],
             )
         return {r["delivery_id"] for r in rows}
 

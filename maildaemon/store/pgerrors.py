@@ -1,5 +1,7 @@
 """Driver errors translated into the project's own at the store boundary: PostgreSQL out of
-reach or read-only (an outage: retry), a statement cancelled (timeout), data refused."""
+reach or read-only (an outage: retry), a statement cancelled (timeout), data refused, any
+other PostgreSQL error (``StoreFailed``). Only the conflicts between concurrent
+transactions (``RETRYABLE``) pass through untranslated, for the store's callers to retry."""
 
 from __future__ import annotations
 
@@ -9,7 +11,13 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 
-from maildaemon.errors import QueryTimeout, StoreReadOnly, StoreRejected, StoreUnavailable
+from maildaemon.errors import (
+    QueryTimeout,
+    StoreFailed,
+    StoreReadOnly,
+    StoreRejected,
+    StoreUnavailable,
+)
 from maildaemon.logs import event
 
 log = logging.getLogger("maildaemon.store")
@@ -72,3 +80,7 @@ async def translate_errors(what: str, pool: asyncpg.Pool | None = None) -> Async
         raise StoreReadOnly(f"{what}: PostgreSQL is read-only (failover?): {exc}") from exc
     except _REFUSED as exc:
         raise StoreRejected(f"{what}: PostgreSQL refused the data: {exc}") from exc
+    except RETRYABLE:
+        raise
+    except asyncpg.PostgresError as exc:
+        raise StoreFailed(f"{what}: PostgreSQL error {type(exc).__name__}: {exc}") from exc

@@ -185,12 +185,15 @@ SELECT count(*) FROM upd
 # Pin the rendered message before the first send (fenced).
 PIN_RENDERED = """
 WITH r AS (
-    SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bytea[])
-        AS r(delivery_id, claim_token, message_id, content_hash, rendered)
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bytea[],
+                         $6::text[])
+        AS r(delivery_id, claim_token, message_id, content_hash, rendered, locale)
 ), upd AS (
+    -- locale: the one the template was rendered in (a command without one, or with one
+    -- the catalog lacks, falls back), so the record says what the recipient got.
     UPDATE mail.deliveries d
     SET rendered_at = now(), message_id = r.message_id, content_hash = r.content_hash,
-        updated_at = now()
+        locale = coalesce(r.locale, d.locale), updated_at = now()
     FROM r
     WHERE d.delivery_id = r.delivery_id AND d.claim_token = r.claim_token
     RETURNING d.delivery_id

@@ -208,6 +208,27 @@ async def test_invalid_configuration_is_one_line(stub_env: dict[str, str]) -> No
     assert "s3cret-value" not in stderr
 
 
+async def test_a_reachable_listener_without_read_token_refuses_to_start(
+    stub_env: dict[str, str],
+) -> None:
+    port = _port(stub_env)
+    env = dict(stub_env, MAIL_INTERNAL_HTTP_ADDR=f"0.0.0.0:{port}")
+    proc = await spawn("run", env=env)
+    code = await asyncio.wait_for(proc.wait(), 30)
+    stderr = await stderr_of(proc)
+    assert code == 2, stderr
+    assert stderr.strip().count("\n") == 0 and "MAIL_OPERATOR_READ_TOKEN: required" in stderr
+    assert not await _port_open(port)
+    check = await spawn("check", env=env)
+    assert await asyncio.wait_for(check.wait(), 30) == 2
+    assert "MAIL_OPERATOR_READ_TOKEN" in await stderr_of(check)
+
+    opened = await spawn("run", env=dict(env, MAIL_INTERNAL_HTTP_OPEN_READS="true"))
+    await wait_for(lambda: _ready(port), timeout=30)
+    opened.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(opened.wait(), 10) == 0
+
+
 async def test_check_rejects_a_broken_template(stub_env: dict[str, str], tmp_path: Path) -> None:
     catalog = tmp_path / "templates"
     broken = catalog / "welcome" / "en"

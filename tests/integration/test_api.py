@@ -145,6 +145,35 @@ async def test_lookup_shows_attempts_retry_plan_and_refuses_bad_ids(
         assert status == 400 and error_field(body) == "verbose"
 
 
+async def test_the_detail_shows_the_locale_the_message_was_rendered_in(
+    make_settings: MakeSettings, smtp_sink: SmtpSink
+) -> None:
+    settings = settings_for(make_settings)
+    async with daemon(settings) as api:
+        await xadd(
+            settings,
+            command("d-no-locale", locale=None),  # the default locale (en)
+            command("d-fallback", idempotency_key="k-at", locale="de-AT"),  # de-AT -> de
+            command("d-unknown", idempotency_key="k-fr", locale="fr"),  # none: the default
+            command(
+                "d-rendered",
+                idempotency_key="k-r",
+                payload_mode="rendered",
+                template_id=None,
+                locale=None,
+                variables=None,
+                subject="Hi",
+                text="Hello",
+            ),
+        )
+        for delivery_id in ("d-no-locale", "d-fallback", "d-unknown", "d-rendered"):
+            await Db(settings.dsn).wait_status(delivery_id, "sent")
+        locales = {d: (await api.delivery(d))["locale"] for d in ("d-no-locale", "d-fallback")}
+        assert locales == {"d-no-locale": "en", "d-fallback": "de"}
+        assert (await api.delivery("d-unknown"))["locale"] == "en"
+        assert (await api.delivery("d-rendered"))["locale"] is None
+
+
 async def test_listing_filters_and_keyset_pagination(
     make_settings: MakeSettings, smtp_sink: SmtpSink
 ) -> None:

@@ -27,6 +27,7 @@ import yaml
 import maildaemon
 from maildaemon.config import Settings
 from maildaemon.config_values import parse_duration
+from maildaemon.exposure import check_read_exposure
 from maildaemon.message.render import TemplateCatalog
 from tests.packaging.test_image import _tool
 
@@ -186,6 +187,9 @@ def test_settings_are_real_and_valid_together(overlay: tuple[str, list[Doc]]) ->
     with mock.patch.dict(os.environ, env, clear=True):
         settings = Settings(_env_file=None)  # raises on a bad value or combination
     assert settings.consumer_name == "from-field-ref"
+    # The pods listen on 0.0.0.0: the reads need their token, or the daemon refuses to start.
+    assert settings.read_token is not None and not settings.internal_http_open_reads
+    check_read_exposure(settings)
 
 
 def test_template_volume_holds_the_catalog(overlay: tuple[str, list[Doc]], tmp_path: Path) -> None:
@@ -239,6 +243,9 @@ def test_service_pdb_and_network_policy_select_the_pods(overlay: tuple[str, list
         for peer in rule["from"]:
             assert "ipBlock" not in peer
             assert peer["podSelector"]["matchLabels"] == {CLIENT_LABEL: "true"}
+            # Without a namespaceSelector the label admits pods of this namespace only;
+            # `namespaceSelector: {}` would admit a pod of any namespace that labels itself.
+            assert "namespaceSelector" not in peer
         assert [p["port"] for p in rule["ports"]] == [http_port]
 
 

@@ -17,6 +17,7 @@ import pytest
 
 from maildaemon.config import Settings
 from maildaemon.config_values import parse_duration
+from maildaemon.exposure import check_read_exposure
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEMD = REPO / "deploy" / "systemd"
@@ -139,7 +140,14 @@ def test_example_settings_are_real_and_valid_together() -> None:
     commented = re.findall(r"^#\s*(MAIL_[A-Z0-9_]+)=", ENV_EXAMPLE.read_text(), re.M)
     assert set(commented) <= SETTING_NAMES
     with mock.patch.dict(os.environ, env, clear=True):
-        Settings(_env_file=None)  # raises on a bad value or combination
+        settings = Settings(_env_file=None)  # raises on a bad value or combination
+    check_read_exposure(settings)
+    # The reads are guarded even when an operator moves the listener off loopback.
+    assert settings.read_token is not None
+    with mock.patch.dict(
+        os.environ, {**env, "MAIL_INTERNAL_HTTP_ADDR": "0.0.0.0:8080"}, clear=True
+    ):
+        check_read_exposure(Settings(_env_file=None))
 
 
 def test_sysusers_and_tmpfiles_fit_the_unit() -> None:

@@ -84,6 +84,40 @@ def dist(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return sdist, wheel
 
 
+def test_an_editable_install_is_quiet_and_serves_the_checkout(tmp_path: Path) -> None:
+    """What `scripts/bootstrap` (pip install -e) runs: setuptools' PEP 660 hook, in an
+    isolated build environment as pip makes one, says nothing worth a warning."""
+    from build import ProjectBuilder
+    from build.env import DefaultIsolatedEnv
+
+    src = tmp_path / "mailconveyor"
+    shutil.copytree(REPO, src, symlinks=True, ignore=_NOT_SOURCES)
+    output: list[str] = []
+
+    def runner(
+        cmd: list[str], cwd: str | None = None, extra_environ: dict[str, str] | None = None
+    ) -> None:
+        env = {**os.environ, **(extra_environ or {})}
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+        output.append(proc.stdout + proc.stderr)
+        assert proc.returncode == 0, output[-1]
+
+    with DefaultIsolatedEnv() as env:
+        builder = ProjectBuilder.from_isolated_env(env, src, runner=runner)
+        env.install(builder.build_system_requires)
+        env.install(builder.get_requires_for_build("editable"))
+        wheel = Path(builder.build("editable", tmp_path / "out"))
+    text = "\n".join(output)
+    assert "Warning" not in text and "careful" not in text, text
+    with zipfile.ZipFile(wheel) as zf:
+        [pth] = [n for n in zf.namelist() if n.endswith(".pth")]
+        assert not [n for n in zf.namelist() if n.endswith("finder.py")]
+        assert zf.read(pth).decode().split() == [str(src.resolve())]
+    # Through that path the package's migrations and templates are the checkout's.
+    assert _files(src / "maildaemon" / "migrations") == _files(SHIPPED_MIGRATIONS)
+    assert _files(src / "maildaemon" / "templates") == _files(SHIPPED_TEMPLATES)
+
+
 @pytest.fixture(scope="module")
 def clean_venv(tmp_path_factory: pytest.TempPathFactory, dist: tuple[Path, Path]) -> Path:
     """A fresh venv with only the wheel (and its runtime dependencies) installed."""

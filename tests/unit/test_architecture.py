@@ -63,10 +63,12 @@ ALLOWED: dict[str, set[str]] = {
         "retry",
         "store",
     },
+    "exposure": {"config", "config_values", "errors"},
     "app": {
         "config",
         "contract",
         "errors",
+        "exposure",
         "http",
         "logs",
         "message",
@@ -86,6 +88,7 @@ ALLOWED: dict[str, set[str]] = {
         "contract",
         "devstack",
         "errors",
+        "exposure",
         "logs",
         "message",
         "operator",
@@ -203,6 +206,37 @@ def test_no_import_cycles() -> None:
         if node not in index:
             visit(node)
     assert not cycles, f"import cycles: {cycles}"
+
+
+# The PostgreSQL drivers and the migration tool: only these units may import them. Every
+# other unit sees the store's domain objects and the project's errors (errors.py).
+DRIVERS: dict[str, set[str]] = {
+    "asyncpg": {"store"},
+    "psycopg": {"store", "devstack"},  # the embedded dev server creates its database
+    "yoyo": {"store"},
+}
+
+
+def _third_party_imports(path: Path) -> set[str]:
+    """Top-level names of the packages this file imports, at any depth of the code."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_only_the_store_sees_the_database_driver() -> None:
+    wrong: list[str] = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = _module_name(path)
+        unit = _unit(module)
+        for driver in sorted(_third_party_imports(path) & set(DRIVERS)):
+            if unit not in DRIVERS[driver]:
+                wrong.append(f"{module} imports {driver} (only {sorted(DRIVERS[driver])} may)")
+    assert not wrong, "\n".join(wrong)
 
 
 def test_lazy_imports_are_seen(tmp_path: Path) -> None:

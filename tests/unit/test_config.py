@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 from unittest import mock
 from urllib.parse import quote, unquote
 
@@ -191,3 +192,36 @@ def test_pgbouncer_listen_and_session_dsns() -> None:
     assert s.listen_dsn == direct and s.session_dsn == direct  # type: ignore[attr-defined]
     assert s.redacted()["postgres_listen_dsn"] == "postgresql://mail@db.internal:5432/mail"  # type: ignore[attr-defined]
     assert "MAIL_POSTGRES_LISTEN_DSN" in fresh_problem(MAIL_POSTGRES_LISTEN_DSN="mysql://x/y")
+
+
+@pytest.mark.parametrize(
+    ("addr", "reachable"),
+    [
+        ("127.0.0.1:8080", False),
+        ("127.8.9.10:8080", False),
+        ("localhost:8080", False),
+        ("[::1]:8080", False),
+        ("0.0.0.0:8080", True),
+        ("[::]:8080", True),
+        ("10.0.0.5:8080", True),
+        ("maildaemon.internal:8080", True),
+    ],
+)
+def test_a_reachable_listener_needs_the_read_token(addr: str, reachable: bool) -> None:
+    from maildaemon.exposure import check_read_exposure
+
+    for token in (None, ""):  # an empty token is no token
+        extra = {} if token is None else {"MAIL_OPERATOR_READ_TOKEN": token}
+        bare: Any = settings(MAIL_INTERNAL_HTTP_ADDR=addr, **extra)
+        if reachable:
+            with pytest.raises(ConfigError) as info:
+                check_read_exposure(bare)
+            assert "MAIL_OPERATOR_READ_TOKEN: required" in str(info.value)
+            assert "MAIL_INTERNAL_HTTP_OPEN_READS=true" in str(info.value)
+        else:
+            check_read_exposure(bare)
+    guarded: Any = settings(MAIL_INTERNAL_HTTP_ADDR=addr, MAIL_OPERATOR_READ_TOKEN="r-token")
+    check_read_exposure(guarded)
+    del os.environ["MAIL_OPERATOR_READ_TOKEN"]  # settings() adds to the environment
+    opened: Any = settings(MAIL_INTERNAL_HTTP_ADDR=addr, MAIL_INTERNAL_HTTP_OPEN_READS="true")
+    check_read_exposure(opened)

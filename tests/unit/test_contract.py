@@ -531,6 +531,18 @@ TRIGGERS: dict[str, dict[str, Maker]] = {
         "space": lambda: _with(
             T, variables={**T["variables"], "action_url": "https://a.example/ x"}
         ),
+        "userinfo-host": lambda: _with(
+            T, variables={**T["variables"], "action_url": "https://app.example.com@evil.example/"}
+        ),
+        "userinfo-password": lambda: _with(
+            T, variables={**T["variables"], "action_url": "https://user:pw@app.example.com/"}
+        ),
+        "userinfo-no-path": lambda: _with(
+            T, variables={**T["variables"], "action_url": "http://a.example@evil.example"}
+        ),
+        "backslash-authority": lambda: _with(
+            T, variables={**T["variables"], "action_url": "https://evil.example\\@a.example/"}
+        ),
     },
 }
 
@@ -559,6 +571,20 @@ def test_failure_code(code: str, make: Maker) -> None:
 def test_valid_bases_are_accepted() -> None:
     for doc in (RENDERED, TEMPLATE):
         assert isinstance(parse_command(json.dumps(doc), POLICY), DeliveryCommand)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://a.example/u/@ada",
+        "https://a.example?to=a@b.example",
+        "http://a.example#x@y",
+        "https://a.example:8443/p\\q@r",
+    ],
+)
+def test_an_at_sign_after_the_host_is_a_valid_link(url: str) -> None:
+    doc = _with(T, variables={**T["variables"], "action_url": url})
+    assert isinstance(parse_command(doc, POLICY), DeliveryCommand)
 
 
 def test_entry_without_command_field() -> None:

@@ -76,3 +76,78 @@ def test_recipients_are_domains_unless_full() -> None:
     addresses = ["Ada@Example.COM", "bob@example.com", "eve@other.example"]
     assert recipients_field(addresses) == ["example.com", "other.example"]
     assert recipients_field(addresses, full=True) == addresses
+
+
+def _event(message: str, name: str = "maildaemon.intake", **fields: object) -> logging.LogRecord:
+    record = _record(name, message)
+    record.__dict__.update(fields)
+    return record
+
+
+FORGERY = "d-1\r\n12:00:00.000 INFO    delivery sent  delivery_id=forged"
+
+
+def test_a_field_value_cannot_forge_a_text_line() -> None:
+    line = TextFormatter().format(_event("command refused", delivery_id=FORGERY, source="a b"))
+    assert "\n" not in line and "\r" not in line and len(line.splitlines()) == 1
+    assert 'delivery_id="d-1\\r\\n12:00:00.000 INFO    delivery sent  delivery_id=forged"' in line
+    assert line.endswith('source="a b"')
+
+
+def test_text_values_are_quoted_and_escaped_consistently() -> None:
+    values = {
+        "plain": "abc",
+        "empty": "",
+        "quote": 'say "hi"',
+        "equals": "a=b",
+        "backslash": "a\\b",
+        "quoted_backslash": 'a\\"',
+        "controls": "\x00\x1b[31m\x7f\x85\u2028\u202e",
+        "unicode": "Grüße",
+        "items": ["example.com", "other.example"],
+        "number": 3,
+    }
+    line = TextFormatter().format(_event("x", **values))
+    tail = line.split("  ", 1)[1]
+    assert tail == (
+        'plain=abc empty="" quote="say \\"hi\\"" equals="a=b" backslash=a\\b'
+        ' quoted_backslash="a\\\\\\"" controls="\\x00\\x1b[31m\\x7f\\x85\\u2028\\u202e"'
+        ' unicode=Grüße items="[\\"example.com\\",\\"other.example\\"]" number=3'
+    )
+    assert tail.isprintable()
+
+
+def test_text_keys_and_library_messages_are_escaped() -> None:
+    record = _event("first\rforged", name="aiohttp.server", **{"a b=c\n": "v"})
+    line = TextFormatter().format(record)
+    assert "\r" not in line and "\n" not in line
+    assert "first\\rforged" in line and line.endswith("a\\x20b\\x3dc\\n=v")
+
+
+def test_a_json_line_stays_one_valid_line() -> None:
+    value = FORGERY + "\x85\u2028\u2029\x1c"
+    line = JsonFormatter().format(_event("command refused", delivery_id=value))
+    assert len(line.splitlines()) == 1
+    assert json.loads(line)["delivery_id"] == value
+
+
+def test_a_block_event_is_one_indented_setting_a_line_in_text() -> None:
+    settings = {"redis_url": "redis://r:6379/0", "allowed_sources": ["a", "b"], "bad": "x\ny"}
+    text = TextFormatter().format(_event("configuration", _block=True, **settings))
+    first, *rest = text.split("\n")
+    assert first.endswith(" WARNING configuration")
+    assert rest == [
+        "    redis_url=redis://r:6379/0",
+        '    allowed_sources="[\\"a\\",\\"b\\"]"',
+        '    bad="x\\ny"',
+    ]
+    out = json.loads(JsonFormatter().format(_event("configuration", _block=True, **settings)))
+    assert out["allowed_sources"] == ["a", "b"] and "_block" not in out
+
+
+def test_a_traceback_in_text_is_indented_under_its_event() -> None:
+    record = _record("maildaemon.app", "component crashed", RuntimeError("boom\n12:00 INFO forged"))
+    first, *rest = TextFormatter().format(record).split("\n")
+    assert first.endswith("component crashed")
+    assert rest and all(line.startswith("    ") for line in rest)
+    assert "    RuntimeError: boom" in rest and "    12:00 INFO forged" in rest
