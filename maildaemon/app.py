@@ -58,6 +58,7 @@ from maildaemon.telemetry import Telemetry
 from maildaemon.tracing import server_spans
 
 log = logging.getLogger("maildaemon.app")
+READY_PER_CONNECTION = 4  # claimed jobs waiting per connection, besides the window
 T = TypeVar("T")
 
 
@@ -410,9 +411,14 @@ class _Components:
         composer = Composer(
             catalog, s.smtp_from or "maildaemon <noreply@maildaemon.localhost>", signer
         )
-        # Per connection: the result window (sent, result not yet committed) and one job
-        # ready. This also bounds what a crash can leave with an open outcome.
-        queue = JobQueue((s.result_window + 1) * s.attempt_worker_concurrency)
+        # Per connection: the result window (sent, result not yet committed) and a few
+        # jobs ready, so claims come in useful batches and a worker finds its next job at
+        # hand (to pipeline it behind the current one). This also bounds what a crash can
+        # leave claimed with an open outcome (those wait for their lease to run out).
+        queue = JobQueue(
+            (s.result_window + READY_PER_CONNECTION) * s.attempt_worker_concurrency,
+            low_water=s.attempt_worker_concurrency,
+        )
         publisher = EventPublisher(s, store, redis, inst)
         results = ResultWriter(s, store, inst, name, publisher.wake)
         destination = Destination(s.smtp_addr or "stub")

@@ -25,12 +25,12 @@ class JobQueue:
     A slot is taken when a job is claimed and given back when its result is committed,
     so claims never run ahead of what the workers and the writer can absorb — and a crash
     leaves at most ``slots`` claims whose outcome is open (the daemon sizes it
-    ``(MAIL_RESULT_WINDOW + 1) * MAIL_ATTEMPT_WORKER_CONCURRENCY``). ``stop()`` (SIGTERM)
+    ``(MAIL_RESULT_WINDOW + 4) * MAIL_ATTEMPT_WORKER_CONCURRENCY``). ``stop()`` (SIGTERM)
     ends the hand-out at once: no worker gets another job and no new SMTP transaction begins
     (``accepting`` turns False); jobs not begun are taken back with ``take_unstarted()``.
     """
 
-    def __init__(self, slots: int) -> None:
+    def __init__(self, slots: int, low_water: int = 0) -> None:
         self._jobs: deque[Job] = deque()
         self._returned: list[Job] = []  # taken by a worker that did not begin it
         self._has_jobs = asyncio.Event()
@@ -38,19 +38,24 @@ class JobQueue:
         self._has_space.set()
         self._free = slots
         self.slots = slots
+        self._low_water = low_water  # ready jobs below which a claim is due, however small
         self.accepting = True
         self.stopped = asyncio.Event()
 
     async def wait_for_slots(self, enough: int) -> int:
-        """Wait until ``enough`` slots are free, or any slot while the workers starve.
+        """Wait until ``enough`` slots are free, or any slot once no more than ``low_water``
+        jobs are ready (so the workers never run dry: each finds its next job at hand).
 
         Returns 0 at once when the queue is stopped."""
-        while self.accepting and (self._free <= 0 or (self._free < enough and self._jobs)):
+        while self.accepting and (
+            self._free <= 0 or (self._free < enough and len(self._jobs) > self._low_water)
+        ):
             self._has_space.clear()
             await self._has_space.wait()
         return self._free if self.accepting else 0
 
     def put(self, jobs: list[Job]) -> None:
+        """Jobs claimed (each takes a slot)."""
         self._free -= len(jobs)
         self._jobs.extend(jobs)
         if self._jobs:
@@ -63,7 +68,19 @@ class JobQueue:
             await self._has_jobs.wait()
         if not self.accepting:
             return None
-        return self._jobs.popleft()
+        return self._take()
+
+    def get_nowait(self) -> Job | None:
+        """The next job if one is waiting (and the queue is not stopped), else None."""
+        if not self.accepting or not self._jobs:
+            return None
+        return self._take()
+
+    def _take(self) -> Job:
+        job = self._jobs.popleft()
+        if len(self._jobs) <= self._low_water:
+            self._has_space.set()  # the scheduler may be waiting for the low-water mark
+        return job
 
     def give_back(self, job: Job) -> None:
         """A worker took ``job`` but began no SMTP transaction for it."""

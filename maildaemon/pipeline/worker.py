@@ -75,11 +75,16 @@ class AttemptWorker:
         self._inst = instruments
         self._dest = destination
         self._unrecorded: deque[asyncio.Future[bool]] = deque()  # results not yet committed
+        # The job whose envelope the connection sent behind the previous message's data:
+        # this worker sends it next. (Not with rate limits: their wait comes before MAIL.)
+        self._ahead: Job | None = None
+        if not limiter.enabled:
+            self._conn.lookahead = self._take_next
 
     async def run(self) -> None:
         try:
             while True:
-                job = await self._queue.get()
+                job, self._ahead = self._ahead or await self._queue.get(), None
                 if job is None:
                     return
                 if not self._dest.up:  # held, not charged: the probe gives the claim back
@@ -95,6 +100,9 @@ class AttemptWorker:
                     continue
                 except BaseException:
                     self._queue.release()
+                    if self._ahead is not None:
+                        self._queue.give_back(self._ahead)
+                        self._ahead = None
                     raise
                 # The slot frees up when the result is committed, not before; and this
                 # worker begins no other transaction while MAIL_RESULT_WINDOW of its results
@@ -106,6 +114,16 @@ class AttemptWorker:
                 await self._within_window(recorded)
         finally:
             await asyncio.shield(self._conn.close())
+
+    def _take_next(self) -> tuple[str, tuple[str, ...], bytes] | None:
+        """Take the next job now, for its envelope to go behind this message's data."""
+        if self._ahead is not None or not self._dest.up:
+            return None
+        job = self._queue.get_nowait()
+        if job is None:
+            return None
+        self._ahead = job
+        return self._sender, job.recipients, job.message
 
     async def _within_window(self, recorded: asyncio.Future[bool]) -> None:
         """Keep ``recorded`` among this worker's uncommitted results; wait (shielded: the

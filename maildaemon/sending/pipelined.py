@@ -7,6 +7,15 @@ writes as the server allows:
 
     CHUNKING     [RSET] MAIL RCPT… BDAT <n> LAST <message>         one round trip
     PIPELINING   [RSET] MAIL RCPT… DATA  │  <message> .             two round trips
+                 … <message> . MAIL RCPT… DATA  │  <next message> .  one, back to back
+
+With PIPELINING alone, the next message's envelope goes right behind a message's data
+when the worker has it at hand (``lookahead``; RFC 2920 3.1 lets MAIL follow the end of
+data in one write): its replies are read at the start of that message's own transaction,
+so a kept-open connection costs about one reply flight per message. The end of data ends
+the transaction whatever its reply, so no RSET is needed; a message's outcome never
+depends on its successor's replies, and a failure while reading the successor's envelope
+replies is that successor's (nothing of it but the envelope was sent: it is retried).
 
 Every reply is still paired with its command, so the report is the one the
 one-command-at-a-time transport gives: per-recipient replies, DATA refused when nobody
@@ -27,6 +36,7 @@ import re
 import ssl
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from maildaemon.config import Settings
 from maildaemon.errors import (
@@ -46,6 +56,18 @@ from maildaemon.sending.smtp import SmtpConnection, _StaleConnection, envelope
 # so that a server that has just timed it out does not turn the message into "unknown".
 IDLE_PROBE_S = 5.0
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+
+# What the worker may send next on this connection: (sender, recipients, message).
+Envelope = tuple[str, Sequence[str], bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class _Ahead:
+    """A message whose MAIL/RCPT/DATA went out behind the previous message's data."""
+
+    message: bytes
+    recipients: tuple[str, ...]
+    flight: _Flight
 
 
 def _address(prefix: bytes, address: str, parameters: bytes = b"") -> bytes:
@@ -68,6 +90,10 @@ class PipeliningConnection(SmtpConnection):
         self._enabled = settings.smtp_pipelining == "auto"
         self._timeout = settings.smtp_timeout
         self._session: Session | None = None
+        # Hands over the next message to send on this connection, if one is at hand (the
+        # caller then sends it next); None: send each message's envelope in its own flight.
+        self.lookahead: Callable[[], Envelope | None] | None = None
+        self._ahead: _Ahead | None = None
 
     @property
     def pipelining(self) -> bool:
@@ -75,12 +101,14 @@ class PipeliningConnection(SmtpConnection):
         return self._session is not None
 
     async def close(self) -> None:
+        self._ahead = None
         session, self._session = self._session, None
         if session is not None:
             await session.quit()
         await super().close()
 
     def abort(self) -> None:
+        self._ahead = None
         session, self._session = self._session, None
         if session is not None:
             session.reader.transport.abort()
@@ -120,6 +148,10 @@ class PipeliningConnection(SmtpConnection):
     ) -> None:
         self.in_data = False
         reader = session.reader
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            await self._after_previous(session, ahead, recipients, message, report)
+            return
         if reader.failure is not None or not reader.idle:
             # Closed while it sat idle, or a reply nobody asked for (a 421 before closing).
             self.abort()
@@ -144,22 +176,69 @@ class PipeliningConnection(SmtpConnection):
         if report.data_reply is not None:
             session.dirty = False
 
+    async def _after_previous(
+        self,
+        session: Session,
+        ahead: _Ahead,
+        recipients: Sequence[str],
+        message: bytes,
+        report: SendReport,
+    ) -> None:
+        """The transaction whose envelope went out behind the previous message's data:
+        read its replies (they are queued in order), then go on as any other."""
+        if ahead.message is not message or ahead.recipients != tuple(recipients):
+            self.abort()  # the server waits for another message's data: start afresh
+            raise _StaleConnection("the message sent ahead is not the one to send")
+        if self._may_begin is not None and not self._may_begin():
+            self.abort()  # its MAIL went before the stop; its data must not follow
+            raise NotBegun("stopping: no new SMTP transaction begins")
+        self.stage = "mail"
+        session.dirty = True
+        # Not fresh: a failure here met nothing deliverable of this message (retried).
+        await self._data(session, False, b"", message, ahead.flight, report)
+        if report.data_reply is not None:
+            session.dirty = False
+
+    def _next_envelope(self, session: Session) -> tuple[bytes, _Ahead] | None:
+        """The next message's MAIL/RCPT/DATA, to go behind this message's end of data."""
+        if self.lookahead is None or (self._may_begin is not None and not self._may_begin()):
+            return None
+        taken = self.lookahead()
+        if taken is None:
+            return None
+        sender, recipients, message = taken
+        try:
+            size = mail_parameter(message, session.size_limit)
+            commands = [_address(b"MAIL FROM:<", sender, size)]
+            commands.extend(_address(b"RCPT TO:<", rcpt) for rcpt in recipients)
+        except TransportError:  # it fails on its own when it is sent (too large, bad address)
+            return None
+        commands.append(b"DATA\r\n")
+        flight = _Flight(0, recipients)
+        return b"".join(commands), _Ahead(message, tuple(recipients), flight)
+
     async def _exchange(
-        self, reader: ReplyReader, data: bytes, expected: int, replies: list[Reply]
+        self,
+        reader: ReplyReader,
+        data: bytes,
+        expected: int,
+        replies: list[Reply],
+        more: bool = False,
     ) -> None:
         """Write one flight, then read its ``expected`` replies into ``replies``.
 
         ``replies`` keeps what arrived when this raises: a write refused because the link
         is gone still reads every reply that came before it went (a refusal, then the
         server's close). Replies beyond ``expected`` that came with them (more replies than
-        commands) raise ``OutOfStep``.
+        commands) raise ``OutOfStep`` — unless ``more`` are due (a message sent ahead).
         """
-        with contextlib.suppress(LinkLost):
-            reader.write(data)  # if it is lost, reply() says so once the queue is empty
+        if data:
+            with contextlib.suppress(LinkLost):
+                reader.write(data)  # if it is lost, reply() says so once the queue is empty
         async with asyncio.timeout(self._timeout):
             while len(replies) < expected:
                 replies.append(await reader.reply())
-        if not reader.idle:
+        if not more and not reader.idle:
             raise OutOfStep("the server sent more replies than there were commands")
 
     async def _probe(self, reader: ReplyReader) -> None:
@@ -235,8 +314,11 @@ class PipeliningConnection(SmtpConnection):
             payload += b"\r\n"
         self.in_data = True
         final: list[Reply] = []
+        behind = self._next_envelope(session)
+        data = payload + b".\r\n" + (behind[0] if behind else b"")
         try:
-            await self._exchange(reader, payload + b".\r\n", 1, final)
+            await self._exchange(reader, data, 1, final, more=behind is not None)
+            self._ahead = behind[1] if behind else None
         except (LinkLost, OutOfStep, TimeoutError) as exc:
             self.abort()
             raise UnknownOutcome(

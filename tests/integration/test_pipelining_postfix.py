@@ -24,6 +24,7 @@ from maildaemon.sending.pipelined import PipeliningConnection
 from maildaemon.sending.reply import SendReport
 from maildaemon.sending.smtp import tls_context
 from tests.integration.test_pipelining import MESSAGE, settings_for
+from tests.integration.test_pipelining_ahead import Worker
 
 POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
 pytestmark = [
@@ -278,3 +279,35 @@ async def test_postfix_size_limit_refused_before_sending(postfix: Postfix) -> No
         await conn.close()
     assert len(await postfix.wait_delivered(2)) == 2
     assert postfix.log().count(" connect from ") == 1  # the refusal kept the session
+
+
+async def test_postfix_takes_each_envelope_sent_behind_the_previous_data(
+    postfix: Postfix,
+) -> None:
+    """Back to back with the next envelope behind each message's data (on the PIPELINING
+    variants; one command at a time without): each message arrives once, intact, and a
+    refusal in the middle stays with its own message."""
+    conn = connection(postfix)
+    rcpts = [["ok@example.com"]] * 3 + [["gone@example.com"]] + [["ok@example.com"]] * 3
+    messages = [MESSAGE.replace(b"<m1@", b"<ahead%d@" % i) for i in range(len(rcpts))]
+    await _send_with_retry(conn, ["ok@example.com"], MESSAGE)  # connected, Postfix ready
+    envelopes = [("noreply@test.example", r, m) for r, m in zip(rcpts, messages, strict=True)]
+    worker = Worker(conn, envelopes)
+    try:
+        outcomes = await worker.run()
+    finally:
+        await conn.close()
+    assert all(isinstance(o, SendReport) for o in outcomes)
+    reports = [o for o in outcomes if isinstance(o, SendReport)]
+    assert [r.data_reply is not None for r in reports] == [True] * 3 + [False] + [True] * 3
+    assert reports[3].refused["gone@example.com"].code == 550
+    if postfix.extensions == "pipelining":
+        assert worker.taken_ahead >= 5  # no successor for the refused one nor the last
+    delivered = await postfix.wait_delivered(7)
+    ids = sorted(
+        line for raw in delivered for line in raw.split(b"\n") if line.startswith(b"Message-ID: <")
+    )
+    assert ids == sorted(
+        [b"Message-ID: <m1@test.example>"]
+        + [b"Message-ID: <ahead%d@test.example>" % i for i in (0, 1, 2, 4, 5, 6)]
+    )
