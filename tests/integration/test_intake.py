@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import random
 from collections.abc import Callable
 from typing import Any
+
+import pytest
 
 from maildaemon.app import command_policy
 from maildaemon.config import Settings
@@ -254,7 +257,9 @@ async def test_two_consumers_take_each_command_once(make_settings: MakeSettings)
     assert await db.fetchval("SELECT count(*) FROM mail.command_replays") == 300
 
 
-async def test_postgres_outage_pauses_intake_and_loses_nothing(make_settings: MakeSettings) -> None:
+async def test_postgres_outage_pauses_intake_and_loses_nothing(
+    make_settings: MakeSettings, caplog: pytest.LogCaptureFixture
+) -> None:
     """PostgreSQL goes away mid-stream: the consumer waits, retries, and resumes."""
     base = make_settings(smtp_mode="stub")
     host, port = split_host_port(base.dsn.split("@", 1)[1].split("/", 1)[0], 5432)
@@ -263,21 +268,44 @@ async def test_postgres_outage_pauses_intake_and_loses_nothing(make_settings: Ma
     proxied_dsn = base.dsn.replace(f"{host}:{port}", f"127.0.0.1:{proxy.port}")
     settings = make_settings(smtp_mode="stub", postgres_primary_dsn=proxied_dsn)
     db = Db(base.dsn)
-    telemetry = Telemetry()
+    caplog.set_level(logging.WARNING, logger="maildaemon.consumer")
+
+    async def consumer_found_postgres_down() -> bool:
+        return any(
+            r.getMessage() == "postgres unavailable" and getattr(r, "component", "") == "consumer"
+            for r in caplog.records
+        )
+
     async with running_app(settings):
         await xadd(settings, *[command(f"out-{i}") for i in range(50)])
         await wait_for(lambda: _count(db, 50))
         await proxy.cut()
         await xadd(settings, *[command(f"out-{i}") for i in range(50, 150)])
-        await asyncio.sleep(1.5)
-        assert await _pending(settings) > 0 or await _count(db, 150) is False
+        await wait_for(consumer_found_postgres_down, timeout=20)
+        # Read, not committed: nothing new stored, and none of the 100 acknowledged.
+        assert not await _count(db, 51)
+        assert await _unacknowledged(settings) == 100
         await proxy.start()
         await wait_for(lambda: _count(db, 150), timeout=30)
         await wait_for(lambda: _zero(settings), timeout=10)
-    telemetry.shutdown()
     await proxy.cut()
     assert await db.fetchval("SELECT count(*) FROM mail.deliveries") == 150
     assert await db.fetchval("SELECT count(*) FROM mail.malformed_commands") == 0
+
+
+async def _unacknowledged(settings: Settings) -> int:
+    """Entries of the stream the group has not acknowledged: pending or not yet read."""
+    client = redis_client(settings.redis_master_addr)
+    try:
+        pending = int(
+            (await client.xpending(settings.command_stream, settings.consumer_group))["pending"]
+        )
+        groups = await client.xinfo_groups(settings.command_stream)
+        last = next(g["last-delivered-id"] for g in groups)
+        unread = await client.xrange(settings.command_stream, min=b"(" + last, max="+")
+        return pending + len(unread)
+    finally:
+        await client.aclose()
 
 
 async def _count(db: Db, n: int) -> bool:
