@@ -470,6 +470,8 @@ async def test_pause_holds_claiming_per_source_and_survives_a_restart(
         status, state = await api.get(f"{P}/sending")
         assert status == 200 and state["paused_sources"] == ["authsession"]
         assert state["pauses"][0]["reason"] == "provider outage"
+        # "Not sent while paused" has no event to wait on: 0.3 s holds one claim pass at
+        # least (the scheduler polls every 0.2 s here).
         await asyncio.sleep(0.3)
         assert await db.status("d-held") == "queued"
         status, change = await api.post(f"{P}/sending/resume", {"source": "authsession"})
@@ -482,7 +484,7 @@ async def test_pause_holds_claiming_per_source_and_survives_a_restart(
         assert status == 200 and change["scope"] == "*"
         await xadd(settings, command("d-global", idempotency_key="k-global", source="notification"))
         await wait_for(lambda: db.status("d-global"))
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # one claim pass at least, as above
         assert await db.status("d-global") == "queued"
         await api.post(f"{P}/sending/resume")
         await db.wait_status("d-global", "sent")
