@@ -2,9 +2,9 @@
 
 Optional filters are ``($n IS NULL OR ...)`` so each listing is one statement (the API's
 pool plans each call for its own parameters, so a filter that was given can use its index);
-a recipient search has its own statement that starts from the GIN index on
-``mail.recipient_keys`` (migration 0004), the dead-letter domain filter can use the one on
-``mail.recipient_domains``. Listings are keyset-paginated on the same
+a recipient search has its own statement that starts from ``mail.delivery_recipients``
+(migration 0009: one row per recipient, by address and by domain), which the dead-letter
+domain filter uses too. Listings are keyset-paginated on the same
 order as their index and fetch one row more than the page to know whether another follows.
 """
 
@@ -57,14 +57,15 @@ ORDER BY d.created_at DESC, d.delivery_id DESC
 LIMIT $8
 """
 
-# The same listing for one recipient ($3, required): the recipient's deliveries are found
-# through the GIN index first (materialized, so the planner cannot instead walk the
-# created_at index and evaluate the recipients of every row), then filtered and ordered.
+# The same listing for one recipient ($3, required, lower-cased): the recipient's deliveries
+# are found through mail.delivery_recipients first (materialized, so the planner cannot
+# instead walk the created_at index and probe every row), then filtered and ordered.
 LIST_DELIVERIES_BY_RECIPIENT = f"""
 WITH hits AS MATERIALIZED (
     SELECT {_SUMMARY}
-    FROM mail.deliveries d
-    WHERE mail.recipient_keys(d.to_addrs, d.cc_addrs, d.bcc_addrs) @> ARRAY[$3::text]
+    FROM mail.delivery_recipients r
+    JOIN mail.deliveries d ON d.delivery_id = r.delivery_id
+    WHERE r.address = $3::text
 )
 SELECT * FROM hits d
 WHERE ($1::text IS NULL OR d.status = $1)
@@ -122,8 +123,9 @@ UPDATE mail.dead_letters SET requeued_at = now(), requeued_by = $2 WHERE deliver
 # Parameters $1..$8 of every dead-letter filter (see DeadLetterFilter).
 _DEAD_LETTER_FILTER = """
     ($1::text IS NULL OR d.source = $1)
-AND ($2::text IS NULL
-     OR mail.recipient_domains(d.to_addrs, d.cc_addrs, d.bcc_addrs) @> ARRAY[$2::text])
+AND ($2::text IS NULL OR EXISTS (
+     SELECT 1 FROM mail.delivery_recipients r
+     WHERE r.delivery_id = d.delivery_id AND r.domain = $2::text))
 AND ($3::integer IS NULL OR dl.last_reply_code = $3)
 AND ($4::integer IS NULL OR dl.last_reply_code / 100 = $4)
 AND ($5::timestamptz IS NULL OR dl.created_at >= $5)

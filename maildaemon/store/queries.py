@@ -111,11 +111,10 @@ WITH due AS (
         claimed_by = $3,
         claim_ref = $5,
         attempt_count = d.attempt_count + 1,
-        possible_duplicate = d.possible_duplicate OR due.was = 'sending',
+        possible_duplicate = d.possible_duplicate OR d.status = 'sending',
         next_attempt_at = now() + make_interval(secs => $2),
         updated_at = now()
-    FROM due
-    WHERE d.delivery_id = due.delivery_id
+    WHERE d.delivery_id = ANY (ARRAY(SELECT delivery_id FROM due))
     RETURNING d.delivery_id, d.source, d.claim_token, d.attempt_count, d.priority, d.to_addrs,
         d.rcpts_accepted, d.attempt_count - d.ladder_base AS ladder_rung,
         d.cc_addrs, d.bcc_addrs, d.pending_rcpts, d.expires_at, d.message_id, d.traceparent,
@@ -135,10 +134,13 @@ WITH due AS (
 SELECT c.delivery_id, c.source, c.claim_token, c.attempt_count, c.priority, c.to_addrs,
     c.rcpts_accepted, c.ladder_rung, c.cc_addrs, c.bcc_addrs, c.pending_rcpts, c.expires_at,
     c.message_id, c.traceparent, c.possible_duplicate, c.stream_entry_id,
-    CASE WHEN c.rendered_at IS NULL THEN p.command::text END AS command,
-    CASE WHEN c.rendered_at IS NOT NULL THEN p.rendered END AS rendered
+    CASE WHEN c.rendered_at IS NULL THEN (
+        SELECT p.command::text FROM mail.delivery_payloads p WHERE p.delivery_id = c.delivery_id
+    ) END AS command,
+    CASE WHEN c.rendered_at IS NOT NULL THEN (
+        SELECT p.rendered FROM mail.delivery_payloads p WHERE p.delivery_id = c.delivery_id
+    ) END AS rendered
 FROM claimed c
-LEFT JOIN mail.delivery_payloads p ON p.delivery_id = c.delivery_id
 """
 
 # Give unstarted claims back (shutdown, destination down): due again at once, fenced by
