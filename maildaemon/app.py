@@ -58,7 +58,6 @@ from maildaemon.telemetry import Telemetry
 from maildaemon.tracing import server_spans
 
 log = logging.getLogger("maildaemon.app")
-READY_PER_CONNECTION = 4  # claimed jobs waiting per connection, besides the window
 T = TypeVar("T")
 
 
@@ -411,14 +410,7 @@ class _Components:
         composer = Composer(
             catalog, s.smtp_from or "maildaemon <noreply@maildaemon.localhost>", signer
         )
-        # Per connection: the result window (sent, result not yet committed) and a few
-        # jobs ready, so claims come in useful batches and a worker finds its next job at
-        # hand (to pipeline it behind the current one). This also bounds what a crash can
-        # leave claimed with an open outcome (those wait for their lease to run out).
-        queue = JobQueue(
-            (s.result_window + READY_PER_CONNECTION) * s.attempt_worker_concurrency,
-            low_water=s.attempt_worker_concurrency,
-        )
+        queue = JobQueue.for_connections(s.attempt_worker_concurrency, s.result_window)
         publisher = EventPublisher(s, store, redis, inst)
         results = ResultWriter(s, store, inst, name, publisher.wake)
         destination = Destination(s.smtp_addr or "stub")

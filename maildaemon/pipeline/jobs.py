@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from maildaemon.delivery import ClaimedDelivery, RecipientOutcome
 
+READY_PER_CONNECTION = 4  # claimed jobs waiting per connection, besides the result window
+
 
 @dataclass(frozen=True, slots=True)
 class Job:
@@ -24,11 +26,19 @@ class JobQueue:
 
     A slot is taken when a job is claimed and given back when its result is committed,
     so claims never run ahead of what the workers and the writer can absorb — and a crash
-    leaves at most ``slots`` claims whose outcome is open (the daemon sizes it
-    ``(MAIL_RESULT_WINDOW + 4) * MAIL_ATTEMPT_WORKER_CONCURRENCY``). ``stop()`` (SIGTERM)
-    ends the hand-out at once: no worker gets another job and no new SMTP transaction begins
-    (``accepting`` turns False); jobs not begun are taken back with ``take_unstarted()``.
+    leaves at most ``slots`` claims whose outcome is open (see ``for_connections``).
+    ``stop()`` (SIGTERM) ends the hand-out at once: no worker gets another job and no new
+    SMTP transaction begins (``accepting`` turns False); jobs not begun are taken back with
+    ``take_unstarted()``.
     """
+
+    @classmethod
+    def for_connections(cls, connections: int, window: int) -> JobQueue:
+        """Per connection: the result window (sent, result not yet committed) and a few
+        jobs ready, so claims come in useful batches and a worker finds its next job at
+        hand (to pipeline it behind the current one); a claim is due, however small, once
+        fewer jobs than connections are ready."""
+        return cls((window + READY_PER_CONNECTION) * connections, low_water=connections)
 
     def __init__(self, slots: int, low_water: int = 0) -> None:
         self._jobs: deque[Job] = deque()

@@ -15,7 +15,7 @@ _METRIC = re.compile(r"`(mail\.[a-z0-9_.]+)")
 # `mail.<table>` in the runbook is a table of the schema, not a metric.
 TABLES = frozenset(
     re.findall(
-        r"CREATE TABLE (mail\.[a-z_]+)",
+        r"CREATE TABLE (?:IF NOT EXISTS )?(mail\.[a-z_]+)",
         "".join(p.read_text() for p in (REPO / "migrations").glob("*.sql")),
     )
 )
