@@ -7,7 +7,6 @@ import contextlib
 import io
 import shutil
 import sys
-import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -718,7 +717,6 @@ async def test_openapi_document_holds_against_the_live_server(
         assert status == 200 and document["openapi"].startswith("3.")
         assert f"{P}/deliveries/{{delivery_id}}" in document["paths"]
 
-        started = time.monotonic()
         proc = await asyncio.create_subprocess_exec(
             str(Path(sys.executable).parent / "schemathesis"),
             "--config-file",
@@ -744,7 +742,9 @@ async def test_openapi_document_holds_against_the_live_server(
             stderr=asyncio.subprocess.STDOUT,
             cwd=tmp_path,
         )
-        output, _ = await asyncio.wait_for(proc.communicate(), 90)
+        # A bound against a hang (a request that never ends), not a speed target: the run
+        # takes ~25 s on a quiet machine and over a minute on a loaded one.
+        output, _ = await asyncio.wait_for(proc.communicate(), 240)
         report = output.decode(errors="replace")
         assert proc.returncode == 0, report[-6000:]
-        assert "passed" in report and time.monotonic() - started < 60
+        assert "passed" in report
