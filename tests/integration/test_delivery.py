@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from maildaemon.config import Settings
+from maildaemon.devstack.smtp_script import DROP
 from maildaemon.devstack.smtp_sink import SmtpSink
 from tests.support import Db, command, ingest_one, redis_client, running_app, wait_for, xadd
 
@@ -238,7 +239,7 @@ async def test_retry_sends_the_bytes_rendered_first(
 async def test_link_lost_after_data_is_unknown_then_retried_with_same_message_id(
     make_settings: MakeSettings, smtp_sink: SmtpSink
 ) -> None:
-    smtp_sink.behaviour.drop_after_data = 1
+    smtp_sink.behaviour.script["end of data"] = [DROP]
     settings = make_settings(retry_ladder="0.2s", retry_jitter=0)
     db = Db(settings.dsn)
     async with running_app(settings):
@@ -256,7 +257,7 @@ async def test_link_lost_after_data_is_unknown_then_retried_with_same_message_id
 async def test_unknown_outcome_can_be_held_for_review(
     make_settings: MakeSettings, smtp_sink: SmtpSink
 ) -> None:
-    smtp_sink.behaviour.drop_after_data = 1
+    smtp_sink.behaviour.script["end of data"] = [DROP]
     settings = make_settings(unknown_outcome_policy="hold")
     db = Db(settings.dsn)
     async with running_app(settings):
