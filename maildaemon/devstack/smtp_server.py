@@ -185,8 +185,9 @@ class Connection(SMTP):
             self._writer.write(data)
         else:
             for i in range(0, len(data), 3):
+                if i:  # none after the last: STARTTLS follows its 220 at once
+                    await asyncio.sleep(SPLIT_PAUSE_S)
                 self._writer.write(data[i : i + 3])
-                await asyncio.sleep(SPLIT_PAUSE_S)
         await self._writer.drain()
 
     async def _endless(self) -> None:
