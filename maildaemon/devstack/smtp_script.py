@@ -55,8 +55,8 @@ class SinkBehaviour:
     """What the server offers and how it answers; change it at any time.
 
     ``offer_starttls``, ``auth`` and ``size`` apply per connection (from the next one on).
-    ``require_starttls`` only applies while STARTTLS is offered. ``auth``: AUTH PLAIN/LOGIN
-    with these credentials is required (offered after STARTTLS). ``pipelining`` and
+    ``require_starttls`` only applies while STARTTLS is offered. ``auth``: AUTH PLAIN with
+    these credentials is required (offered after STARTTLS). ``pipelining`` and
     ``chunking`` (BDAT, RFC 3030) choose what EHLO offers; ``size`` the SIZE limit (RFC
     1870; None: SIZE not offered, no limit). ``close_after_messages``: the server closes a
     connection after every N accepted messages; ``one_transaction``: after every

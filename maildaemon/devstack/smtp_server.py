@@ -232,6 +232,14 @@ class Connection(SMTP):
             return
         await super().smtp_STARTTLS(arg)
 
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        action = self.resolve("auth")
+        if action is not None and not is_reply(action, "2"):
+            await self.push("")  # refused before any credentials are checked
+            return
+        await super().smtp_AUTH(arg)
+
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         assert self.envelope is not None

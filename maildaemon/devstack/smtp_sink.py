@@ -224,6 +224,7 @@ class SmtpSink:
             tls_context=tls,
             auth_required=auth is not None,
             auth_require_tls=True,
+            auth_exclude_mechanism=["LOGIN"],  # PLAIN alone: a scripted refusal is final
             auth_callback=_credentials_check(auth) if auth else None,
             loop=asyncio.get_running_loop(),
         )
