@@ -268,23 +268,21 @@ class Connection(SMTP):
             await self.push("")  # answered before the chunk is read: out of step, so
             await self.close()  # the session ends
         self._chunks += await self._reader.readexactly(int(size))
-        assert self.envelope is not None and self.session is not None
+        assert self.envelope is not None
         if not self.envelope.mail_from or not self.envelope.rcpt_tos:
-            self._chunks.clear()
             await self.push("554 5.5.1 no valid recipients")
         elif last.strip().upper() != "LAST":
             await self.push("250 2.0.0 chunk received")
+            return
         elif self.data_size_limit and len(self._chunks) > self.data_size_limit:
-            self._chunks.clear()
-            self.envelope = self._create_envelope()
             await self.push("552 5.3.4 message too big")
         else:
             self.envelope.content = self.envelope.original_content = bytes(self._chunks)
-            self._chunks.clear()
             status = await self._call_handler_hook("DATA")
-            self.envelope = self._create_envelope()
             await self.push(status)
-            await self._after_transaction()
+        self._chunks.clear()
+        self.envelope = self._create_envelope()  # the transaction is over, as after DATA
+        await self._after_transaction()
 
     @syntax("RSET")
     async def smtp_RSET(self, arg: str) -> None:
