@@ -118,7 +118,9 @@ class Connection(SMTP):
 
     @property
     def tls(self) -> bool:
-        return self.session is not None and self.session.ssl is not None
+        """Whether the link is encrypted (after STARTTLS, or from the start)."""
+        transport = self.transport
+        return transport is not None and transport.get_extra_info("ssl_object") is not None
 
     # --- the script ------------------------------------------------------------------
 
@@ -351,7 +353,7 @@ class Handler:
             mail_from=envelope.mail_from or "",
             rcpt_tos=list(envelope.rcpt_tos),
             data=envelope.original_content or b"",
-            tls=session.ssl is not None,
+            tls=server.tls,
             peer=_peer_text(session.peer),
             received_at=time.time(),
         )

@@ -74,6 +74,7 @@ class SmtpSink:
         *,
         cert_dir: Path | None = None,
         hostname: str = "localhost",
+        implicit_tls: bool = False,
     ) -> None:
         self.behaviour = behaviour or SinkBehaviour()
         self.messages: list[ReceivedMessage] = []
@@ -90,6 +91,7 @@ class SmtpSink:
         self._cert_dir = cert_dir
         self._own_cert_dir: Path | None = None
         self._hostname = hostname
+        self._implicit_tls = implicit_tls  # TLS from the first byte (port 465), no STARTTLS
         self._counter = itertools.count(1)
         self._connections: set[Connection] = set()
         self._server: asyncio.Server | None = None
@@ -154,7 +156,12 @@ class SmtpSink:
         if self._maildir is not None:
             self._maildir.mkdir(parents=True, exist_ok=True)
         self._changed = asyncio.Condition()
-        self._server = await loop.create_server(self._connection, self._host, self._requested_port)
+        self._server = await loop.create_server(
+            self._connection,
+            self._host,
+            self._requested_port,
+            ssl=self._tls if self._implicit_tls else None,
+        )
         self._port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
@@ -213,7 +220,7 @@ class SmtpSink:
 
     def _connection(self) -> Connection:
         behaviour = self.behaviour
-        tls = self._tls if behaviour.offer_starttls else None
+        tls = self._tls if behaviour.offer_starttls and not self._implicit_tls else None
         auth = behaviour.auth
         return Connection(
             self,
