@@ -169,7 +169,7 @@ class Connection(SMTP):
         if closing:
             await self._flush()
             await self._read_briefly()
-            await self.close()
+            await self.end_session()
         if urgent or not self._more_input():
             await self._flush()
 
@@ -209,7 +209,7 @@ class Connection(SMTP):
                 while await self._reader.read(65536):
                     pass
 
-    async def close(self) -> None:
+    async def end_session(self) -> None:
         """Write what is held, close the link and end the session."""
         await self._flush()
         if self.transport is not None:
@@ -268,7 +268,7 @@ class Connection(SMTP):
             return
         if self.resolve("bdat") is not None:
             await self.push("")  # answered before the chunk is read: out of step, so
-            await self.close()  # the session ends
+            await self.end_session()  # the session ends
         self._chunks += await self._reader.readexactly(int(size))
         assert self.envelope is not None
         if not self.envelope.mail_from or not self.envelope.rcpt_tos:
@@ -291,11 +291,11 @@ class Connection(SMTP):
         self._chunks.clear()
         await super().smtp_RSET(arg)
         if self.sink.behaviour.one_transaction:
-            await self.close()
+            await self.end_session()
 
     async def _after_transaction(self) -> None:
         if self.close_after_reply or self.sink.behaviour.one_transaction:
-            await self.close()  # after the reply has been written
+            await self.end_session()  # after the reply has been written
 
 
 class Handler:
