@@ -1,7 +1,8 @@
-"""An SMTP sink with STARTTLS (aiosmtpd + a trustme CA) for the tests, the dev stack and benches.
+"""An SMTP sink with STARTTLS (a trustme CA) for the tests, the dev stack and benches.
 
-In-process: ``SmtpSink`` serves in the running asyncio loop; ``SinkBehaviour`` scripts its
-replies. As a process (the dev stack)::
+In-process: ``SmtpSink`` serves the one SMTP server (``smtp_server``, aiosmtpd) in the
+running asyncio loop; ``SinkBehaviour`` (``smtp_script``) says what it offers and
+scripts its replies, stage by stage. As a process (the dev stack)::
 
     python -m maildaemon.devstack.smtp_sink --dir MAILDIR --port 2525 --cert-dir CERTS
 """
@@ -10,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import email
-import email.policy
 import itertools
 import logging
 import os
@@ -22,70 +21,29 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from email.message import EmailMessage
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 import trustme
-from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
+
+from maildaemon.devstack.smtp_script import Command, ReceivedMessage, SinkBehaviour
+from maildaemon.devstack.smtp_server import Connection
+
+__all__ = [
+    "CA_FILE",
+    "READY_PREFIX",
+    "ReceivedMessage",
+    "SinkBehaviour",
+    "SmtpSink",
+    "load_or_create_ca",
+    "main",
+]
 
 log = logging.getLogger("maildaemon.devstack.smtp_sink")
 
 CA_FILE = "ca.pem"
 CA_KEY_FILE = "ca-key.pem"
-DEFAULT_DATA_REPLY = "250 2.0.0 OK queued"
 READY_PREFIX = "smtp_sink ready"
-
-
-@dataclass
-class SinkBehaviour:
-    """How the sink answers; change it at any time (STARTTLS and AUTH apply per connection).
-
-    ``require_starttls`` only applies while STARTTLS is offered. ``rcpt_replies`` maps an
-    address to a FIFO of reply lines, one consumed per RCPT TO of that address (none left:
-    ``250 OK``); ``data_replies`` likewise for the end of DATA. ``drop_after_data`` times,
-    the sink reads a whole message and closes the connection without replying.
-    ``close_after_messages``: the sink closes a connection after every N accepted messages.
-    ``auth``: AUTH PLAIN/LOGIN with these credentials is required (offered after STARTTLS).
-    ``pipelining``: EHLO offers PIPELINING (RFC 2920; aiosmtpd reads commands in order).
-    """
-
-    offer_starttls: bool = True
-    require_starttls: bool = True
-    rcpt_replies: dict[str, list[str]] = field(default_factory=dict)
-    data_replies: list[str] = field(default_factory=list)
-    drop_after_data: int = 0
-    close_after_messages: int | None = None
-    auth: tuple[str, str] | None = None
-    pipelining: bool = False
-
-
-@dataclass(frozen=True)
-class ReceivedMessage:
-    """One message the sink received, as it came over the wire."""
-
-    mail_from: str
-    rcpt_tos: list[str]
-    data: bytes
-    tls: bool
-    peer: str
-    received_at: float
-
-    def parse(self) -> EmailMessage:
-        """The message parsed with the modern ``email`` policy."""
-        return email.message_from_bytes(self.data, policy=email.policy.default)
-
-
-def _reply_ok(reply: str) -> bool:
-    return reply[:1] == "2"
-
-
-def _peer_text(peer: Any) -> str:
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
-    return str(peer)
 
 
 def _credentials_check(credentials: tuple[str, str]) -> Callable[[str, bytes, bytes], bool]:
@@ -95,111 +53,6 @@ def _credentials_check(credentials: tuple[str, str]) -> Callable[[str, bytes, by
         return (login, password) == expected
 
     return check
-
-
-class _Connection(SMTP):
-    """One client connection: aiosmtpd's SMTP plus the sink's STARTTLS and closing rules."""
-
-    def __init__(self, sink: SmtpSink, require_starttls: bool, **kwargs: Any) -> None:
-        super().__init__(sink._handler, **kwargs)
-        self.sink = sink
-        self.require_tls = require_starttls
-        self.accepted = 0
-        self.close_after_reply = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.transport is None:  # not the STARTTLS re-entry
-            self.sink._connections.add(self)
-            self.sink.connections_opened += 1
-        super().connection_made(transport)
-
-    def connection_lost(self, error: Exception | None) -> None:
-        self.sink._connections.discard(self)
-        super().connection_lost(error)
-
-    @property
-    def tls(self) -> bool:
-        return self.session is not None and self.session.ssl is not None
-
-    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
-    async def smtp_MAIL(self, arg: str | None) -> None:
-        # aiosmtpd's own require_starttls answers without the enhanced status code.
-        if self.require_tls and not self.tls:
-            await self.push("530 5.7.0 Must issue a STARTTLS command first")
-            return
-        await super().smtp_MAIL(arg)
-
-    @syntax("DATA")
-    async def smtp_DATA(self, arg: str) -> None:
-        await super().smtp_DATA(arg)
-        if self.close_after_reply and self.transport is not None:
-            self.transport.close()  # after the reply has been written
-
-    async def drop(self) -> None:
-        """Close the link without a reply; waits to be cancelled by ``connection_lost``."""
-        if isinstance(self.transport, asyncio.Transport):
-            self.transport.abort()
-        await asyncio.get_running_loop().create_future()
-
-
-class _Handler:
-    """aiosmtpd hooks: scripted RCPT and DATA replies, recording, the maildir."""
-
-    def __init__(self, sink: SmtpSink) -> None:
-        self.sink = sink
-
-    async def handle_EHLO(
-        self,
-        server: _Connection,
-        session: Session,
-        envelope: Envelope,
-        hostname: str,
-        responses: list[str],
-    ) -> list[str]:
-        session.host_name = hostname
-        if self.sink.behaviour.pipelining:
-            responses.insert(-1, "250-PIPELINING")
-        return responses
-
-    async def handle_RCPT(
-        self,
-        server: _Connection,
-        session: Session,
-        envelope: Envelope,
-        address: str,
-        rcpt_options: list[str],
-    ) -> str:
-        replies = self.sink.behaviour.rcpt_replies
-        queue = replies.get(address) or replies.get(address.lower())
-        reply = queue.pop(0) if queue else "250 OK"
-        if _reply_ok(reply):
-            envelope.rcpt_tos.append(address)
-            envelope.rcpt_options.extend(rcpt_options)
-        return reply
-
-    async def handle_DATA(self, server: _Connection, session: Session, envelope: Envelope) -> str:
-        sink, behaviour = self.sink, self.sink.behaviour
-        message = ReceivedMessage(
-            mail_from=envelope.mail_from or "",
-            rcpt_tos=list(envelope.rcpt_tos),
-            data=envelope.original_content or b"",
-            tls=session.ssl is not None,
-            peer=_peer_text(session.peer),
-            received_at=time.time(),
-        )
-        if behaviour.drop_after_data > 0:
-            behaviour.drop_after_data -= 1
-            sink.dropped.append(message)
-            await server.drop()
-        reply = behaviour.data_replies.pop(0) if behaviour.data_replies else DEFAULT_DATA_REPLY
-        if not _reply_ok(reply):
-            sink.rejected.append(message)
-            return reply
-        await sink._accept(message)
-        server.accepted += 1
-        every = behaviour.close_after_messages
-        server.close_after_reply = bool(every) and server.accepted % (every or 1) == 0
-        return reply
 
 
 class SmtpSink:
@@ -221,12 +74,16 @@ class SmtpSink:
         *,
         cert_dir: Path | None = None,
         hostname: str = "localhost",
+        implicit_tls: bool = False,
     ) -> None:
         self.behaviour = behaviour or SinkBehaviour()
         self.messages: list[ReceivedMessage] = []
         self.dropped: list[ReceivedMessage] = []
         self.rejected: list[ReceivedMessage] = []
         self.connections_opened = 0
+        self.commands: list[Command] = []  # every command line read, in order
+        self.flights = 0  # reply writes over TLS
+        self.endless_written = 0  # bytes of ENDLESS reply lines the clients took
         self._maildir = maildir
         self._host = host
         self._requested_port = port
@@ -234,9 +91,9 @@ class SmtpSink:
         self._cert_dir = cert_dir
         self._own_cert_dir: Path | None = None
         self._hostname = hostname
-        self._handler = _Handler(self)
+        self._implicit_tls = implicit_tls  # TLS from the first byte (port 465), no STARTTLS
         self._counter = itertools.count(1)
-        self._connections: set[_Connection] = set()
+        self._connections: set[Connection] = set()
         self._server: asyncio.Server | None = None
         self._port: int | None = None
         self._tls: ssl.SSLContext | None = None
@@ -299,7 +156,12 @@ class SmtpSink:
         if self._maildir is not None:
             self._maildir.mkdir(parents=True, exist_ok=True)
         self._changed = asyncio.Condition()
-        self._server = await loop.create_server(self._connection, self._host, self._requested_port)
+        self._server = await loop.create_server(
+            self._connection,
+            self._host,
+            self._requested_port,
+            ssl=self._tls if self._implicit_tls else None,
+        )
         self._port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
@@ -343,23 +205,45 @@ class SmtpSink:
             ) from None
         return list(self.messages)
 
-    def _connection(self) -> _Connection:
+    def transaction_verbs(self) -> list[str]:
+        """The verbs read over TLS, EHLO left out (``FROM:`` and the like: message bytes
+        where a command belongs)."""
+        return [c.verb for c in self.commands if c.tls and c.verb not in ("EHLO", "HELO")]
+
+    def close_connections(self, reply: str | None = None) -> None:
+        """Close every open connection now (an idle timeout), with ``reply`` first if given."""
+        for conn in list(self._connections):
+            if conn.transport is not None and not conn.transport.is_closing():
+                if reply is not None and isinstance(conn.transport, asyncio.Transport):
+                    conn.transport.write(reply.encode() + b"\r\n")
+                conn.transport.close()
+
+    def _connection(self) -> Connection:
         behaviour = self.behaviour
-        tls = self._tls if behaviour.offer_starttls else None
+        tls = self._tls if behaviour.offer_starttls and not self._implicit_tls else None
         auth = behaviour.auth
-        return _Connection(
+        return Connection(
             self,
             require_starttls=behaviour.require_starttls and tls is not None,
             hostname=self._hostname,
             decode_data=False,
+            data_size_limit=behaviour.size,
             tls_context=tls,
             auth_required=auth is not None,
             auth_require_tls=True,
+            auth_exclude_mechanism=["LOGIN"],  # PLAIN alone: a scripted refusal is final
             auth_callback=_credentials_check(auth) if auth else None,
             loop=asyncio.get_running_loop(),
         )
 
-    async def _accept(self, message: ReceivedMessage) -> None:
+    def opened(self, conn: Connection) -> None:
+        self._connections.add(conn)
+        self.connections_opened += 1
+
+    def closed(self, conn: Connection) -> None:
+        self._connections.discard(conn)
+
+    async def accept(self, message: ReceivedMessage) -> None:
         number = next(self._counter)
         self.messages.append(message)
         if self._maildir is not None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from maildaemon.config import Settings
+from maildaemon.devstack.smtp_script import DROP
 from maildaemon.devstack.smtp_sink import SmtpSink
 from tests.support import Db, command, ingest_one, redis_client, running_app, wait_for, xadd
 
@@ -238,7 +239,7 @@ async def test_retry_sends_the_bytes_rendered_first(
 async def test_link_lost_after_data_is_unknown_then_retried_with_same_message_id(
     make_settings: MakeSettings, smtp_sink: SmtpSink
 ) -> None:
-    smtp_sink.behaviour.drop_after_data = 1
+    smtp_sink.behaviour.script["end of data"] = [DROP]
     settings = make_settings(retry_ladder="0.2s", retry_jitter=0)
     db = Db(settings.dsn)
     async with running_app(settings):
@@ -256,7 +257,7 @@ async def test_link_lost_after_data_is_unknown_then_retried_with_same_message_id
 async def test_unknown_outcome_can_be_held_for_review(
     make_settings: MakeSettings, smtp_sink: SmtpSink
 ) -> None:
-    smtp_sink.behaviour.drop_after_data = 1
+    smtp_sink.behaviour.script["end of data"] = [DROP]
     settings = make_settings(unknown_outcome_policy="hold")
     db = Db(settings.dsn)
     async with running_app(settings):
@@ -436,35 +437,14 @@ async def test_dkim_signature_covers_the_pinned_bytes(
     assert dkim.verify(data, dnsfunc=dns)
 
 
-async def test_implicit_tls_mode(make_settings: MakeSettings, smtp_ca: Any, tmp_path: Path) -> None:
-    import ssl
-
-    from aiosmtpd.smtp import SMTP as SmtpServer
-
-    received: list[tuple[list[str], bool]] = []
-
-    class Handler:
-        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-            tls = server.transport.get_extra_info("ssl_object") is not None
-            received.append((list(envelope.rcpt_tos), tls))
-            return "250 2.0.0 OK"
-
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    smtp_ca.issue_cert("localhost", "127.0.0.1").configure_cert(context)
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: SmtpServer(Handler()), "127.0.0.1", 0, ssl=context)
-    port = server.sockets[0].getsockname()[1]
-    ca_file = tmp_path / "ca.pem"
-    smtp_ca.cert_pem.write_to_path(str(ca_file))
-    settings = make_settings(
-        smtp_security="tls", smtp_addr=f"localhost:{port}", smtp_ca_file=ca_file
-    )
-    db = Db(settings.dsn)
-    try:
+async def test_implicit_tls_mode(make_settings: MakeSettings, smtp_ca: Any) -> None:
+    async with SmtpSink(ca=smtp_ca, implicit_tls=True) as server:
+        settings = make_settings(
+            smtp_security="tls", smtp_addr=f"localhost:{server.port}", smtp_ca_file=server.ca_file
+        )
+        db = Db(settings.dsn)
         async with running_app(settings):
             await xadd(settings, command("d-465"))
             await db.wait_status("d-465", "sent")
-    finally:
-        server.close()
-        await server.wait_closed()
-    assert received == [(["alice@example.com"], True)]
+    assert [(m.rcpt_tos, m.tls) for m in server.messages] == [(["alice@example.com"], True)]
+    assert server.commands and all(c.tls for c in server.commands)  # TLS from the first byte

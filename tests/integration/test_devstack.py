@@ -19,6 +19,7 @@ from maildaemon.config import Settings
 from maildaemon.config_values import split_host_port
 from maildaemon.devstack.postgres import EmbeddedPostgres
 from maildaemon.devstack.redis import EmbeddedRedis
+from maildaemon.devstack.smtp_script import DROP
 from maildaemon.devstack.smtp_sink import SmtpSink
 from maildaemon.devstack.stack import DevStack, choose_port
 from maildaemon.errors import StartupError
@@ -210,7 +211,7 @@ async def test_sink_scripted_rcpt_replies(smtp_sink: SmtpSink, tls_client: aiosm
 
 
 async def test_sink_scripted_data_replies(smtp_sink: SmtpSink, tls_client: aiosmtplib.SMTP) -> None:
-    smtp_sink.behaviour.data_replies = ["451 4.3.0 queue full", "554 5.6.0 rejected"]
+    smtp_sink.behaviour.script["end of data"] = ["451 4.3.0 queue full", "554 5.6.0 rejected"]
     for code in (451, 554):
         with pytest.raises(aiosmtplib.SMTPDataError) as refused:
             await tls_client.sendmail("a@example.test", ["b@example.test"], MESSAGE)
@@ -222,7 +223,7 @@ async def test_sink_scripted_data_replies(smtp_sink: SmtpSink, tls_client: aiosm
 
 
 async def test_sink_drops_the_link_after_data(smtp_sink: SmtpSink) -> None:
-    smtp_sink.behaviour.drop_after_data = 1
+    smtp_sink.behaviour.script["end of data"] = [DROP]
     client = _client(smtp_sink)
     await client.connect()
     with pytest.raises(aiosmtplib.SMTPServerDisconnected):

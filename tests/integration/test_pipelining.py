@@ -1,6 +1,6 @@
-"""The pipelined SMTP transaction against real servers: aiosmtpd (with and without
-PIPELINING), a scripted server with CHUNKING and hostile habits, and the daemon end to end.
-Postfix is in test_pipelining_postfix.py."""
+"""The pipelined SMTP transaction against real servers: the dev SMTP server (aiosmtpd,
+with and without PIPELINING), the same server with CHUNKING and scripted hostile habits,
+and the daemon end to end. Postfix is in test_pipelining_postfix.py."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 import trustme
 
 from maildaemon.config import Settings
+from maildaemon.devstack.smtp_script import DROP, SILENCE, SKIP, multiline
 from maildaemon.devstack.smtp_sink import SinkBehaviour, SmtpSink
 from maildaemon.errors import (
     InsecureTransportError,
@@ -26,7 +27,6 @@ from maildaemon.errors import (
 from maildaemon.sending import pipelined
 from maildaemon.sending.pipelined import PipeliningConnection
 from maildaemon.sending.smtp import tls_context
-from tests.integration.scripted_smtp import ScriptedServer
 from tests.support import Db, command, running_app, wait_for, xadd
 
 MESSAGE = (
@@ -68,11 +68,17 @@ async def conns() -> AsyncIterator[list[PipeliningConnection]]:
 
 
 @pytest.fixture
-async def scripted(smtp_ca: trustme.CA) -> AsyncIterator[ScriptedServer]:
-    server = ScriptedServer(smtp_ca)
+async def scripted(smtp_ca: trustme.CA) -> AsyncIterator[SmtpSink]:
+    """The server with PIPELINING and CHUNKING (tests take either away)."""
+    server = SmtpSink(behaviour=SinkBehaviour(pipelining=True, chunking=True), ca=smtp_ca)
     await server.start()
     yield server
     await server.stop()
+
+
+def offer(server: SmtpSink, extensions: tuple[str, ...]) -> None:
+    server.behaviour.pipelining = "PIPELINING" in extensions
+    server.behaviour.chunking = "CHUNKING" in extensions
 
 
 @pytest.fixture
@@ -149,7 +155,7 @@ async def test_aiosmtpd_all_refused_sends_no_data_and_the_connection_goes_on(
 async def test_aiosmtpd_data_refused_is_reported(
     aiosmtpd_sink: SmtpSink, connect: MakeConn
 ) -> None:
-    aiosmtpd_sink.behaviour.data_replies = ["554 5.7.1 spam"]
+    aiosmtpd_sink.behaviour.script["end of data"] = ["554 5.7.1 spam"]
     conn = connect(aiosmtpd_sink.port)
     report = await conn.send("noreply@test.example", ["ok@example.com"], MESSAGE)
     assert report.data_reply is None
@@ -187,7 +193,7 @@ async def test_aiosmtpd_stale_kept_open_connection_reconnects(
 async def test_aiosmtpd_drop_after_data_is_unknown(
     aiosmtpd_sink: SmtpSink, connect: MakeConn
 ) -> None:
-    aiosmtpd_sink.behaviour.drop_after_data = 1
+    aiosmtpd_sink.behaviour.script["end of data"] = [DROP]
     conn = connect(aiosmtpd_sink.port)
     with pytest.raises(UnknownOutcome):
         await conn.send("noreply@test.example", ["ok@example.com"], MESSAGE)
@@ -228,7 +234,7 @@ async def test_untrusted_certificate_nothing_sent(
 # scripted server: CHUNKING and hostile habits ---------------------------------------------
 
 
-async def _flights_per_message(server: ScriptedServer, conn: PipeliningConnection) -> float:
+async def _flights_per_message(server: SmtpSink, conn: PipeliningConnection) -> float:
     await conn.send("noreply@test.example", ["warm@example.com"], MESSAGE)  # connects
     before = server.flights
     for i in range(5):
@@ -239,27 +245,25 @@ async def _flights_per_message(server: ScriptedServer, conn: PipeliningConnectio
     return (server.flights - before) / 5
 
 
-async def test_chunking_one_round_trip_per_message(
-    scripted: ScriptedServer, connect: MakeConn
-) -> None:
+async def test_chunking_one_round_trip_per_message(scripted: SmtpSink, connect: MakeConn) -> None:
     conn = connect(scripted.port)
     assert await _flights_per_message(scripted, conn) == 1
-    assert len(scripted.connections) == 1
-    assert all(m.data == MESSAGE for m in scripted.received)  # BDAT: bytes as they are
+    assert scripted.connections_opened == 1
+    assert all(m.data == MESSAGE for m in scripted.messages)  # BDAT: bytes as they are
     assert scripted.transaction_verbs()[-4:] == ["MAIL", "RCPT", "RCPT", "BDAT"]
 
 
 async def test_pipelining_without_chunking_two_round_trips(
-    scripted: ScriptedServer, connect: MakeConn
+    scripted: SmtpSink, connect: MakeConn
 ) -> None:
-    scripted.script.extensions = ("PIPELINING",)
+    offer(scripted, ("PIPELINING",))
     conn = connect(scripted.port)
     assert await _flights_per_message(scripted, conn) == 2
-    assert all(m.data == MESSAGE for m in scripted.received)  # dot-stuffed and unstuffed
+    assert all(m.data == MESSAGE for m in scripted.messages)  # dot-stuffed and unstuffed
 
 
-async def test_no_extension_four_round_trips(scripted: ScriptedServer, connect: MakeConn) -> None:
-    scripted.script.extensions = ()
+async def test_no_extension_four_round_trips(scripted: SmtpSink, connect: MakeConn) -> None:
+    offer(scripted, ())
     conn = connect(scripted.port)
     assert await _flights_per_message(scripted, conn) == 5  # MAIL, RCPT, RCPT, DATA, data
     assert not conn.pipelining
@@ -267,12 +271,17 @@ async def test_no_extension_four_round_trips(scripted: ScriptedServer, connect: 
 
 @pytest.mark.parametrize("extensions", [("PIPELINING", "CHUNKING"), ("PIPELINING",)])
 async def test_multiline_replies_split_across_segments(
-    scripted: ScriptedServer, connect: MakeConn, extensions: tuple[str, ...]
+    scripted: SmtpSink, connect: MakeConn, extensions: tuple[str, ...]
 ) -> None:
-    scripted.script.extensions = extensions
-    scripted.script.multiline = True
-    scripted.script.split = True
-    scripted.script.rcpt_replies = {"gone@example.com": "550 5.1.1 no such user"}
+    offer(scripted, extensions)
+    two = ("first line", "second line")
+    scripted.behaviour.split_writes = True
+    scripted.behaviour.script["mail"] = [multiline("250 2.1.0 sender ok", *two)]
+    scripted.behaviour.rcpt_replies = {
+        "ok@example.com": [multiline("250 2.1.5 recipient ok", *two)],
+        "gone@example.com": [multiline("550 5.1.1 no such user", *two)],
+    }
+    scripted.behaviour.script["end of data"] = [multiline("250 2.0.0 queued", *two)]
     conn = connect(scripted.port)
     report = await conn.send(
         "noreply@test.example", ["ok@example.com", "gone@example.com"], MESSAGE
@@ -281,32 +290,33 @@ async def test_multiline_replies_split_across_segments(
     assert report.refused["gone@example.com"].text.endswith("5.1.1 no such user")
     assert report.data_reply is not None
     assert report.data_reply.text == "first line\nsecond line\n2.0.0 queued"
-    assert [m.rcpts for m in scripted.received] == [["ok@example.com"]]
+    assert [m.rcpt_tos for m in scripted.messages] == [["ok@example.com"]]
 
 
 @pytest.mark.parametrize("extensions", [("PIPELINING", "CHUNKING"), ("PIPELINING",)])
 async def test_all_refused_then_next_message_after_rset(
-    scripted: ScriptedServer, connect: MakeConn, extensions: tuple[str, ...]
+    scripted: SmtpSink, connect: MakeConn, extensions: tuple[str, ...]
 ) -> None:
-    scripted.script.extensions = extensions
-    scripted.script.rcpt_replies = {"gone@example.com": "550 5.1.1 no such user"}
+    offer(scripted, extensions)
+    scripted.behaviour.rcpt_replies = {"gone@example.com": ["550 5.1.1 no such user"]}
     conn = connect(scripted.port)
     report = await conn.send("noreply@test.example", ["gone@example.com"], MESSAGE)
     assert report.accepted == {} and report.data_reply is None
-    assert scripted.received == []
+    assert scripted.messages == []
+    first = scripted.transaction_verbs()
     if "CHUNKING" not in extensions:
-        assert "DATA" in scripted.transaction_verbs()  # pipelined, answered 554
-        assert not any(m.data for m in scripted.dropped)  # no data after the 554
+        assert first == ["MAIL", "RCPT", "DATA"]  # pipelined, answered 554; no data after it
     report = await conn.send("noreply@test.example", ["ok@example.com"], MESSAGE)
-    assert report.data_reply is not None and len(scripted.received) == 1
-    assert "RSET" in scripted.transaction_verbs() and len(scripted.connections) == 1
+    assert report.data_reply is not None and len(scripted.messages) == 1
+    assert scripted.transaction_verbs()[len(first)] == "RSET"
+    assert scripted.connections_opened == 1
 
 
 async def test_data_mode_all_refused_sends_no_message_bytes(
-    scripted: ScriptedServer, connect: MakeConn
+    scripted: SmtpSink, connect: MakeConn
 ) -> None:
-    scripted.script.extensions = ("PIPELINING",)
-    scripted.script.rcpt_replies = {"gone@example.com": "550 5.1.1 no such user"}
+    offer(scripted, ("PIPELINING",))
+    scripted.behaviour.rcpt_replies = {"gone@example.com": ["550 5.1.1 no such user"]}
     conn = connect(scripted.port)
     await conn.send("noreply@test.example", ["gone@example.com"], MESSAGE)
     # Every line the server got after TLS is a command: the message never went out.
@@ -315,10 +325,10 @@ async def test_data_mode_all_refused_sends_no_message_bytes(
 
 @pytest.mark.parametrize("extensions", [("PIPELINING", "CHUNKING"), ("PIPELINING",)])
 async def test_drop_after_end_of_data_is_unknown(
-    scripted: ScriptedServer, connect: MakeConn, extensions: tuple[str, ...]
+    scripted: SmtpSink, connect: MakeConn, extensions: tuple[str, ...]
 ) -> None:
-    scripted.script.extensions = extensions
-    scripted.script.drop_after_data = True
+    offer(scripted, extensions)
+    scripted.behaviour.script["end of data"] = [DROP]
     conn = connect(scripted.port)
     with pytest.raises(UnknownOutcome):
         await conn.send("noreply@test.example", ["ok@example.com"], MESSAGE)
@@ -330,19 +340,19 @@ async def test_drop_after_end_of_data_is_unknown(
     [(("PIPELINING", "CHUNKING"), UnknownOutcome), (("PIPELINING",), TransportTimeout)],
 )
 async def test_silent_server_past_timeout(
-    scripted: ScriptedServer,
+    scripted: SmtpSink,
     connect: MakeConn,
     extensions: tuple[str, ...],
     expected: type[Exception],
 ) -> None:
     """With BDAT the message is in the first write: silence is "unknown"; with DATA the
     message never left, so it is a plain timeout."""
-    scripted.script.extensions = extensions
-    scripted.script.silent = True
+    offer(scripted, extensions)
+    scripted.behaviour.script["mail"] = [SILENCE]
     conn = connect(scripted.port, smtp_timeout=0.5)
     with pytest.raises(expected):
         await conn.send("noreply@test.example", ["ok@example.com"], MESSAGE)
-    assert scripted.received == []
+    assert scripted.messages == []
 
 
 @pytest.mark.parametrize(
@@ -350,66 +360,67 @@ async def test_silent_server_past_timeout(
     [(("PIPELINING", "CHUNKING"), UnknownOutcome), (("PIPELINING",), TransportTimeout)],
 )
 async def test_fewer_replies_than_commands(
-    scripted: ScriptedServer,
+    scripted: SmtpSink,
     connect: MakeConn,
     extensions: tuple[str, ...],
     expected: type[Exception],
 ) -> None:
-    scripted.script.extensions = extensions
-    scripted.script.skip_rcpt_reply = True
+    offer(scripted, extensions)
+    scripted.behaviour.script["rcpt"] = [SKIP]
     conn = connect(scripted.port, smtp_timeout=0.5)
     with pytest.raises(expected):
         await conn.send("noreply@test.example", ["ok@example.com"], MESSAGE)
     if "CHUNKING" not in extensions:
-        assert scripted.received == []  # the replies never lined up: no data went out
+        assert scripted.messages == []  # the replies never lined up: no data went out
 
 
 @pytest.mark.parametrize(
     ("extensions", "after", "expected"),
     [
-        (("PIPELINING", "CHUNKING"), "MAIL", UnknownOutcome),
-        (("PIPELINING", "CHUNKING"), "END", UnknownOutcome),
-        (("PIPELINING",), "MAIL", TransientTransportError),
-        (("PIPELINING",), "END", UnknownOutcome),
+        (("PIPELINING", "CHUNKING"), "mail", UnknownOutcome),
+        (("PIPELINING", "CHUNKING"), "end of data", UnknownOutcome),
+        (("PIPELINING",), "mail", TransientTransportError),
+        (("PIPELINING",), "end of data", UnknownOutcome),
     ],
 )
 async def test_more_replies_than_commands_is_never_taken_as_success(
-    scripted: ScriptedServer,
+    scripted: SmtpSink,
     connect: MakeConn,
     extensions: tuple[str, ...],
     after: str,
     expected: type[Exception],
 ) -> None:
-    scripted.script.extensions = extensions
-    scripted.script.extra_reply_after = after
+    offer(scripted, extensions)
+    reply = "250 2.1.0 sender ok" if after == "mail" else "250 2.0.0 queued"
+    scripted.behaviour.script[after] = [f"{reply}\r\n250 2.0.0 unrequested"]  # one too many
     conn = connect(scripted.port)
     with pytest.raises(expected) as info:
         await conn.send("noreply@test.example", ["ok@example.com"], MESSAGE)
     assert not isinstance(info.value, UnknownOutcome) or expected is UnknownOutcome
     if expected is not UnknownOutcome:
-        assert scripted.received == []  # out of step before any data: nothing sent
+        assert scripted.messages == []  # out of step before any data: nothing sent
     assert not conn.pipelining  # the connection was dropped
 
 
-@pytest.mark.parametrize("reply", [b"421 4.4.2 idle timeout\r\n", None])
+@pytest.mark.parametrize("reply", ["421 4.4.2 idle timeout", None])
 @pytest.mark.parametrize("extensions", [("PIPELINING", "CHUNKING"), ("PIPELINING",)])
 async def test_server_closes_idle_connection_then_reconnect(
-    scripted: ScriptedServer,
+    scripted: SmtpSink,
     connect: MakeConn,
     extensions: tuple[str, ...],
-    reply: bytes | None,
+    reply: str | None,
 ) -> None:
-    scripted.script.extensions = extensions
+    offer(scripted, extensions)
     conn = connect(scripted.port)
     assert (await conn.send("noreply@test.example", ["ok@example.com"], MESSAGE)).data_reply
-    scripted.connections[0].close_with(reply)
+    scripted.close_connections(reply)
     await asyncio.sleep(0.05)
     assert (await conn.send("noreply@test.example", ["ok@example.com"], MESSAGE)).data_reply
-    assert len(scripted.received) == 2 and len(scripted.connections) == 2
+    assert len(scripted.messages) == 2 and scripted.connections_opened == 2
 
 
 async def test_idle_connection_is_probed_before_a_bdat_flight(
-    scripted: ScriptedServer, connect: MakeConn, monkeypatch: pytest.MonkeyPatch
+    scripted: SmtpSink, connect: MakeConn, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     conn = connect(scripted.port)
     assert (await conn.send("noreply@test.example", ["ok@example.com"], MESSAGE)).data_reply
@@ -418,10 +429,8 @@ async def test_idle_connection_is_probed_before_a_bdat_flight(
     assert scripted.transaction_verbs()[-4:] == ["NOOP", "MAIL", "RCPT", "BDAT"]
 
 
-async def test_bdat_refused_message_is_reported(
-    scripted: ScriptedServer, connect: MakeConn
-) -> None:
-    scripted.script.final_reply = "554 5.7.1 rejected as spam"
+async def test_bdat_refused_message_is_reported(scripted: SmtpSink, connect: MakeConn) -> None:
+    scripted.behaviour.script["end of data"] = ["554 5.7.1 rejected as spam"]
     conn = connect(scripted.port)
     report = await conn.send("noreply@test.example", ["ok@example.com"], MESSAGE)
     assert report.data_reply is None
@@ -441,7 +450,7 @@ MakeSettings = Callable[..., Settings]
 
 
 async def test_daemon_bdat_one_flight_per_message_and_recorded_sent(
-    make_settings: MakeSettings, scripted: ScriptedServer
+    make_settings: MakeSettings, scripted: SmtpSink
 ) -> None:
     settings = make_settings(smtp_addr=f"localhost:{scripted.port}")
     db = Db(settings.dsn)
@@ -449,7 +458,7 @@ async def test_daemon_bdat_one_flight_per_message_and_recorded_sent(
         await xadd(settings, *(command(f"b-{i}", idempotency_key=f"b-{i}") for i in range(5)))
         for i in range(5):
             await db.wait_status(f"b-{i}", "sent")
-    assert len(scripted.received) == 5
+    assert len(scripted.messages) == 5
     assert scripted.transaction_verbs().count("BDAT") == 5
     assert "DATA" not in scripted.transaction_verbs()
     attempts = [a for i in range(5) for a in await db.attempts(f"b-{i}")]
@@ -462,15 +471,15 @@ async def test_daemon_bdat_one_flight_per_message_and_recorded_sent(
 )
 async def test_daemon_silent_server_timeout_is_unknown_only_once_data_is_out(
     make_settings: MakeSettings,
-    scripted: ScriptedServer,
+    scripted: SmtpSink,
     extensions: tuple[str, ...],
     attempt_status: str,
 ) -> None:
     """The worker's own MAIL_SMTP_TIMEOUT fires: with BDAT the message was in the first
     write, so the attempt is `unknown` (retried as a possible duplicate); with DATA it
     never left, so it is `timed_out`."""
-    scripted.script.extensions = extensions
-    scripted.script.silent = True
+    offer(scripted, extensions)
+    scripted.behaviour.script["mail"] = [SILENCE]
     settings = make_settings(
         smtp_addr=f"localhost:{scripted.port}", smtp_timeout=1, retry_ladder="30s"
     )

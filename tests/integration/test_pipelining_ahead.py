@@ -13,11 +13,12 @@ import pytest
 import trustme
 
 from maildaemon.config import Settings
+from maildaemon.devstack.smtp_script import DROP, SinkBehaviour
+from maildaemon.devstack.smtp_sink import SmtpSink
 from maildaemon.errors import NotBegun, TransientTransportError, TransportError, UnknownOutcome
 from maildaemon.sending.pipelined import Envelope, PipeliningConnection
 from maildaemon.sending.reply import SendReport
 from maildaemon.sending.smtp import tls_context
-from tests.integration.scripted_smtp import ScriptedServer
 from tests.integration.test_pipelining import settings_for
 from tests.support import Db, command, running_app, xadd
 
@@ -69,17 +70,17 @@ class Worker:
 
 
 @pytest.fixture
-async def server(smtp_ca: trustme.CA) -> AsyncIterator[ScriptedServer]:
-    scripted = ScriptedServer(smtp_ca)
-    scripted.script.extensions = ("PIPELINING",)
-    await scripted.start()
-    yield scripted
-    await scripted.stop()
+async def server(smtp_ca: trustme.CA) -> AsyncIterator[SmtpSink]:
+    """The one SMTP server, offering PIPELINING without CHUNKING."""
+    sink = SmtpSink(behaviour=SinkBehaviour(pipelining=True, chunking=False), ca=smtp_ca)
+    await sink.start()
+    yield sink
+    await sink.stop()
 
 
 @pytest.fixture
 async def conn(
-    server: ScriptedServer, tmp_path: Path, smtp_ca: trustme.CA
+    server: SmtpSink, tmp_path: Path, smtp_ca: trustme.CA
 ) -> AsyncIterator[PipeliningConnection]:
     ca_file = tmp_path / "ca.pem"
     smtp_ca.cert_pem.write_to_path(str(ca_file))
@@ -91,12 +92,12 @@ async def conn(
     await connection.close()
 
 
-def received(server: ScriptedServer) -> list[tuple[list[str], bytes]]:
-    return [(m.rcpts, m.data) for m in server.received]
+def received(server: SmtpSink) -> list[tuple[list[str], bytes]]:
+    return [(m.rcpt_tos, m.data) for m in server.messages]
 
 
 async def test_one_reply_flight_per_message_and_each_message_its_own(
-    server: ScriptedServer, conn: PipeliningConnection
+    server: SmtpSink, conn: PipeliningConnection
 ) -> None:
     worker = Worker(conn, envelopes(11))
     flights: list[int] = []
@@ -105,7 +106,7 @@ async def test_one_reply_flight_per_message_and_each_message_its_own(
     # Past the first message (EHLO, then its envelope and its data), one flight each.
     assert flights[-1] - flights[0] == 10
     assert worker.taken_ahead == 10
-    assert len(server.connections) == 1
+    assert server.connections_opened == 1
     assert received(server) == [([f"r{i}@example.com"], message(i)) for i in range(11)]
     verbs = server.transaction_verbs()
     assert "RSET" not in verbs  # the end of data ends each transaction
@@ -113,9 +114,9 @@ async def test_one_reply_flight_per_message_and_each_message_its_own(
 
 
 async def test_a_refusal_stays_with_its_message(
-    server: ScriptedServer, conn: PipeliningConnection
+    server: SmtpSink, conn: PipeliningConnection
 ) -> None:
-    server.script.rcpt_replies["r3@example.com"] = "550 5.1.1 no such user"
+    server.behaviour.rcpt_replies["r3@example.com"] = ["550 5.1.1 no such user"]
     outcomes = await Worker(conn, envelopes(6)).run()
     reports = [o for o in outcomes if isinstance(o, SendReport)]
     assert len(reports) == 6
@@ -130,35 +131,27 @@ async def test_a_refusal_stays_with_its_message(
 
 
 async def test_link_lost_after_the_data_leaves_the_next_message_to_a_new_connection(
-    server: ScriptedServer, conn: PipeliningConnection
+    server: SmtpSink, conn: PipeliningConnection
 ) -> None:
-    server.script.drop_after_data = True
-
-    def once(_i: int, _outcome: SendReport | TransportError) -> None:
-        server.script.drop_after_data = False
-
-    outcomes = await Worker(conn, envelopes(3)).run(once)
+    server.behaviour.script["end of data"] = [DROP]  # once: its reply never comes
+    outcomes = await Worker(conn, envelopes(3)).run()
     assert isinstance(outcomes[0], UnknownOutcome)  # its reply never came
     assert all(isinstance(o, SendReport) and o.data_reply for o in outcomes[1:])
-    assert len(server.connections) == 2
+    assert server.connections_opened == 2
     # Message 1's envelope went behind message 0's data, and again on the new connection;
     # its data went once.
-    assert [m.rcpts for m in server.dropped] == [["r0@example.com"]]
+    assert [m.rcpt_tos for m in server.dropped] == [["r0@example.com"]]
     assert received(server) == [([f"r{i}@example.com"], message(i)) for i in (1, 2)]
 
 
 async def test_a_stray_reply_fails_only_the_message_it_can_belong_to(
-    server: ScriptedServer, conn: PipeliningConnection
+    server: SmtpSink, conn: PipeliningConnection
 ) -> None:
     """An unrequested 250 after message 0's final reply: message 0 was accepted (its own
     reply said so); the stray one lands in message 1's replies, which no longer add up,
     so message 1 fails before its data (retried) and message 2 goes on a new connection."""
-    server.script.extra_reply_after = "END"
-
-    def once(_i: int, _outcome: SendReport | TransportError) -> None:
-        server.script.extra_reply_after = None
-
-    outcomes = await Worker(conn, envelopes(3)).run(once)
+    server.behaviour.script["end of data"] = ["250 2.0.0 queued\r\n250 2.0.0 unrequested"]
+    outcomes = await Worker(conn, envelopes(3)).run()
     assert isinstance(outcomes[0], SendReport) and outcomes[0].data_reply is not None
     assert isinstance(outcomes[1], TransientTransportError)
     assert isinstance(outcomes[2], SendReport) and outcomes[2].data_reply is not None
@@ -166,7 +159,7 @@ async def test_a_stray_reply_fails_only_the_message_it_can_belong_to(
 
 
 async def test_no_data_after_the_stop_even_for_an_envelope_sent_ahead(
-    server: ScriptedServer, conn: PipeliningConnection
+    server: SmtpSink, conn: PipeliningConnection
 ) -> None:
     allowed: list[bool] = conn.allowed  # type: ignore[attr-defined]
 
@@ -185,7 +178,7 @@ MakeSettings = Callable[..., Settings]
 
 
 async def test_daemon_about_one_flight_per_message(
-    make_settings: MakeSettings, server: ScriptedServer
+    make_settings: MakeSettings, server: SmtpSink
 ) -> None:
     settings = make_settings(
         smtp_addr=f"localhost:{server.port}", attempt_worker_concurrency=1, result_window=4
@@ -202,6 +195,6 @@ async def test_daemon_about_one_flight_per_message(
     # next claim now and then (a message finds no successor at hand): the figure at a
     # real round-trip time is the benchmark's (bench.e2e --phases matrix).
     assert per_message < 1.7, per_message
-    assert len(server.received) == len(ids)
+    assert len(server.messages) == len(ids)
     statuses: list[Any] = [a["status"] for i in ids for a in await db.attempts(i)]
     assert statuses == ["sent"] * len(ids)

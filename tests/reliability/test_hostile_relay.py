@@ -12,14 +12,14 @@ surrogate, no NUL) and that is bounded, and a well-behaved delivery after them a
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import pytest
-import trustme
 
 from maildaemon.config import Settings
+from maildaemon.devstack.smtp_script import ENDLESS
+from maildaemon.devstack.smtp_sink import SmtpSink
 from maildaemon.sending.reply import MAX_REPLY_TEXT
-from tests.reliability.scripted_smtp import ScriptedSmtp
 from tests.support import Db, command, running_app, xadd
 
 MakeSettings = Callable[..., Settings]
@@ -51,7 +51,7 @@ def _actions() -> list[tuple[str, str, bytes | str]]:
         cases.append(
             (stage, "3000 continuation lines", b"\r\n".join(lines) + b"\r\n" + code + b" end")
         )
-        cases.append((stage, "endless line", "endless"))
+        cases.append((stage, "endless line", ENDLESS))
         long = [code + b"-5.7.1 r\xe9ponse ligne %04d" % i for i in range(900)]  # ~21 KB
         cases.append((stage, "21 KB in 900 lines", b"\r\n".join(long) + b"\r\n" + code + b" end"))
     cases.append(("end of data", "accepted, 8-bit", b"250 2.0.0 queued \xe4\x00 \xff"))
@@ -60,16 +60,6 @@ def _actions() -> list[tuple[str, str, bytes | str]]:
 
 
 CASES = _actions()
-
-
-@pytest.fixture
-async def scripted(smtp_ca: trustme.CA) -> AsyncIterator[ScriptedSmtp]:
-    server = ScriptedSmtp(smtp_ca)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 def _storable_problems(where: str, *texts: str | None) -> list[str]:
@@ -102,9 +92,9 @@ async def _check(db: Db, did: str, where: str) -> list[str]:
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("path", list(PATHS))
 async def test_hostile_replies_never_stop_delivery(
-    make_settings: MakeSettings, scripted: ScriptedSmtp, path: str
+    make_settings: MakeSettings, scripted: SmtpSink, path: str
 ) -> None:
-    scripted.chunking, pipelining = PATHS[path]
+    scripted.behaviour.chunking, pipelining = PATHS[path]
     settings = make_settings(
         smtp_addr=scripted.addr,
         smtp_ca_file=scripted.ca_file,
@@ -118,11 +108,11 @@ async def test_hostile_replies_never_stop_delivery(
     problems: list[str] = []
     async with running_app(settings) as app:
         for n, (stage, name, action) in enumerate(CASES):
-            if scripted.chunking and stage == "data":
+            if scripted.behaviour.chunking and stage == "data":
                 continue  # no DATA command with BDAT
-            scripted.script.clear()
+            scripted.behaviour.clear_script()
             scripted.endless_written = 0
-            scripted.script.stages[stage] = [action]
+            scripted.behaviour.script[stage] = [action]
             did = f"h-{n}"
             await xadd(settings, command(did))
             try:
@@ -136,9 +126,9 @@ async def test_hostile_replies_never_stop_delivery(
             ):
                 problems.append(f"{stage}, {name}: the long reply was not recorded, cut")
             await db.fetch("DELETE FROM mail.suppressions")  # 5.1.1 lists the address
-            if action == "endless" and scripted.endless_written > 8 * 2**20:
+            if action == ENDLESS and scripted.endless_written > 8 * 2**20:
                 problems.append(f"{stage}: {scripted.endless_written} bytes of one line read")
-        scripted.script.clear()
+        scripted.behaviour.clear_script()
         await xadd(settings, command("healthy"))
         if await db.wait_status("healthy", *TERMINAL) != "sent":
             problems.append("a well-behaved delivery after the hostile ones was not sent")

@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import trustme
 
 from maildaemon.config import Settings
 from maildaemon.devstack.postgres import EmbeddedPostgres, ensure_database, pick_free_port
@@ -25,7 +24,6 @@ from maildaemon.devstack.smtp_sink import SmtpSink
 from maildaemon.store.migrate import apply_migrations
 from tests.acceptance.test_process import daemon_env
 from tests.reliability.ledger import Daemon, elapsed, ledger, settle
-from tests.reliability.scripted_smtp import ScriptedSmtp
 from tests.support import Db, TcpProxy, command, wait_for, xadd
 
 CONCURRENCY = 8
@@ -245,37 +243,33 @@ async def test_smtp_outage(
 
 @pytest.mark.timeout(600)
 async def test_sigterm_under_load_with_a_slow_server(
-    pg_dsn: str, redis_addr: str, smtp_sink: SmtpSink, smtp_ca: trustme.CA, tmp_path: Path
+    pg_dsn: str, redis_addr: str, smtp_sink: SmtpSink, scripted: SmtpSink, tmp_path: Path
 ) -> None:
-    slow = ScriptedSmtp(smtp_ca)
-    slow.data_delay = 1.5  # longer than the shutdown timeout: in-flight sends are cut
-    await slow.start()
-    try:
-        db = Db(pg_dsn)
-        extra = {
-            "MAIL_SMTP_ADDR": slow.addr,
-            "MAIL_SMTP_CA_FILE": str(slow.ca_file),
-            "MAIL_SHUTDOWN_TIMEOUT": "1s",
-            "MAIL_SMTP_TIMEOUT": "5s",
-            "MAIL_LEASE_DURATION": "8s",
-        }
-        first = Daemon(env_for(pg_dsn, redis_addr, smtp_sink, "t1", **extra), tmp_path / "1.log")
-        await first.start()
-        n = 200
-        expected = await enqueue(producer(pg_dsn, redis_addr), "st", n)
-        await wait_for(lambda: _at_least(db, 2 * CONCURRENCY), timeout=60)
-        signalled = time.time()
-        await first.sigterm(timeout=15)
-        late = [t for t in slow.mail_times if t > signalled + 0.05]
-        in_flight = await db.fetchval("SELECT count(*) FROM mail.attempts WHERE status='started'")
-        second = Daemon(env_for(pg_dsn, redis_addr, smtp_sink, "t2", **extra), tmp_path / "2.log")
-        slow.data_delay = 0.0
-        await second.start()
-        await settle(db, n, timeout=120)
-        assert await second.sigterm() == 0
-    finally:
-        await slow.stop()
-    figures = await ledger(db, expected, [m.data for m in slow.received])
+    slow = scripted
+    slow.behaviour.delays["end of data"] = 1.5  # past the shutdown timeout: sends are cut
+    db = Db(pg_dsn)
+    extra = {
+        "MAIL_SMTP_ADDR": slow.addr,
+        "MAIL_SMTP_CA_FILE": str(slow.ca_file),
+        "MAIL_SHUTDOWN_TIMEOUT": "1s",
+        "MAIL_SMTP_TIMEOUT": "5s",
+        "MAIL_LEASE_DURATION": "8s",
+    }
+    first = Daemon(env_for(pg_dsn, redis_addr, smtp_sink, "t1", **extra), tmp_path / "1.log")
+    await first.start()
+    n = 200
+    expected = await enqueue(producer(pg_dsn, redis_addr), "st", n)
+    await wait_for(lambda: _at_least(db, 2 * CONCURRENCY), timeout=60)
+    signalled = time.time()
+    await first.sigterm(timeout=15)
+    late = [c.at for c in slow.commands if c.verb == "MAIL" and c.at > signalled + 0.05]
+    in_flight = await db.fetchval("SELECT count(*) FROM mail.attempts WHERE status='started'")
+    second = Daemon(env_for(pg_dsn, redis_addr, smtp_sink, "t2", **extra), tmp_path / "2.log")
+    slow.behaviour.delays.clear()
+    await second.start()
+    await settle(db, n, timeout=120)
+    assert await second.sigterm() == 0
+    figures = await ledger(db, expected, [m.data for m in slow.messages])
     print(
         f"\n{figures.line('SIGTERM under load, slow server')}; MAIL FROM after the signal: "
         f"{len(late)}; attempts cut at the deadline: {in_flight}"

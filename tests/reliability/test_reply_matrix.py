@@ -12,16 +12,15 @@ behaviour (what the server saw and what was written), so they hold for any trans
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from email import message_from_bytes
 from typing import Any
 
 import pytest
-import trustme
 
 from maildaemon.config import Settings
-from tests.reliability.scripted_smtp import ScriptedSmtp
+from maildaemon.devstack.smtp_sink import SmtpSink
 from tests.support import Db, command, redis_client, running_app, wait_for, xadd
 
 MakeSettings = Callable[..., Settings]
@@ -33,7 +32,7 @@ TERMINAL = ("sent", "failed", "suppressed", "dead_letter", "expired")
 
 @dataclass(frozen=True)
 class Case:
-    stage: str  # where the script acts: a stage of scripted_smtp, or "rcpt a" / "rcpt b"
+    stage: str  # where the script acts: a stage of smtp_script, or "rcpt a" / "rcpt b"
     action: str  # a reply line, "drop" or "silence"; "" for the all-2xx baseline
     attempt: str  # status of the first attempt
     event: str  # the outcome event of the first attempt
@@ -99,33 +98,21 @@ CASES: list[Case] = [
 ]  # fmt: skip
 
 
-@pytest.fixture
-async def scripted(smtp_ca: trustme.CA) -> AsyncIterator[ScriptedSmtp]:
-    server = ScriptedSmtp(smtp_ca, auth=AUTH)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-def _apply(server: ScriptedSmtp, case: Case) -> None:
-    server.script.clear()
+def _apply(server: SmtpSink, case: Case) -> None:
+    server.behaviour.clear_script()
     if not case.action:
         return
     if case.stage.startswith("rcpt "):
-        server.script.rcpt[A if case.stage.endswith("a") else B] = [case.action]
+        server.behaviour.rcpt_replies[A if case.stage.endswith("a") else B] = [case.action]
     else:
-        server.script.stages[case.stage] = [case.action]
+        server.behaviour.script[case.stage] = [case.action]
 
 
-async def _run_case(
-    settings: Settings, server: ScriptedSmtp, db: Db, case: Case, n: int
-) -> list[str]:
+async def _run_case(settings: Settings, server: SmtpSink, db: Db, case: Case, n: int) -> list[str]:
     """Send one delivery under the case's script; returns what did not match."""
     did = f"m-{n}"
     _apply(server, case)
-    before = len(server.received)
+    before = len(server.messages)
     await xadd(settings, command(did, to=[{"address": A}, {"address": B}]))
     await db.wait_status(did, *TERMINAL, timeout=20)
     row = (await db.fetch("SELECT * FROM mail.deliveries WHERE delivery_id = $1", did))[0]
@@ -163,7 +150,7 @@ async def _run_case(
         check("recipients of the retry", got, tuple(sorted(case.retry_to)))
     else:
         check("number of attempts", len(attempts), 1)
-    copies = [m for m in server.received[before:] if _message_id(m.data) == row["message_id"]]
+    copies = [m for m in server.messages[before:] if _message_id(m.data) == row["message_id"]]
     got_rcpts = sorted(r for m in copies for r in m.rcpt_tos)
     want_rcpts = _expected_receivers(case)
     check("recipients that received it", got_rcpts, want_rcpts)
@@ -206,8 +193,9 @@ async def _events(settings: Settings, delivery_id: str) -> list[str]:
 
 @pytest.mark.timeout(600)
 async def test_every_reply_at_every_stage_has_the_right_recorded_outcome(
-    make_settings: MakeSettings, scripted: ScriptedSmtp
+    make_settings: MakeSettings, scripted: SmtpSink
 ) -> None:
+    scripted.behaviour.auth = AUTH
     settings = make_settings(
         smtp_addr=scripted.addr,
         smtp_ca_file=scripted.ca_file,

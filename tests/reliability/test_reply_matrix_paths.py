@@ -17,14 +17,14 @@ delivery's state is the same.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
-import trustme
 
 from maildaemon.config import Settings
-from tests.reliability.scripted_smtp import CLOSE, ScriptedSmtp
+from maildaemon.devstack.smtp_script import CLOSE
+from maildaemon.devstack.smtp_sink import SmtpSink
 from tests.support import Db, command, running_app, xadd
 
 MakeSettings = Callable[..., Settings]
@@ -47,7 +47,7 @@ PATHS = {  # path → (server offers CHUNKING, MAIL_SMTP_PIPELINING)
 
 @dataclass(frozen=True)
 class Case:
-    stage: str  # a stage of scripted_smtp, or "rcpt a" / "rcpt b"
+    stage: str  # a stage of smtp_script, or "rcpt a" / "rcpt b"
     action: str  # what the server does there; "" for the all-2xx baseline
     rcpts: tuple[str, ...] = (A, B)
 
@@ -77,31 +77,21 @@ EXPECTED = {
 Outcome = tuple[str, int | None, str]
 
 
-@pytest.fixture
-async def scripted(smtp_ca: trustme.CA) -> AsyncIterator[ScriptedSmtp]:
-    server = ScriptedSmtp(smtp_ca)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-def _apply(server: ScriptedSmtp, case: Case) -> None:
-    server.script.clear()
+def _apply(server: SmtpSink, case: Case) -> None:
+    server.behaviour.clear_script()
     if not case.action:
         return
     if case.stage.startswith("rcpt "):
-        server.script.rcpt[A if case.stage.endswith("a") else B] = [case.action]
+        server.behaviour.rcpt_replies[A if case.stage.endswith("a") else B] = [case.action]
     else:
-        server.script.stages[case.stage] = [case.action]
+        server.behaviour.script[case.stage] = [case.action]
 
 
 async def _outcomes(
-    make_settings: MakeSettings, server: ScriptedSmtp, path: str
+    make_settings: MakeSettings, server: SmtpSink, path: str
 ) -> dict[Case, Outcome]:
     chunking, pipelining = PATHS[path]
-    server.chunking = chunking
+    server.behaviour.chunking = chunking
     settings = make_settings(
         smtp_addr=server.addr,
         smtp_ca_file=server.ca_file,
@@ -144,7 +134,7 @@ def _unknown_with_bdat(path: str, case: Case, got: Outcome, reference: Outcome) 
 
 @pytest.mark.timeout(900)
 async def test_pipelined_paths_record_what_one_command_at_a_time_records(
-    make_settings: MakeSettings, scripted: ScriptedSmtp
+    make_settings: MakeSettings, scripted: SmtpSink
 ) -> None:
     results = {path: await _outcomes(make_settings, scripted, path) for path in PATHS}
     reference = results["one at a time"]

@@ -320,3 +320,68 @@ def test_one_loop_shape_and_one_unavailable_line() -> None:
     ]
     assert found == []
     assert all(p.search(shape.read_text()) for p in list(patterns.values())[::2])
+
+
+# The one SMTP server of the project (dev stack, integration and reliability suites).
+SMTP_SERVER = PACKAGE / "devstack" / "smtp_server.py"
+_SERVER_CALLS = {"start_server", "create_server"}
+_PROTOCOL_BASES = {"Protocol", "BufferedProtocol", "StreamReaderProtocol", "SMTP"}
+_SMTP_REPLY = re.compile(r"^(220|250|354)[ -]")
+
+
+def _name(node: ast.expr) -> str:
+    return node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", "")
+
+
+def _imported(node: ast.AST) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    return [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+
+
+def _speaks_smtp_as_a_server(tree: ast.AST) -> list[str]:
+    """Why a module looks like an SMTP server: it imports aiosmtpd, or it listens (or is
+    an asyncio protocol) and has an SMTP greeting or reply among its literals."""
+    why: list[str] = []
+    listens = replies = False
+    for node in ast.walk(tree):
+        if any(name.startswith("aiosmtpd") for name in _imported(node)):
+            why.append("imports aiosmtpd")
+        elif isinstance(node, ast.ClassDef):
+            listens |= bool({_name(b) for b in node.bases} & _PROTOCOL_BASES)
+        elif isinstance(node, ast.Call):
+            listens |= _name(node.func) in _SERVER_CALLS
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str | bytes):
+            text = node.value if isinstance(node.value, str) else node.value.decode("latin-1")
+            replies |= bool(_SMTP_REPLY.match(text))
+    if listens and replies:
+        why.append("listens or is a protocol, and writes SMTP replies")
+    return why
+
+
+def test_one_smtp_server() -> None:
+    """devstack/smtp_server.py is the only SMTP server under maildaemon/ and tests/: a
+    test that needs a server behaving in some way scripts that one (smtp_script)."""
+    found = []
+    for path in sorted([*PACKAGE.rglob("*.py"), *(REPO / "tests").rglob("*.py")]):
+        if path == SMTP_SERVER:
+            continue
+        why = _speaks_smtp_as_a_server(ast.parse(path.read_text(encoding="utf-8")))
+        if why:
+            found.append(f"{path.relative_to(REPO)}: {', '.join(sorted(set(why)))}")
+    assert not found, "SMTP servers besides devstack/smtp_server.py:\n" + "\n".join(found)
+
+
+def test_the_smtp_server_rule_sees_a_hand_written_server() -> None:
+    source = """
+import asyncio
+
+class Fake(asyncio.Protocol):
+    def connection_made(self, transport):
+        transport.write(b"220 fake ESMTP\\r\\n")
+"""
+    assert _speaks_smtp_as_a_server(ast.parse(source))
+    assert _speaks_smtp_as_a_server(ast.parse("from aiosmtpd.smtp import SMTP"))
+    assert _speaks_smtp_as_a_server(ast.parse(SMTP_SERVER.read_text(encoding="utf-8")))
+    client = "import asyncio\nasync def f():\n    await asyncio.open_connection('h', 25)\n"
+    assert not _speaks_smtp_as_a_server(ast.parse(client + "X = '250 ok'\n"))
