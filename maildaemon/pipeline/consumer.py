@@ -39,6 +39,7 @@ log = logging.getLogger("maildaemon.consumer")
 
 RAW_CAP = 64 * 1024  # characters of a malformed entry kept in its record
 IDLE_POLL_MAX = 0.05  # seconds between polls of an idle stream, at most
+BUSY_AFTER = 3  # batches in a row after which the consumer stops asking to be woken
 OBSERVE_EVERY = 5.0  # seconds between consumer lag observations (XINFO GROUPS)
 # Redis < 7 has no `lag`: undelivered entries are counted inside Redis, up to this many
 # entries or bytes (the lag alert fires at 1,000).
@@ -167,11 +168,14 @@ class StreamConsumer(Lifecycle):
         s = self._s
         backoff = Backoff()
         idle = 0.0
+        busy = 0  # batches in a row: past BUSY_AFTER, no wake-up is wanted
         while not self.stopping:
             try:
                 batch = await self._read()
                 await self._observe_lag()
                 backoff.reset()
+                busy = busy + 1 if batch else 0
+                self._wakeup.want(busy < BUSY_AFTER)
                 if batch:
                     idle = 0.0
                     await self._take_in(batch)

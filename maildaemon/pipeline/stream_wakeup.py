@@ -3,18 +3,21 @@
 The consumer reads through a bounded Lua script (``stream_reader``), and a script cannot
 block; a blocking ``XREADGROUP`` would hand the daemon an entry of any size, which the
 bounded read exists to prevent. So the wake-up comes from Redis keyspace notifications:
-``__keyevent@<db>__:xadd`` carries the stream's name, never the entry. While it is
-subscribed (``active``) the consumer sleeps on an idle stream until woken, or
-``MAIL_CONSUMER_BLOCK`` at most; without it (notifications refused, the subscription
-down) the consumer polls every few milliseconds as before.
+``__keyspace@<db>__:<stream>`` says ``xadd`` for the command stream alone (never the entry,
+never another key's events). The consumer asks for it only while it is idle (``want``):
+a busy consumer reads batch after batch and would pay for one message per XADD for
+nothing. While subscribed (``active``) the idle consumer sleeps until woken, or
+``MAIL_CONSUMER_BLOCK`` at most; otherwise (busy, notifications refused, the subscription
+down or not yet up) it polls every few milliseconds as before.
 
 ``MAIL_REDIS_STREAM_WAKEUP=auto`` turns the notifications on (``CONFIG SET
-notify-keyspace-events``, adding ``E`` and ``t`` to what is set) when they are off;
+notify-keyspace-events``, adding ``K`` and ``t`` to what is set) when they are off;
 ``existing`` uses them only when the server already has them; ``off`` never subscribes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -29,16 +32,17 @@ from maildaemon.telemetry import Instruments
 
 log = logging.getLogger("maildaemon.consumer")
 _KEY = "notify-keyspace-events"
-_LISTEN_FOR = 1.0  # seconds one wait for a message lasts (then the stop is checked)
+_LISTEN_FOR = 0.05  # seconds one wait for a message lasts (then stop and want are checked)
+_XADD = b"xadd"
 
 
 def notifications_cover_streams(flags: str) -> bool:
-    """Whether ``notify-keyspace-events`` = ``flags`` publishes keyevent XADDs."""
-    return "E" in flags and ("t" in flags or "A" in flags)
+    """Whether ``notify-keyspace-events`` = ``flags`` publishes keyspace XADD events."""
+    return "K" in flags and ("t" in flags or "A" in flags)
 
 
 def with_stream_keyevents(flags: str) -> str:
-    return flags + "".join(f for f in "Et" if f not in flags and not (f == "t" and "A" in flags))
+    return flags + "".join(f for f in "Kt" if f not in flags and not (f == "t" and "A" in flags))
 
 
 class StreamWakeup(Lifecycle):
@@ -54,9 +58,16 @@ class StreamWakeup(Lifecycle):
         self._redis = redis
         self._inst = instruments
         self._on_added = on_added
-        self._channel = f"__keyevent@{settings.redis_db}__:xadd"
-        self._stream = settings.command_stream.encode()
+        self._channel = f"__keyspace@{settings.redis_db}__:{settings.command_stream}"
         self.active = False  # subscribed: an XADD to the stream wakes the consumer
+        self._want = False
+        self._changed = asyncio.Event()
+
+    def want(self, idle: bool) -> None:
+        """The consumer is idle (wants to be woken) or busy (reads on regardless)."""
+        if idle != self._want:
+            self._want = idle
+            self._changed.set()
 
     async def run(self) -> None:
         mode = self._s.redis_stream_wakeup
@@ -95,7 +106,7 @@ class StreamWakeup(Lifecycle):
                 log,
                 "stream wake-up unavailable, polling",
                 logging.WARNING,
-                error=f"notify-keyspace-events is {flags!r}: no keyevent XADD notifications",
+                error=f"notify-keyspace-events is {flags!r}: no keyspace XADD notifications",
                 setting="MAIL_REDIS_STREAM_WAKEUP",
             )
             return False
@@ -106,18 +117,37 @@ class StreamWakeup(Lifecycle):
 
     async def _listen(self, backoff: Backoff) -> None:
         pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        subscribed = False
         try:
-            await pubsub.subscribe(self._channel)
-            self.active = True
-            backoff.reset()
-            self._on_added()  # entries may have come while we were not listening
             while not self.stopping:
-                message = await pubsub.get_message(timeout=_LISTEN_FOR)
-                if message is not None and message.get("data") == self._stream:
-                    self._on_added()
+                if self._want and not subscribed:
+                    await pubsub.subscribe(self._channel)
+                    subscribed = self.active = True
+                    backoff.reset()
+                    self._on_added()  # entries may have come while we were not listening
+                elif subscribed and not self._want:
+                    self.active = False  # the consumer polls from here on
+                    await pubsub.unsubscribe(self._channel)
+                    subscribed = False
+                if subscribed:
+                    message = await pubsub.get_message(timeout=_LISTEN_FOR)
+                    if message is not None and message.get("data") == _XADD:
+                        self._on_added()
+                else:
+                    self._changed.clear()
+                    await _first(self._changed, self._stopping)
         finally:
             self.active = False
             await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+async def _first(*events: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 def _text(value: object) -> str:

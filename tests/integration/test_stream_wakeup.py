@@ -17,12 +17,12 @@ MakeSettings = Callable[..., Settings]
 
 
 def test_flags_gain_only_what_stream_keyevents_need() -> None:
-    assert with_stream_keyevents("") == "Et"
-    assert with_stream_keyevents("Kx") == "KxEt"
-    assert with_stream_keyevents("AE") == "AE"  # A already holds t
-    assert with_stream_keyevents("Et") == "Et"
-    assert notifications_cover_streams("KEA") and notifications_cover_streams("Et")
-    assert not notifications_cover_streams("Kt") and not notifications_cover_streams("Eg")
+    assert with_stream_keyevents("") == "Kt"
+    assert with_stream_keyevents("Ex") == "ExKt"
+    assert with_stream_keyevents("AK") == "AK"  # A already holds t
+    assert with_stream_keyevents("Kt") == "Kt"
+    assert notifications_cover_streams("KEA") and notifications_cover_streams("Kt")
+    assert not notifications_cover_streams("Et") and not notifications_cover_streams("Kg")
 
 
 async def _reset_notifications(settings: Settings, flags: str) -> None:
@@ -36,7 +36,7 @@ async def _reset_notifications(settings: Settings, flags: str) -> None:
 async def _subscribers(settings: Settings) -> int:
     client = redis_client(settings.redis_master_addr)
     try:
-        [(_, count)] = await client.pubsub_numsub("__keyevent@0__:xadd")
+        [(_, count)] = await client.pubsub_numsub(f"__keyspace@0__:{settings.command_stream}")
         return int(count)
     finally:
         await client.aclose()
