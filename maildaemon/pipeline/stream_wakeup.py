@@ -96,7 +96,7 @@ class StreamWakeup(Lifecycle):
                 self.active = False
 
     async def _notifications_on(self, mode: str) -> bool:
-        """Whether keyevent XADDs are published, after turning them on in ``auto`` mode."""
+        """Whether keyspace XADD events are published, after turning them on in ``auto`` mode."""
         current = await self._redis.config_get("notify-keyspace-events")
         flags = next((_text(v) for k, v in current.items() if _text(k) == _KEY), "")
         if notifications_cover_streams(flags):
