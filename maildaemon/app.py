@@ -29,6 +29,7 @@ from maildaemon.contract.command import CommandPolicy
 from maildaemon.errors import MailDaemonError, StartupError
 from maildaemon.http.app import build_app
 from maildaemon.http.keys import Readiness
+from maildaemon.http.listener import ConnectionGuard, GuardedSite, ListenerSignals, accept_errors_to
 from maildaemon.logs import add_secrets, event
 from maildaemon.message.compose import Composer
 from maildaemon.message.dkim import DkimSigner
@@ -179,7 +180,8 @@ class App:
                 60,
                 template_dir=str(s.template_dir),
             )
-            self.readiness.checks = {"postgres": store.ping, "redis": redis.ping}
+            # Ready means writable: a demoted (read-only) primary answers pings too.
+            self.readiness.checks = {"postgres": store.check_writable, "redis": redis.ping}
             signer = (
                 DkimSigner(s.dkim_domain, s.dkim_selector, s.dkim_private_key_file)
                 if s.dkim_domain and s.dkim_selector and s.dkim_private_key_file
@@ -211,6 +213,7 @@ class App:
             pgbouncer=s.postgres_pgbouncer,
         )
         stack.push_async_callback(api_store.close)
+        guard = self._connection_guard()
         app = build_app(
             s,
             api_store,
@@ -224,21 +227,52 @@ class App:
             ),
             metrics=self.telemetry.prometheus if s.metrics_prometheus else None,
             middlewares=server_spans(self.telemetry.traced),
+            on_timeout=guard.timed_out,
         )
         runner = web.AppRunner(
             app,
             access_log=None,
             handle_signals=False,
             shutdown_timeout=1.0,
+            # Later requests on a kept-alive connection get the first one's head deadline
+            # (aiohttp closes a connection idle or mid-head this long after a response).
+            keepalive_timeout=s.internal_http_header_timeout,
+            max_line_size=8190,
+            max_field_size=8190,
+            max_headers=64,
+            lingering_time=1.0,  # a body nobody reads is drained this long, not 10 s
         )
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
+        site = GuardedSite(runner, host, port, guard)
         await site.start()
+        loop = asyncio.get_running_loop()
+        previous = loop.get_exception_handler()
+        loop.set_exception_handler(accept_errors_to(guard, loop))
+        stack.callback(loop.set_exception_handler, previous)
         addresses = runner.addresses
         if addresses:
             self.http_port = int(addresses[0][1])
         event(log, "internal http listening", host=host, port=self.http_port)
         return runner
+
+    def _connection_guard(self) -> ConnectionGuard:
+        s, inst = self.settings, self.telemetry.instruments
+
+        def count_open(n: int) -> None:
+            inst.http_connections_open = n
+
+        signals = ListenerSignals(
+            refused=lambda: inst.http_refused.add(1),
+            accept_error=lambda name: inst.http_accept_errors.add(1, {"error": name}),
+            timed_out=lambda phase: inst.http_timeouts.add(1, {"phase": phase}),
+            open_connections=count_open,
+        )
+        return ConnectionGuard(
+            s.internal_http_max_connections,
+            s.internal_http_header_timeout,
+            s.internal_http_log_interval,
+            signals,
+        )
 
     async def _run_components(
         self,

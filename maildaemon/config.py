@@ -21,6 +21,7 @@ from maildaemon.config_values import (
     CsvList,
     Duration,
     Ladder,
+    host_name,
     split_host_port,
     split_redis_addr,
 )
@@ -153,6 +154,21 @@ class Settings(BaseSettings):
 
     # Process.
     internal_http_addr: str = "127.0.0.1:8080"
+    # The listener under abuse: a request head must be complete this long after the
+    # connection opened (or its previous response), its body this long after the head.
+    internal_http_header_timeout: Duration = 10.0
+    internal_http_body_timeout: Duration = 10.0
+    internal_http_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # Open connections at most; beyond, a new one is answered 503 and closed at once.
+    internal_http_max_connections: int = Field(default=256, ge=1, le=65_536)
+    # Host names (any port) the listener answers besides its own address, localhost,
+    # 127.0.0.1 and [::1]; "*" answers any (DNS rebinding is then possible).
+    internal_http_allowed_hosts: CsvList = ()
+    # Refused connections, accept errors and timeouts: one log line per interval at most.
+    internal_http_log_interval: Duration = 10.0
+    # Template previews: per second and burst, for the whole listener (429 beyond).
+    internal_http_preview_rate: float = Field(default=2.0, gt=0.0, le=1000.0)
+    internal_http_preview_burst: int = Field(default=5, ge=1, le=1000)
     operator_token: SecretStr | None = None
     # Named operator tokens, "name:secret,name:secret": the audit records the name.
     operator_tokens: SecretStr | None = None
@@ -230,6 +246,13 @@ class Settings(BaseSettings):
         self._check_redis()
         if self.api_statement_timeout <= 0:
             raise ValueError("MAIL_API_STATEMENT_TIMEOUT: must be longer than zero")
+        for name in ("internal_http_header_timeout", "internal_http_body_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"MAIL_{name.upper()}: must be longer than zero")
+        try:
+            _ = self.http_allowed_hosts
+        except ValueError as exc:
+            raise ValueError(f"MAIL_INTERNAL_HTTP_ALLOWED_HOSTS: {exc}") from None
         self.operator_identities()  # refuses a malformed MAIL_OPERATOR_TOKENS
         if self.postgres_pool_min > self.postgres_pool_max:
             raise ValueError("MAIL_POSTGRES_POOL_MIN: larger than MAIL_POSTGRES_POOL_MAX")
@@ -321,6 +344,19 @@ class Settings(BaseSettings):
     @property
     def http_host_port(self) -> tuple[str, int]:
         return split_host_port(self.internal_http_addr, 8080)
+
+    @property
+    def http_allowed_hosts(self) -> frozenset[str]:
+        """The Host names the listener answers (lowercase, without port, IPv6 in
+        brackets): its own address unless a wildcard, the loopback names and
+        MAIL_INTERNAL_HTTP_ALLOWED_HOSTS ("*" answers any)."""
+        own, _ = self.http_host_port
+        names = {"localhost", "127.0.0.1", "[::1]"}
+        if own not in ("0.0.0.0", "::", ""):
+            names.add(f"[{own}]" if ":" in own else own)
+        for entry in self.internal_http_allowed_hosts:
+            names.add(host_name(entry))
+        return frozenset(n.lower() for n in names)
 
     def operator_identities(self) -> dict[str, str]:
         """Operator token -> the identity recorded in the audit trail.

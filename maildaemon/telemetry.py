@@ -61,6 +61,9 @@ class Instruments:
     redis_unpersisted: metrics.Counter
     redis_unavailable: metrics.Counter
     messages_too_large: metrics.Counter
+    http_refused: metrics.Counter
+    http_accept_errors: metrics.Counter
+    http_timeouts: metrics.Counter
     # Gauges: values set by one bounded query every few seconds (scheduler, consumer),
     # read by the exporters; a scrape never queries anything.
     schedule_depth: int = 0
@@ -70,6 +73,7 @@ class Instruments:
     consumer_pending: int = 0  # entries delivered to the group, not yet acknowledged
     destination_up: int = 1  # 1 while the SMTP destination can be reached, else 0
     redis_persistence: int = -1  # 1 AOF on, 0 off, -1 not known (CONFIG refused)
+    http_connections_open: int = 0  # connections the internal listener holds open
 
 
 def _env(*names: str) -> str:
@@ -191,8 +195,9 @@ def _service_counters(
     return (
         counter(
             "mail.api.refusals",
-            description="Operator API requests refused, by reason (unauthorized, "
-            "query_timeout, store_unavailable)",
+            description="Internal API requests refused, by reason (unauthorized, "
+            "query_timeout, store_unavailable, rate_limited, misdirected_request, bad_host, "
+            "body_timeout)",
         ),
         counter(
             "mail.smtp.destination.changes",
@@ -209,9 +214,34 @@ def _service_counters(
     )
 
 
+def _listener_counters(
+    meter: metrics.Meter,
+) -> tuple[metrics.Counter, metrics.Counter, metrics.Counter]:
+    """Counters of the internal HTTP listener's socket: refusals, accept errors, timeouts."""
+    counter = meter.create_counter
+    return (
+        counter(
+            "mail.http.connections.refused",
+            description="Connections refused (503, closed) beyond "
+            "MAIL_INTERNAL_HTTP_MAX_CONNECTIONS",
+        ),
+        counter(
+            "mail.http.accept_errors",
+            description="accept() failures of the internal listener (out of file "
+            "descriptors or memory), by error",
+        ),
+        counter(
+            "mail.http.timeouts",
+            description="Connections closed because a request head or body came too slowly, "
+            "by phase (header, body)",
+        ),
+    )
+
+
 def _instruments(meter: metrics.Meter) -> Instruments:
     counter, histogram = meter.create_counter, meter.create_histogram
     refusals, changes, unpersisted, redis_down = _service_counters(meter)
+    http_refused, http_accept_errors, http_timeouts = _listener_counters(meter)
     inst = Instruments(
         stream_commands=counter(
             "mail.stream_commands", description="Stream entries taken in, by result"
@@ -268,10 +298,24 @@ def _instruments(meter: metrics.Meter) -> Instruments:
             "mail.smtp.messages_too_large",
             description="Messages refused before sending: larger than the server's SIZE",
         ),
+        http_refused=http_refused,
+        http_accept_errors=http_accept_errors,
+        http_timeouts=http_timeouts,
     )
     _start_at_zero(inst)
     _observe(meter, inst)
     return inst
+
+
+API_REFUSAL_REASONS = (
+    "unauthorized",
+    "query_timeout",
+    "store_unavailable",
+    "rate_limited",
+    "misdirected_request",
+    "bad_host",
+    "body_timeout",
+)
 
 
 def _start_at_zero(inst: Instruments) -> None:
@@ -287,8 +331,12 @@ def _start_at_zero(inst: Instruments) -> None:
     inst.events_unpublished.add(0)
     for component in ("consumer", "scheduler", "results"):
         inst.store_unavailable.add(0, {"component": component})
-    for reason in ("unauthorized", "query_timeout", "store_unavailable"):
+    for reason in API_REFUSAL_REASONS:
         inst.api_refusals.add(0, {"reason": reason})
+    inst.http_refused.add(0)
+    inst.http_accept_errors.add(0, {"error": "EMFILE"})
+    for phase in ("header", "body"):
+        inst.http_timeouts.add(0, {"phase": phase})
     for state in ("down", "up"):
         inst.destination_changes.add(0, {"state": state})
     inst.redis_unpersisted.add(0)
@@ -335,6 +383,11 @@ def _observe(meter: metrics.Meter, inst: Instruments) -> None:
         "mail.smtp.destination.up",
         callbacks=[_gauge(lambda: inst.destination_up)],
         description="1 while the SMTP destination can be reached, 0 while it is down",
+    )
+    meter.create_observable_gauge(
+        "mail.http.connections.open",
+        callbacks=[_gauge(lambda: inst.http_connections_open)],
+        description="Connections the internal HTTP listener holds open",
     )
     meter.create_observable_gauge(
         "mail.redis.persistence",

@@ -22,7 +22,7 @@ from maildaemon.delivery import (
     IntakeResult,
     RenderedPin,
 )
-from maildaemon.errors import StoreRejected
+from maildaemon.errors import StoreReadOnly, StoreRejected
 from maildaemon.store import codecs
 from maildaemon.store import queries as q
 from maildaemon.store import rows as convert
@@ -95,6 +95,14 @@ class Store:
     async def ping(self) -> None:
         async with translate_errors("ping", self.pool):
             await self.pool.fetchval("SELECT 1")
+
+    async def check_writable(self) -> None:
+        """Raise ``StoreReadOnly`` when PostgreSQL answers but would refuse a write (a
+        standby, a demoted primary, ``default_transaction_read_only``)."""
+        async with translate_errors("writable check", self.pool):
+            read_only = await self.pool.fetchval(q.READ_ONLY)
+        if read_only:
+            raise StoreReadOnly("PostgreSQL is read-only (a standby or read-only mode)")
 
     # --- intake -------------------------------------------------------------------------
 
