@@ -29,7 +29,7 @@ from maildaemon.contract.command import CommandPolicy
 from maildaemon.errors import MailDaemonError, StartupError
 from maildaemon.http.app import build_app
 from maildaemon.http.keys import Readiness
-from maildaemon.http.listener import ConnectionGuard, GuardedSite, ListenerSignals, accept_errors_to
+from maildaemon.http.listener import ConnectionGuard, ListenerSignals, serve
 from maildaemon.logs import add_secrets, event
 from maildaemon.message.compose import Composer
 from maildaemon.message.dkim import DkimSigner
@@ -201,7 +201,7 @@ class App:
         self, stack: contextlib.AsyncExitStack, catalog: TemplateCatalog
     ) -> web.AppRunner:
         s = self.settings
-        host, port = s.http_host_port
+        host = s.http_host_port[0]
         # The operator API's own small pool with a statement timeout: a slow search waits
         # for (and times out on) these connections, never the pipeline's.
         api_store = await Store.open(
@@ -229,26 +229,7 @@ class App:
             middlewares=server_spans(self.telemetry.traced),
             on_timeout=guard.timed_out,
         )
-        runner = web.AppRunner(
-            app,
-            access_log=None,
-            handle_signals=False,
-            shutdown_timeout=1.0,
-            # Later requests on a kept-alive connection get the first one's head deadline
-            # (aiohttp closes a connection idle or mid-head this long after a response).
-            keepalive_timeout=s.internal_http_header_timeout,
-            max_line_size=8190,
-            max_field_size=8190,
-            max_headers=64,
-            lingering_time=1.0,  # a body nobody reads is drained this long, not 10 s
-        )
-        await runner.setup()
-        site = GuardedSite(runner, host, port, guard)
-        await site.start()
-        loop = asyncio.get_running_loop()
-        previous = loop.get_exception_handler()
-        loop.set_exception_handler(accept_errors_to(guard, loop))
-        stack.callback(loop.set_exception_handler, previous)
+        runner = await serve(app, s, guard)
         addresses = runner.addresses
         if addresses:
             self.http_port = int(addresses[0][1])
@@ -256,23 +237,14 @@ class App:
         return runner
 
     def _connection_guard(self) -> ConnectionGuard:
-        s, inst = self.settings, self.telemetry.instruments
-
-        def count_open(n: int) -> None:
-            inst.http_connections_open = n
-
+        inst = self.telemetry.instruments
         signals = ListenerSignals(
             refused=lambda: inst.http_refused.add(1),
             accept_error=lambda name: inst.http_accept_errors.add(1, {"error": name}),
             timed_out=lambda phase: inst.http_timeouts.add(1, {"phase": phase}),
-            open_connections=count_open,
+            open_connections=lambda n: setattr(inst, "http_connections_open", n),
         )
-        return ConnectionGuard(
-            s.internal_http_max_connections,
-            s.internal_http_header_timeout,
-            s.internal_http_log_interval,
-            signals,
-        )
+        return ConnectionGuard.for_settings(self.settings, signals)
 
     async def _run_components(
         self,

@@ -51,6 +51,21 @@ def _no_timeout(_phase: str, _remote: str | None, _timeout: float) -> None:
     return None
 
 
+def _add_middlewares(
+    app: web.Application,
+    settings: Settings,
+    middlewares: tuple[Middleware, ...],
+    on_timeout: Callable[[str, str | None, float], None],
+) -> None:
+    """The Host check before anything, then ``middlewares``, JSON errors, the body read."""
+    app.middlewares.append(
+        admission.host_check(settings.http_allowed_hosts, settings.internal_http_log_interval)
+    )
+    app.middlewares.extend(middlewares)
+    app.middlewares.append(json_errors)
+    app.middlewares.append(admission.body_deadline(settings.internal_http_body_timeout, on_timeout))
+
+
 def build_app(
     settings: Settings,
     store: Store,
@@ -69,10 +84,7 @@ def build_app(
     /metrics. The Host check runs first of all, then ``middlewares`` (server spans), the
     JSON errors and the body deadline (``on_timeout`` hears of a body too slow)."""
     app = web.Application(client_max_size=settings.internal_http_max_body_bytes)
-    app.middlewares.append(
-        admission.host_check(settings.http_allowed_hosts, settings.internal_http_log_interval)
-    )
-    app.middlewares.extend(middlewares)
+    _add_middlewares(app, settings, middlewares, on_timeout)
     app[STORE_KEY] = store
     app[SETTINGS_KEY] = settings
     app[READINESS_KEY] = readiness
@@ -93,8 +105,6 @@ def build_app(
     app[PREVIEW_GATE_KEY] = PreviewGate(
         settings.internal_http_preview_rate, settings.internal_http_preview_burst
     )
-    app.middlewares.append(json_errors)
-    app.middlewares.append(admission.body_deadline(settings.internal_http_body_timeout, on_timeout))
     for op in OPERATIONS:
         # Actions (POST) need an operator token; reads need the read token when one is set.
         if op.method == "post":

@@ -25,6 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
+from maildaemon.config import Settings
 from maildaemon.http.throttle import ThrottledEvent
 
 log = logging.getLogger("maildaemon.http")
@@ -38,6 +39,10 @@ _TIMED_OUT = (
     b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain\r\n"
     b"Content-Length: 16\r\nConnection: close\r\n\r\nrequest too slow\n"
 )
+# A request head: its request line and each header line at most, and how many headers.
+MAX_LINE_BYTES = 8190
+MAX_HEADERS = 64
+_ExceptionHandler = Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object]
 # What a kernel out of resources answers accept() with.
 ACCEPT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
@@ -74,6 +79,15 @@ class ConnectionGuard:
         self.timeouts = ThrottledEvent(log, "internal http request timed out", log_interval)
         self.accept_errors = ThrottledEvent(
             log, "internal http accept failed", log_interval, logging.ERROR
+        )
+
+    @classmethod
+    def for_settings(cls, settings: Settings, signals: ListenerSignals) -> ConnectionGuard:
+        return cls(
+            settings.internal_http_max_connections,
+            settings.internal_http_header_timeout,
+            settings.internal_http_log_interval,
+            signals,
         )
 
     def factory(self, server: web.Server) -> Callable[[], asyncio.Protocol]:
@@ -191,7 +205,7 @@ class _Watched(asyncio.Protocol):
 class GuardedSite(web.BaseSite):
     """A TCP site whose connections pass a ``ConnectionGuard``."""
 
-    __slots__ = ("_guard", "_host", "_port")
+    __slots__ = ("_guard", "_host", "_port", "_previous_handler")
 
     def __init__(
         self, runner: web.BaseRunner, host: str, port: int, guard: ConnectionGuard
@@ -200,6 +214,7 @@ class GuardedSite(web.BaseSite):
         self._host = host
         self._port = port
         self._guard = guard
+        self._previous_handler: _ExceptionHandler | None = None
 
     @property
     def name(self) -> str:
@@ -217,15 +232,39 @@ class GuardedSite(web.BaseSite):
             backlog=self._backlog,
             reuse_address=True,
         )
+        self._previous_handler = loop.get_exception_handler()
+        loop.set_exception_handler(accept_errors_to(self._guard, loop))
 
     async def stop(self) -> None:
         await super().stop()
+        asyncio.get_running_loop().set_exception_handler(self._previous_handler)
         self._guard.close()
 
 
-def accept_errors_to(
-    guard: ConnectionGuard, loop: asyncio.AbstractEventLoop
-) -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]:
+async def serve(app: web.Application, settings: Settings, guard: ConnectionGuard) -> web.AppRunner:
+    """Run ``app`` on MAIL_INTERNAL_HTTP_ADDR behind ``guard``, with aiohttp's own bounds on
+    a request head (line, field and header count) and on a kept-alive connection's idle
+    time; ``runner.cleanup()`` stops it."""
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=1.0,
+        # Later requests on a kept-alive connection get the first one's head deadline
+        # (aiohttp closes a connection idle or mid-head this long after a response).
+        keepalive_timeout=settings.internal_http_header_timeout,
+        max_line_size=MAX_LINE_BYTES,
+        max_field_size=MAX_LINE_BYTES,
+        max_headers=MAX_HEADERS,
+        lingering_time=1.0,  # a body nobody reads is drained this long, not 10 s
+    )
+    await runner.setup()
+    host, port = settings.http_host_port
+    await GuardedSite(runner, host, port, guard).start()
+    return runner
+
+
+def accept_errors_to(guard: ConnectionGuard, loop: asyncio.AbstractEventLoop) -> _ExceptionHandler:
     """A loop exception handler: accept() out of resources (EMFILE and the like) is counted
     and logged throttled by ``guard``; anything else goes to the handler set before."""
     previous = loop.get_exception_handler()

@@ -55,6 +55,7 @@ ALLOWED: dict[str, set[str]] = {
     "http": {
         "__init__",
         "config",
+        "config_values",
         "contract",
         "errors",
         "logs",
