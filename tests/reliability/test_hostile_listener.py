@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -269,46 +270,59 @@ _FLOOD_PATHS = (
 )
 
 
-@contextlib.asynccontextmanager
-async def _flood(app: App, clients: int = 12, slow: int = 40) -> AsyncIterator[list[int]]:
-    """Clients hammering every unauthenticated endpoint, plus slow clients holding
-    connections; yields the list of statuses received."""
-    statuses: list[int] = []
-    stop = asyncio.Event()
-    base = f"http://127.0.0.1:{app.http_port}"
-
-    async def hammer(session: aiohttp.ClientSession, offset: int) -> None:
-        i = offset
-        while not stop.is_set():
-            path = _FLOOD_PATHS[i % len(_FLOOD_PATHS)]
-            i += 1
-            try:
-                async with session.get(base + path) as resp:
-                    await resp.read()
-                    statuses.append(resp.status)
-            except aiohttp.ClientError:
-                statuses.append(0)
-
-    async def slowloris() -> None:
-        while not stop.is_set():
-            with contextlib.suppress(OSError, TimeoutError):
-                reader, writer = await _open(app)
-                writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(reader.read(), 5)
-                writer.close()
-
-    connector = aiohttp.TCPConnector(limit=clients)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        tasks = [asyncio.create_task(hammer(session, n)) for n in range(clients)]
-        tasks += [asyncio.create_task(slowloris()) for _ in range(slow)]
+_FLOODER = """
+import asyncio, contextlib, sys, aiohttp
+port, clients, slow, paths = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+statuses = []
+async def hammer(session, i):
+    while True:
+        path = paths[i % len(paths)]; i += 1
         try:
-            yield statuses
-        finally:
-            stop.set()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            async with session.get(f"http://127.0.0.1:{port}{path}") as resp:
+                await resp.read(); statuses.append(resp.status)
+        except aiohttp.ClientError:
+            statuses.append(0)
+async def slowloris():
+    while True:
+        with contextlib.suppress(OSError, asyncio.TimeoutError):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /healthz HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\n")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+async def main():
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients)) as s:
+        tasks = [asyncio.create_task(hammer(s, n)) for n in range(clients)]
+        tasks += [asyncio.create_task(slowloris()) for _ in range(slow)]
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        for t in tasks: t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    print(" ".join(map(str, statuses)))
+asyncio.run(main())
+"""
+
+
+@contextlib.asynccontextmanager
+async def _flood(app: App, clients: int = 8, slow: int = 40) -> AsyncIterator[list[int]]:
+    """Another process (as an attacker is) hammering every unauthenticated endpoint, with
+    slow clients holding connections; yields the statuses it received, once it stopped."""
+    statuses: list[int] = []
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _FLOODER,
+        str(app.http_port),
+        str(clients),
+        str(slow),
+        *_FLOOD_PATHS,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        yield statuses
+    finally:
+        out, _ = await asyncio.wait_for(proc.communicate(b""), 30)
+        statuses.extend(int(s) for s in out.split())
 
 
 async def _delivery_rate(settings: Settings, db: Db, prefix: str, count: int) -> float:
