@@ -228,6 +228,7 @@ class App:
             metrics=self.telemetry.prometheus if s.metrics_prometheus else None,
             middlewares=server_spans(self.telemetry.traced),
             on_timeout=guard.timed_out,
+            on_pacing=self.telemetry.instruments.count_paced,
         )
         runner = await serve(app, s, guard)
         addresses = runner.addresses

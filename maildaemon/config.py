@@ -154,8 +154,7 @@ class Settings(BaseSettings):
 
     # Process.
     internal_http_addr: str = "127.0.0.1:8080"
-    # The listener under abuse: a request head must be complete this long after the
-    # connection opened (or its previous response), its body this long after the head.
+    # The listener under abuse (RUNBOOK): head / body deadlines, caps, rates.
     internal_http_header_timeout: Duration = 10.0
     internal_http_body_timeout: Duration = 10.0
     internal_http_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
@@ -166,9 +165,13 @@ class Settings(BaseSettings):
     internal_http_allowed_hosts: CsvList = ()
     # Refused connections, accept errors and timeouts: one log line per interval at most.
     internal_http_log_interval: Duration = 10.0
-    # Template previews: per second and burst, for the whole listener (429 beyond).
+    # Template previews per second and burst, for the whole listener (429 beyond).
     internal_http_preview_rate: float = Field(default=2.0, gt=0.0, le=1000.0)
     internal_http_preview_burst: int = Field(default=5, ge=1, le=1000)
+    # Requests/s and burst (an address: half); over it wait up to max_wait, then 503.
+    internal_http_request_rate: float = Field(default=100.0, gt=0.0, le=100_000.0)
+    internal_http_request_burst: int = Field(default=50, ge=1, le=100_000)
+    internal_http_request_max_wait: Duration = 1.0
     operator_token: SecretStr | None = None
     # Named operator tokens, "name:secret,name:secret": the audit records the name.
     operator_tokens: SecretStr | None = None
@@ -246,7 +249,8 @@ class Settings(BaseSettings):
         self._check_redis()
         if self.api_statement_timeout <= 0:
             raise ValueError("MAIL_API_STATEMENT_TIMEOUT: must be longer than zero")
-        for name in ("internal_http_header_timeout", "internal_http_body_timeout"):
+        timeouts = ("header_timeout", "body_timeout", "request_max_wait")
+        for name in (f"internal_http_{t}" for t in timeouts):
             if getattr(self, name) <= 0:
                 raise ValueError(f"MAIL_{name.upper()}: must be longer than zero")
         try:

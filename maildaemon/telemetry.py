@@ -64,6 +64,7 @@ class Instruments:
     http_refused: metrics.Counter
     http_accept_errors: metrics.Counter
     http_timeouts: metrics.Counter
+    http_paced: metrics.Counter
     # Gauges: values set by one bounded query every few seconds (scheduler, consumer),
     # read by the exporters; a scrape never queries anything.
     schedule_depth: int = 0
@@ -74,6 +75,10 @@ class Instruments:
     destination_up: int = 1  # 1 while the SMTP destination can be reached, else 0
     redis_persistence: int = -1  # 1 AOF on, 0 off, -1 not known (CONFIG refused)
     http_connections_open: int = 0  # connections the internal listener holds open
+
+    def count_paced(self, outcome: str, limit: str) -> None:
+        """A request over the listener's rate: ``delayed`` or ``refused``, by which bucket."""
+        self.http_paced.add(1, {"outcome": outcome, "limit": limit})
 
 
 def _env(*names: str) -> str:
@@ -216,8 +221,9 @@ def _service_counters(
 
 def _listener_counters(
     meter: metrics.Meter,
-) -> tuple[metrics.Counter, metrics.Counter, metrics.Counter]:
-    """Counters of the internal HTTP listener's socket: refusals, accept errors, timeouts."""
+) -> tuple[metrics.Counter, metrics.Counter, metrics.Counter, metrics.Counter]:
+    """Counters of the internal HTTP listener's socket: refusals, accept errors, timeouts,
+    requests paced."""
     counter = meter.create_counter
     return (
         counter(
@@ -235,13 +241,18 @@ def _listener_counters(
             description="Connections closed because a request head or body came too slowly, "
             "by phase (header, body)",
         ),
+        counter(
+            "mail.http.requests.paced",
+            description="Requests over MAIL_INTERNAL_HTTP_REQUEST_RATE, by outcome (delayed, "
+            "refused with 503) and the bucket (peer, listener)",
+        ),
     )
 
 
 def _instruments(meter: metrics.Meter) -> Instruments:
     counter, histogram = meter.create_counter, meter.create_histogram
     refusals, changes, unpersisted, redis_down = _service_counters(meter)
-    http_refused, http_accept_errors, http_timeouts = _listener_counters(meter)
+    http_refused, http_accept_errors, http_timeouts, http_paced = _listener_counters(meter)
     inst = Instruments(
         stream_commands=counter(
             "mail.stream_commands", description="Stream entries taken in, by result"
@@ -301,6 +312,7 @@ def _instruments(meter: metrics.Meter) -> Instruments:
         http_refused=http_refused,
         http_accept_errors=http_accept_errors,
         http_timeouts=http_timeouts,
+        http_paced=http_paced,
     )
     _start_at_zero(inst)
     _observe(meter, inst)
@@ -337,6 +349,9 @@ def _start_at_zero(inst: Instruments) -> None:
     inst.http_accept_errors.add(0, {"error": "EMFILE"})
     for phase in ("header", "body"):
         inst.http_timeouts.add(0, {"phase": phase})
+    for outcome in ("delayed", "refused"):
+        for limit in ("peer", "listener"):
+            inst.http_paced.add(0, {"outcome": outcome, "limit": limit})
     for state in ("down", "up"):
         inst.destination_changes.add(0, {"state": state})
     inst.redis_unpersisted.add(0)

@@ -14,7 +14,7 @@ from aiohttp.typedefs import Middleware
 
 from maildaemon.config import Settings
 from maildaemon.contract.command import CommandPolicy
-from maildaemon.http import admission, console, openapi, probes
+from maildaemon.http import admission, console, openapi, pacing, probes
 from maildaemon.http.keys import (
     CATALOG_HASH_KEY,
     CATALOG_KEY,
@@ -51,13 +51,26 @@ def _no_timeout(_phase: str, _remote: str | None, _timeout: float) -> None:
     return None
 
 
+def _no_pacing(_outcome: str, _limit: str) -> None:
+    return None
+
+
 def _add_middlewares(
     app: web.Application,
     settings: Settings,
     middlewares: tuple[Middleware, ...],
     on_timeout: Callable[[str, str | None, float], None],
+    on_pacing: Callable[[str, str], None],
 ) -> None:
-    """The Host check before anything, then ``middlewares``, JSON errors, the body read."""
+    """The request pacing before anything, the Host check, then ``middlewares``, JSON
+    errors, the body read."""
+    pace, refusals = pacing.request_pacing(settings, on_pacing)
+
+    async def close_log(_: web.Application) -> None:
+        refusals.close()
+
+    app.on_cleanup.append(close_log)
+    app.middlewares.append(pace)
     app.middlewares.append(
         admission.host_check(settings.http_allowed_hosts, settings.internal_http_log_interval)
     )
@@ -79,12 +92,14 @@ def build_app(
     metrics: MetricsText | None = None,
     middlewares: tuple[Middleware, ...] = (),
     on_timeout: Callable[[str, str | None, float], None] = _no_timeout,
+    on_pacing: Callable[[str, str], None] = _no_pacing,
 ) -> web.Application:
     """The listener's app over ``store`` (the operator API's own pool); ``metrics`` serves
-    /metrics. The Host check runs first of all, then ``middlewares`` (server spans), the
-    JSON errors and the body deadline (``on_timeout`` hears of a body too slow)."""
+    /metrics. The request pacing (``on_pacing`` hears of each request delayed or refused)
+    and the Host check run first of all, then ``middlewares`` (server spans), the JSON
+    errors and the body deadline (``on_timeout`` hears of a body too slow)."""
     app = web.Application(client_max_size=settings.internal_http_max_body_bytes)
-    _add_middlewares(app, settings, middlewares, on_timeout)
+    _add_middlewares(app, settings, middlewares, on_timeout, on_pacing)
     app[STORE_KEY] = store
     app[SETTINGS_KEY] = settings
     app[READINESS_KEY] = readiness
@@ -117,7 +132,8 @@ def build_app(
     app[probes.PROBE_CACHE_KEY] = probes.ProbeCache()
     app.router.add_get("/readyz", probes.readyz)
     if metrics is not None:
-        app[METRICS_KEY] = metrics
+        reused: MetricsText = probes.ReusedText(metrics)  # rendered once a second at most
+        app[METRICS_KEY] = reused
         app.router.add_get("/metrics", probes.metrics)
     app.router.add_get(f"{PREFIX}/openapi.json", openapi.serve)
     console.register(app)

@@ -2,18 +2,26 @@
 whether migrations are applied, workers run, PostgreSQL answers and takes writes (not
 read-only) and Redis answers, and which
 template catalog (content hash) the process loaded. /metrics (when
-MAIL_METRICS_PROMETHEUS=true) serves the metrics in Prometheus text format."""
+MAIL_METRICS_PROMETHEUS=true) serves the metrics in Prometheus text format, rendered at
+most once a second."""
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from maildaemon.errors import StoreReadOnly, StoreUnavailable
-from maildaemon.http.keys import CATALOG_HASH_KEY, METRICS_KEY, READINESS_KEY, Readiness
+from maildaemon.http.keys import (
+    CATALOG_HASH_KEY,
+    METRICS_KEY,
+    READINESS_KEY,
+    MetricsText,
+    Readiness,
+)
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4"
 PROBE_REUSE_S = 1.0
@@ -54,6 +62,25 @@ class ProbeCache:
 
 
 PROBE_CACHE_KEY = web.AppKey("probe_cache", ProbeCache)
+
+
+class ReusedText:
+    """``render`` at most once per ``seconds``: rendering the metrics costs milliseconds of
+    the event loop (about 10 ms for the daemon's families), so a flood of /metrics costs
+    one rendering a second; a scrape sees values at most that old."""
+
+    def __init__(self, render: MetricsText, seconds: float = PROBE_REUSE_S) -> None:
+        self._render = render
+        self._seconds = seconds
+        self._stamp = -math.inf
+        self._text = b""
+
+    def __call__(self) -> bytes:
+        now = time.monotonic()
+        if now - self._stamp >= self._seconds:
+            self._text = self._render()
+            self._stamp = now
+        return self._text
 
 
 async def readyz(request: web.Request) -> web.Response:

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 import asyncpg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from maildaemon.app import App
 from maildaemon.config import Settings
@@ -256,6 +257,68 @@ async def test_the_dev_inbox_names_no_absolute_path(
         page = json.loads(body)
         assert page["maildir"] == smtp_sink.maildir.name
         assert str(smtp_sink.maildir.parent) not in body.decode()
+
+
+async def _timed_get(
+    session: aiohttp.ClientSession, app: App, path: str = "/healthz", **headers: str
+) -> tuple[int, float, dict[str, str]]:
+    started = time.monotonic()
+    async with session.get(f"http://127.0.0.1:{app.http_port}{path}", headers=headers) as resp:
+        await resp.read()
+        return resp.status, time.monotonic() - started, dict(resp.headers)
+
+
+async def test_requests_over_the_rate_wait_their_turn_then_503(
+    make_settings: MakeSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = make_settings(
+        operator_token="operator-token-123",
+        metrics_prometheus=True,
+        internal_http_request_rate=20,  # each address: 10/s, a burst of 2
+        internal_http_request_burst=4,
+        internal_http_request_max_wait="0.5s",
+        internal_http_log_interval="5s",
+    )
+    caplog.set_level(logging.WARNING, logger="maildaemon.http")
+    async with running_app(settings) as app, aiohttp.ClientSession() as session:
+        # A client sending back to back is slowed to its address's rate, not refused.
+        started = time.monotonic()
+        for _ in range(7):
+            status, _, _ = await _timed_get(session, app)
+            assert status == 200
+        assert time.monotonic() - started >= 0.45  # 5 requests beyond the burst, at 10/s
+
+        # Twenty at once from one address: those past the wait bound get 503 after it.
+        answers = await asyncio.gather(*(_timed_get(session, app) for _ in range(20)))
+        refused = [a for a in answers if a[0] == 503]
+        assert refused and len(refused) < 20, [a[0] for a in answers]
+        assert all(took >= 0.45 and int(h["Retry-After"]) >= 1 for _, took, h in refused)
+
+        # Meanwhile, another address and an operator's token get through at once.
+        local = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+        async with aiohttp.ClientSession(connector=local) as other:
+            flood = [asyncio.create_task(_timed_get(session, app)) for _ in range(20)]
+            await asyncio.sleep(0.05)
+            status, took, _ = await _timed_get(other, app)
+            assert status == 200 and took < 0.2
+            token = {"Authorization": "Bearer operator-token-123"}
+            status, took, _ = await _timed_get(session, app, "/api/v1/internal/stats", **token)
+            assert status == 200 and took < 0.4
+            await asyncio.gather(*flood)
+
+        lines = [r for r in caplog.records if r.getMessage() == "internal http request refused"]
+        assert len(lines) == 1 and getattr(lines[0], "limit", None) == "peer"
+        await asyncio.sleep(1.1)  # /metrics is rendered once a second at most
+        status, _, body = await _get(app, "/metrics", **token)
+    paced = {
+        (s.labels["outcome"], s.labels["limit"]): s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+        if s.name == "mail_http_requests_paced_total"
+    }
+    assert paced[("refused", "peer")] >= len(refused)
+    assert paced[("delayed", "peer")] >= 5
+    assert paced[("refused", "listener")] == 0
 
 
 # --- the flood --------------------------------------------------------------------------
