@@ -26,7 +26,7 @@ from typing import Any
 from aiohttp import web
 
 from maildaemon.config import Settings
-from maildaemon.http.throttle import ThrottledEvent
+from maildaemon.http.throttle import ThrottledEvent, throttled_logger
 
 log = logging.getLogger("maildaemon.http")
 
@@ -245,8 +245,18 @@ async def serve(app: web.Application, settings: Settings, guard: ConnectionGuard
     """Run ``app`` on MAIL_INTERNAL_HTTP_ADDR behind ``guard``, with aiohttp's own bounds on
     a request head (line, field and header count) and on a kept-alive connection's idle
     time; ``runner.cleanup()`` stops it."""
+    # aiohttp's own error lines (one with a traceback per malformed request) are throttled.
+    server_log, throttle = throttled_logger(
+        "maildaemon.http.server", settings.internal_http_log_interval
+    )
+
+    async def flush(_: web.Application) -> None:
+        throttle.close(log)
+
+    app.on_cleanup.append(flush)
     runner = web.AppRunner(
         app,
+        logger=server_log,
         access_log=None,
         handle_signals=False,
         shutdown_timeout=1.0,

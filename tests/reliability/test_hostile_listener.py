@@ -259,6 +259,26 @@ async def test_the_dev_inbox_names_no_absolute_path(
         assert str(smtp_sink.maildir.parent) not in body.decode()
 
 
+async def test_a_flood_of_malformed_requests_logs_a_bounded_number_of_lines(
+    make_settings: MakeSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = make_settings(internal_http_log_interval="30s")
+    caplog.set_level(logging.DEBUG, logger="maildaemon.http")
+    async with running_app(settings) as app:
+        for _ in range(40):
+            answer = await _raw(
+                app, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header\r\n\r\n"
+            )
+            assert b" 400 Bad Request" in answer.split(b"\r\n")[0], answer[:60]
+        lines = [r for r in caplog.records if r.name == "maildaemon.http.server"]
+        assert len(lines) == 1, [r.getMessage() for r in lines]
+        assert lines[0].getMessage().startswith("Error handling request")
+    summary = [
+        r for r in caplog.records if r.getMessage() == "internal http server errors suppressed"
+    ]
+    assert [getattr(r, "suppressed", None) for r in summary] == [39]
+
+
 async def _timed_get(
     session: aiohttp.ClientSession, app: App, path: str = "/healthz", **headers: str
 ) -> tuple[int, float, dict[str, str]]:
