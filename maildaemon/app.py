@@ -25,14 +25,15 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from maildaemon.config import Settings
-from maildaemon.contract.command import CommandPolicy
 from maildaemon.errors import MailDaemonError, StartupError
 from maildaemon.exposure import check_read_exposure
 from maildaemon.http.app import build_app
 from maildaemon.http.keys import Readiness
+from maildaemon.http.listener import ConnectionGuard, ListenerSignals, serve
 from maildaemon.logs import add_secrets, event
 from maildaemon.message.compose import Composer
 from maildaemon.message.dkim import DkimSigner
+from maildaemon.message.policy import command_policy
 from maildaemon.message.render import TemplateCatalog
 from maildaemon.pipeline.consumer import StreamConsumer
 from maildaemon.pipeline.events import EventPublisher
@@ -59,19 +60,6 @@ from maildaemon.tracing import server_spans
 
 log = logging.getLogger("maildaemon.app")
 T = TypeVar("T")
-
-
-def command_policy(settings: Settings, catalog: TemplateCatalog) -> CommandPolicy:
-    return CommandPolicy(
-        allowed_sources=frozenset(settings.allowed_sources),
-        allowed_headers=frozenset(h.lower() for h in settings.allowed_headers),
-        known_templates=catalog.template_ids,
-        attachment_max_bytes=settings.attachment_max_bytes,
-        attachments_total_max_bytes=settings.attachments_total_max_bytes,
-        max_recipients=settings.max_recipients,
-        command_max_bytes=settings.command_max_bytes,
-        template_needs=catalog.needs,
-    )
 
 
 def _log_configuration(s: Settings) -> None:
@@ -182,7 +170,8 @@ class App:
                 60,
                 template_dir=str(s.template_dir),
             )
-            self.readiness.checks = {"postgres": store.ping, "redis": redis.ping}
+            # Ready means writable: a demoted (read-only) primary answers pings too.
+            self.readiness.checks = {"postgres": store.check_writable, "redis": redis.ping}
             signer = (
                 DkimSigner(s.dkim_domain, s.dkim_selector, s.dkim_private_key_file)
                 if s.dkim_domain and s.dkim_selector and s.dkim_private_key_file
@@ -202,7 +191,7 @@ class App:
         self, stack: contextlib.AsyncExitStack, catalog: TemplateCatalog
     ) -> web.AppRunner:
         s = self.settings
-        host, port = s.http_host_port
+        host = s.http_host_port[0]
         # The operator API's own small pool with a statement timeout: a slow search waits
         # for (and times out on) these connections, never the pipeline's.
         api_store = await Store.open(
@@ -214,6 +203,7 @@ class App:
             pgbouncer=s.postgres_pgbouncer,
         )
         stack.push_async_callback(api_store.close)
+        guard = self._connection_guard()
         app = build_app(
             s,
             api_store,
@@ -227,21 +217,25 @@ class App:
             ),
             metrics=self.telemetry.prometheus if s.metrics_prometheus else None,
             middlewares=server_spans(self.telemetry.traced),
+            on_timeout=guard.timed_out,
+            on_pacing=self.telemetry.instruments.count_paced,
         )
-        runner = web.AppRunner(
-            app,
-            access_log=None,
-            handle_signals=False,
-            shutdown_timeout=1.0,
-        )
-        await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        await site.start()
+        runner = await serve(app, s, guard)
         addresses = runner.addresses
         if addresses:
             self.http_port = int(addresses[0][1])
         event(log, "internal http listening", host=host, port=self.http_port)
         return runner
+
+    def _connection_guard(self) -> ConnectionGuard:
+        inst = self.telemetry.instruments
+        signals = ListenerSignals(
+            refused=lambda: inst.http_refused.add(1),
+            accept_error=lambda name: inst.http_accept_errors.add(1, {"error": name}),
+            timed_out=lambda phase: inst.http_timeouts.add(1, {"phase": phase}),
+            open_connections=lambda n: setattr(inst, "http_connections_open", n),
+        )
+        return ConnectionGuard.for_settings(self.settings, signals)
 
     async def _run_components(
         self,

@@ -15,8 +15,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
+from maildaemon.config_listener import ListenerSettings
 from maildaemon.config_values import (
     CsvList,
     Duration,
@@ -44,7 +45,7 @@ def _default_template_dir() -> Path:
     return local if local.is_dir() else packaged_template_dir()
 
 
-class Settings(BaseSettings):
+class Settings(ListenerSettings):
     """Every setting of the daemon. Built once in the entry point and passed down."""
 
     model_config = SettingsConfigDict(
@@ -157,8 +158,7 @@ class Settings(BaseSettings):
     dkim_selector: str | None = None
     dkim_private_key_file: Path | None = None
 
-    # Process.
-    internal_http_addr: str = "127.0.0.1:8080"
+    # Process (the internal listener's settings: config_listener).
     operator_token: SecretStr | None = None
     # Named operator tokens, "name:secret,name:secret": the audit records the name.
     operator_tokens: SecretStr | None = None
@@ -176,12 +176,6 @@ class Settings(BaseSettings):
     log_recipients: Literal["domain", "full"] = "domain"
     # `/metrics` (Prometheus text format) on the internal HTTP listener.
     metrics_prometheus: bool = False
-
-    @field_validator("internal_http_addr")
-    @classmethod
-    def _addr(cls, value: str) -> str:
-        split_host_port(value, 0)
-        return value
 
     @field_validator("redis_master_addr")
     @classmethod
@@ -238,6 +232,7 @@ class Settings(BaseSettings):
         self._check_redis()
         if self.api_statement_timeout <= 0:
             raise ValueError("MAIL_API_STATEMENT_TIMEOUT: must be longer than zero")
+        self._check_listener()
         self.operator_identities()  # refuses a malformed MAIL_OPERATOR_TOKENS
         if self.postgres_pool_min > self.postgres_pool_max:
             raise ValueError("MAIL_POSTGRES_POOL_MIN: larger than MAIL_POSTGRES_POOL_MAX")
@@ -325,10 +320,6 @@ class Settings(BaseSettings):
     def smtp_host_port(self) -> tuple[str, int]:
         assert self.smtp_addr is not None
         return split_host_port(self.smtp_addr, 465 if self.smtp_security == "tls" else 587)
-
-    @property
-    def http_host_port(self) -> tuple[str, int]:
-        return split_host_port(self.internal_http_addr, 8080)
 
     def operator_identities(self) -> dict[str, str]:
         """Operator token -> the identity recorded in the audit trail.

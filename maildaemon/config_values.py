@@ -97,3 +97,26 @@ def split_redis_addr(addr: str) -> tuple[bool, str, int]:
         )
     host, port = split_host_port(rest.rstrip("/"), 6379)
     return scheme == "rediss", host, port
+
+
+_HOST_NAME = re.compile(r"^(\*|[a-z0-9_]([a-z0-9_.-]{0,252})|\[[0-9a-f:.]{2,45}\])$")
+
+
+def host_name(value: str) -> str:
+    """A Host header or an allowed-host entry as compared: lowercase, no port, an IPv6
+    address in brackets (``"Example.COM:8080"`` → ``example.com``, ``::1`` → ``[::1]``).
+    Raises ``ValueError`` for anything else (empty, spaces, a userinfo, a bad port)."""
+    text = value.strip().lower()
+    if text.count(":") > 1 and not text.startswith("["):
+        text = f"[{text}]"  # a bare IPv6 address (a configured entry)
+    if text.startswith("["):
+        name, sep, port = text.partition("]")
+        name += sep
+        port = port.removeprefix(":") if port.startswith(":") else port
+    else:
+        name, _, port = text.partition(":")
+    if port and not (port.isdigit() and len(port) <= 5 and int(port) <= 65535):
+        raise ValueError(f"bad port in host {value!r}")
+    if text.endswith(":") or not _HOST_NAME.match(name):
+        raise ValueError(f"not a host name: {value!r}")
+    return name

@@ -62,6 +62,10 @@ class Instruments:
     redis_unpersisted: metrics.Counter
     redis_unavailable: metrics.Counter
     messages_too_large: metrics.Counter
+    http_refused: metrics.Counter
+    http_accept_errors: metrics.Counter
+    http_timeouts: metrics.Counter
+    http_paced: metrics.Counter
     # Gauges: values set by one bounded query every few seconds (scheduler, consumer),
     # read by the exporters; a scrape never queries anything.
     schedule_depth: int = 0
@@ -71,6 +75,11 @@ class Instruments:
     consumer_pending: int = 0  # entries delivered to the group, not yet acknowledged
     destination_up: int = 1  # 1 while the SMTP destination can be reached, else 0
     redis_persistence: int = -1  # 1 AOF on, 0 off, -1 not known (CONFIG refused)
+    http_connections_open: int = 0  # connections the internal listener holds open
+
+    def count_paced(self, outcome: str, limit: str) -> None:
+        """A request over the listener's rate: ``delayed`` or ``refused``, by which bucket."""
+        self.http_paced.add(1, {"outcome": outcome, "limit": limit})
 
 
 def _env(*names: str) -> str:
@@ -192,8 +201,9 @@ def _service_counters(
     return (
         counter(
             "mail.api.refusals",
-            description="Operator API requests refused, by reason (unauthorized, "
-            "query_timeout, store_unavailable)",
+            description="Internal API requests refused, by reason (unauthorized, "
+            "query_timeout, store_unavailable, rate_limited, misdirected_request, bad_host, "
+            "body_timeout)",
         ),
         counter(
             "mail.smtp.destination.changes",
@@ -210,9 +220,40 @@ def _service_counters(
     )
 
 
+def _listener_counters(
+    meter: metrics.Meter,
+) -> tuple[metrics.Counter, metrics.Counter, metrics.Counter, metrics.Counter]:
+    """Counters of the internal HTTP listener's socket: refusals, accept errors, timeouts,
+    requests paced."""
+    counter = meter.create_counter
+    return (
+        counter(
+            "mail.http.connections.refused",
+            description="Connections refused (503, closed) beyond "
+            "MAIL_INTERNAL_HTTP_MAX_CONNECTIONS",
+        ),
+        counter(
+            "mail.http.accept_errors",
+            description="accept() failures of the internal listener (out of file "
+            "descriptors or memory), by error",
+        ),
+        counter(
+            "mail.http.timeouts",
+            description="Connections closed because a request head or body came too slowly, "
+            "by phase (header, body)",
+        ),
+        counter(
+            "mail.http.requests.paced",
+            description="Requests over MAIL_INTERNAL_HTTP_REQUEST_RATE, by outcome (delayed, "
+            "refused with 503) and the bucket (peer, listener)",
+        ),
+    )
+
+
 def _instruments(meter: metrics.Meter) -> Instruments:
     counter, histogram = meter.create_counter, meter.create_histogram
     refusals, changes, unpersisted, redis_down = _service_counters(meter)
+    http_refused, http_accept_errors, http_timeouts, http_paced = _listener_counters(meter)
     inst = Instruments(
         stream_commands=counter(
             "mail.stream_commands", description="Stream entries taken in, by result"
@@ -273,10 +314,25 @@ def _instruments(meter: metrics.Meter) -> Instruments:
             "mail.smtp.messages_too_large",
             description="Messages refused before sending: larger than the server's SIZE",
         ),
+        http_refused=http_refused,
+        http_accept_errors=http_accept_errors,
+        http_timeouts=http_timeouts,
+        http_paced=http_paced,
     )
     _start_at_zero(inst)
     _observe(meter, inst)
     return inst
+
+
+API_REFUSAL_REASONS = (
+    "unauthorized",
+    "query_timeout",
+    "store_unavailable",
+    "rate_limited",
+    "misdirected_request",
+    "bad_host",
+    "body_timeout",
+)
 
 
 def _start_at_zero(inst: Instruments) -> None:
@@ -293,8 +349,15 @@ def _start_at_zero(inst: Instruments) -> None:
     inst.events_unpublished.add(0)
     for component in ("consumer", "scheduler", "results"):
         inst.store_unavailable.add(0, {"component": component})
-    for reason in ("unauthorized", "query_timeout", "store_unavailable"):
+    for reason in API_REFUSAL_REASONS:
         inst.api_refusals.add(0, {"reason": reason})
+    inst.http_refused.add(0)
+    inst.http_accept_errors.add(0, {"error": "EMFILE"})
+    for phase in ("header", "body"):
+        inst.http_timeouts.add(0, {"phase": phase})
+    for outcome in ("delayed", "refused"):
+        for limit in ("peer", "listener"):
+            inst.http_paced.add(0, {"outcome": outcome, "limit": limit})
     for state in ("down", "up"):
         inst.destination_changes.add(0, {"state": state})
     inst.redis_unpersisted.add(0)
@@ -341,6 +404,11 @@ def _observe(meter: metrics.Meter, inst: Instruments) -> None:
         "mail.smtp.destination.up",
         callbacks=[_gauge(lambda: inst.destination_up)],
         description="1 while the SMTP destination can be reached, 0 while it is down",
+    )
+    meter.create_observable_gauge(
+        "mail.http.connections.open",
+        callbacks=[_gauge(lambda: inst.http_connections_open)],
+        description="Connections the internal HTTP listener holds open",
     )
     meter.create_observable_gauge(
         "mail.redis.persistence",

@@ -194,10 +194,10 @@ def _attachment(text: str) -> dict[str, str]:
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
-    from maildaemon.app import command_policy
     from maildaemon.cli.console_cmds import client_settings
     from maildaemon.contract.command import COMMAND_FIELD, Rejection
     from maildaemon.contract.parsing import parse_command
+    from maildaemon.message.policy import command_policy
     from maildaemon.message.render import TemplateCatalog
     from maildaemon.redisconn import redis_client
 

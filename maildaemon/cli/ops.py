@@ -193,7 +193,7 @@ def cmd_malformed(args: argparse.Namespace) -> int:
 
 @_handler
 def cmd_replay(args: argparse.Namespace) -> int:
-    from maildaemon.app import command_policy
+    from maildaemon.message.policy import command_policy
     from maildaemon.message.render import TemplateCatalog
     from maildaemon.operator import replay
     from maildaemon.store import replicas

@@ -20,8 +20,15 @@ from maildaemon.errors import (
     NotFound,
     Unavailable,
 )
-from maildaemon.http.keys import CATALOG_KEY, CONSOLE_KEY, DEV_MAILDIR_KEY, SETTINGS_KEY
-from maildaemon.http.respond import operator_store, query_pairs, reply
+from maildaemon.http.keys import (
+    CATALOG_KEY,
+    CONSOLE_KEY,
+    DEV_MAILDIR_KEY,
+    PREVIEW_GATE_KEY,
+    REFUSAL_KEY,
+    SETTINGS_KEY,
+)
+from maildaemon.http.respond import error_response, operator_store, query_pairs, reply
 from maildaemon.message.compose import Composer
 from maildaemon.message.preview import DEFAULT_SENDER, render_preview
 from maildaemon.operator import inbox, inputs, mailview
@@ -141,7 +148,7 @@ async def list_inbox(request: web.Request) -> web.Response:
     maildir = _maildir(request)
     query = inputs.parse_query(query_pairs(request), INBOX_PARAMS)
     page = await asyncio.to_thread(inbox.listing, maildir, query["limit"] or 100)
-    return reply(page)
+    return reply(page)  # names the maildir by its folder name, never its absolute path
 
 
 async def get_caught(request: web.Request) -> web.Response:
@@ -182,8 +189,26 @@ async def get_preview(request: web.Request) -> web.Response:
     locale = query["locale"]
     if template_id not in catalog.template_ids:
         raise NotFound(f"no template {template_id!r} in the catalog", field="template_id")
+    gate = request.app[PREVIEW_GATE_KEY]
+    wait = gate.admit()
+    if wait is not None:
+        request.app[REFUSAL_KEY]("rate_limited")
+        return error_response(
+            429,
+            "rate_limited",
+            "too many template previews; try again later (MAIL_INTERNAL_HTTP_PREVIEW_RATE)",
+            headers={"Retry-After": str(wait)},
+        )
+    composer = Composer(catalog, sender)
+    return reply(await gate.render(lambda: _preview(composer, template_id, locale, variables)))
+
+
+def _preview(
+    composer: Composer, template_id: str, locale: str | None, variables: dict[str, Any]
+) -> Preview:
+    """Render and parse one preview (in a worker thread: it costs CPU)."""
     try:
-        data = render_preview(Composer(catalog, sender), template_id, locale, variables)
+        data = render_preview(composer, template_id, locale, variables)
     except MailDaemonError as exc:  # a missing variable, a template that raises: the result
-        return reply(Preview(template_id, locale, None, str(exc)))
-    return reply(Preview(template_id, locale, mailview.view(data), None))
+        return Preview(template_id, locale, None, str(exc))
+    return Preview(template_id, locale, mailview.view(data), None)

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from maildaemon.config import Settings
 from maildaemon.contract.command import CommandPolicy
+from maildaemon.http.preview_gate import PreviewGate
 from maildaemon.message.render import TemplateCatalog
 from maildaemon.retry import RetryPolicy
 from maildaemon.store.console_reads import ConsoleReads
@@ -47,6 +48,8 @@ RETRY_KEY = web.AppKey("retry_policy", RetryPolicy)
 CONSOLE_KEY = web.AppKey("console_reads", ConsoleReads)
 CATALOG_KEY = web.AppKey("template_catalog", TemplateCatalog)
 DEV_MAILDIR_KEY = web.AppKey("dev_maildir", Path)
+# Template previews: rendered in a thread, a few at once, rate-limited for the listener.
+PREVIEW_GATE_KEY = web.AppKey("preview_gate", PreviewGate)
 # Renders the daemon's metrics in Prometheus text format (set when /metrics is served).
 MetricsText = Callable[[], bytes]
 METRICS_KEY: web.AppKey[MetricsText] = web.AppKey("metrics_text")

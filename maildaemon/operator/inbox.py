@@ -35,7 +35,7 @@ class InboxItem:
 
 @dataclass(frozen=True, slots=True)
 class InboxPage:
-    maildir: str
+    maildir: str  # the maildir's folder name (never its path)
     total: int
     items: list[InboxItem]  # newest first
 
@@ -70,7 +70,8 @@ def listing(maildir: Path, limit: int) -> InboxPage:
             entries.append((stat.st_mtime, stat.st_size, path))
     entries.sort(key=lambda e: (e[0], e[2].name), reverse=True)
     items = [_item(path, mtime, size) for mtime, size, path in entries[:limit]]
-    return InboxPage(str(maildir), len(entries), [i for i in items if i is not None])
+    # The folder's name only: an absolute path tells a reader about the host.
+    return InboxPage(maildir.name, len(entries), [i for i in items if i is not None])
 
 
 def _item(path: Path, mtime: float, size: int) -> InboxItem | None:

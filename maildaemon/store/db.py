@@ -9,7 +9,6 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from datetime import datetime
-from typing import Any
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -23,11 +22,12 @@ from maildaemon.delivery import (
     IntakeResult,
     RenderedPin,
 )
-from maildaemon.errors import StoreRejected
+from maildaemon.errors import StoreReadOnly, StoreRejected
 from maildaemon.store import codecs
 from maildaemon.store import queries as q
 from maildaemon.store import rows as convert
-from maildaemon.store.pgerrors import _UNAVAILABLE, RETRYABLE, translate_errors
+from maildaemon.store.listen import listen
+from maildaemon.store.pgerrors import RETRYABLE, translate_errors
 
 __all__ = ["RETRYABLE", "Connection", "Store", "translate_errors", "write_outcomes"]
 
@@ -96,6 +96,14 @@ class Store:
     async def ping(self) -> None:
         async with translate_errors("ping", self.pool):
             await self.pool.fetchval("SELECT 1")
+
+    async def check_writable(self) -> None:
+        """Raise ``StoreReadOnly`` when PostgreSQL answers but would refuse a write (a
+        standby, a demoted primary, ``default_transaction_read_only``)."""
+        async with translate_errors("writable check", self.pool):
+            read_only = await self.pool.fetchval(q.READ_ONLY)
+        if read_only:
+            raise StoreReadOnly("PostgreSQL is read-only (a standby or read-only mode)")
 
     # --- intake -------------------------------------------------------------------------
 
@@ -370,51 +378,11 @@ class Store:
                 deleted[kind] = int(status.split()[-1])
         return deleted
 
-    @contextlib.asynccontextmanager
-    async def listen(
+    def listen(
         self, channel: str, callback: Callable[[], None], dsn: str | None = None
-    ) -> AsyncIterator[asyncio.Event]:
-        """LISTEN on a dedicated connection for as long as the context is open: one of the
-        pool's, or with ``dsn`` a direct session of its own (behind PgBouncer in
-        transaction pooling a LISTEN is lost with its server connection).
-
-        Yields an event that is set when the connection is lost (the server restarted, the
-        backend was terminated): the caller then leaves the block and listens again."""
-        async with translate_errors("listen"):
-            conn: Any = (
-                await asyncpg.connect(
-                    dsn, timeout=10, server_settings={"application_name": "maildaemon-listen"}
-                )
-                if dsn is not None
-                else await self.pool.acquire()
-            )
-        lost = asyncio.Event()
-
-        def _on_notify(*_: Any) -> None:
-            callback()
-
-        def _on_lost(*_: Any) -> None:
-            lost.set()
-
-        async def unlisten() -> None:
-            with contextlib.suppress(*_UNAVAILABLE):  # a lost connection is detached already
-                await conn.remove_listener(channel, _on_notify)
-                conn.remove_termination_listener(_on_lost)
-            with contextlib.suppress(*_UNAVAILABLE):
-                if dsn is not None:
-                    await conn.close(timeout=5)
-                else:
-                    await self.pool.release(conn)
-
-        try:
-            async with translate_errors("listen"):
-                conn.add_termination_listener(_on_lost)
-                await conn.add_listener(channel, _on_notify)
-            yield lost
-        finally:
-            # Shielded: a cancel arriving meanwhile must not keep the connection checked out
-            # (the pool would then wait for it forever when it closes).
-            await asyncio.shield(unlisten())
+    ) -> contextlib.AbstractAsyncContextManager[asyncio.Event]:
+        """LISTEN on ``channel`` while the context is open (``store.listen``)."""
+        return listen(self.pool, channel, callback, dsn)
 
 
 async def write_outcomes(

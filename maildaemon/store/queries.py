@@ -371,3 +371,6 @@ DELETE FROM mail.suppressions WHERE address = ANY (ARRAY(
 
 # Which migrations yoyo recorded (behind PgBouncer, where yoyo itself cannot run).
 APPLIED_MIGRATIONS = "SELECT migration_id FROM mail._yoyo_migration"
+
+# Readiness: would a write be refused? (a standby, or default_transaction_read_only on)
+READ_ONLY = "SELECT pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on'"

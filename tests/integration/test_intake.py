@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from maildaemon.app import command_policy
 from maildaemon.config import Settings
 from maildaemon.config_values import split_host_port
+from maildaemon.message.policy import command_policy
 from maildaemon.message.render import TemplateCatalog
 from maildaemon.pipeline.consumer import StreamConsumer, entry_id_text, to_intake
 from maildaemon.store.db import Store

@@ -26,7 +26,7 @@ import yaml
 
 import maildaemon
 from maildaemon.config import Settings
-from maildaemon.config_values import parse_duration
+from maildaemon.config_values import host_name, parse_duration
 from maildaemon.exposure import check_read_exposure
 from maildaemon.message.render import TemplateCatalog
 from tests.packaging.test_image import _tool
@@ -168,8 +168,15 @@ def test_probes_and_grace_period_fit_the_daemon(overlay: tuple[str, list[Doc]]) 
     assert host in ("0.0.0.0", "[::]") and int(port) == ports["http"]
 
     startup, liveness = container["startupProbe"], container["livenessProbe"]
-    assert startup["httpGet"] == liveness["httpGet"] == {"path": "/healthz", "port": "http"}
-    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    # The kubelet's Host would be the pod IP: the probes name a Host the listener answers.
+    with mock.patch.dict(os.environ, env, clear=True):
+        allowed = Settings(_env_file=None).http_allowed_hosts
+    probes = (startup, liveness, container["readinessProbe"])
+    for probe, path in zip(probes, ("/healthz", "/healthz", "/readyz"), strict=True):
+        get = probe["httpGet"]
+        assert (get["path"], get["port"]) == (path, "http")
+        hosts = [h["value"] for h in get.get("httpHeaders", []) if h["name"].lower() == "host"]
+        assert hosts and host_name(hosts[0]) in allowed, f"{path}: Host {hosts} refused"
     # /healthz answers only after the migrations: a long one must not trip liveness.
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
     assert liveness["periodSeconds"] * liveness["failureThreshold"] < 120

@@ -28,7 +28,8 @@ ALLOWED: dict[str, set[str]] = {
     "addresses": set(),
     "redaction": set(),
     "config_values": set(),
-    "config": {"config_values", "errors", "redaction"},
+    "config_listener": {"config_values"},
+    "config": {"config_listener", "config_values", "errors", "redaction"},
     "tracing": set(),
     "telemetry": {"__init__"},
     "redisconn": {"config", "config_values"},
@@ -55,6 +56,7 @@ ALLOWED: dict[str, set[str]] = {
     "http": {
         "__init__",
         "config",
+        "config_values",
         "contract",
         "errors",
         "logs",

@@ -35,7 +35,6 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import maildaemon
-from maildaemon.app import command_policy
 from maildaemon.cli import main as cli
 from maildaemon.config import Settings
 from maildaemon.config_values import parse_duration
@@ -50,6 +49,7 @@ from maildaemon.contract.command import (
 )
 from maildaemon.contract.parsing import parse_command, parse_entry
 from maildaemon.delivery import AttemptResult, AttemptStatus
+from maildaemon.message.policy import command_policy
 from maildaemon.message.render import TemplateCatalog
 from maildaemon.pipeline import results
 from maildaemon.store.rows import event_fields

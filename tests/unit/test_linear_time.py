@@ -11,12 +11,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from maildaemon.addresses import AddressError, canonical_address
-from maildaemon.app import command_policy
 from maildaemon.config import Settings
 from maildaemon.contract import limits
 from maildaemon.contract.command import DeliveryCommand
 from maildaemon.contract.parsing import parse_command
 from maildaemon.message.mime import Mailbox, build_message
+from maildaemon.message.policy import command_policy
 from maildaemon.message.render import TemplateCatalog, _one_line
 
 CATALOG = TemplateCatalog.load(Path(__file__).resolve().parents[2] / "templates", "en")

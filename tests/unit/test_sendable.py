@@ -10,11 +10,11 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from maildaemon.app import command_policy
 from maildaemon.config import Settings
 from maildaemon.contract.command import DeliveryCommand
 from maildaemon.contract.parsing import parse_command
 from maildaemon.message.compose import Composer
+from maildaemon.message.policy import command_policy
 from maildaemon.message.render import TemplateCatalog
 from maildaemon.store.rows import stored_command
 from tests import strategies

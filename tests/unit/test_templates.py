@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from maildaemon.app import command_policy
 from maildaemon.config import Settings
 from maildaemon.contract.command import Rejection
 from maildaemon.contract.parsing import parse_command
 from maildaemon.errors import RenderError
+from maildaemon.message.policy import command_policy
 from maildaemon.message.render import TemplateCatalog
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
