@@ -354,7 +354,8 @@ _FLOOD_PATHS = (
 
 
 _FLOODER = """
-import asyncio, contextlib, sys, aiohttp
+import asyncio, contextlib, os, sys, aiohttp
+os.nice(19)  # its own CPU stands for another host's: the pipeline's is what is measured
 port, clients, slow, paths = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
 statuses = []
 async def hammer(session, i):
@@ -363,6 +364,8 @@ async def hammer(session, i):
         try:
             async with session.get(f"http://127.0.0.1:{port}{path}") as resp:
                 await resp.read(); statuses.append(resp.status)
+                if len(statuses) == 1:
+                    print("flooding", flush=True)
         except aiohttp.ClientError:
             statuses.append(0)
 async def slowloris():
@@ -402,6 +405,9 @@ async def _flood(app: App, clients: int = 8, slow: int = 40) -> AsyncIterator[li
         stdout=asyncio.subprocess.PIPE,
     )
     try:
+        assert proc.stdout is not None
+        # Measured from its first answer on: the flooder's start-up is not the flood.
+        assert await asyncio.wait_for(proc.stdout.readline(), 30) == b"flooding\n"
         yield statuses
     finally:
         out, _ = await asyncio.wait_for(proc.communicate(b""), 30)
@@ -437,14 +443,18 @@ async def test_a_flood_of_the_listener_leaves_the_pipeline_its_rate(
         attempt_worker_concurrency=4,
     )
     db = Db(pg_dsn)
+    calm: list[float] = []
+    flooded: list[float] = []
     async with running_app(settings) as app:
         await _delivery_rate(settings, db, "warm", 20)  # connections and caches warm
-        baseline = await _delivery_rate(settings, db, "calm", 150)
-        started = time.monotonic()
-        async with _flood(app) as statuses:
-            await asyncio.sleep(0.5)
-            flooded = await _delivery_rate(settings, db, "flood", 150)
-        lasted = time.monotonic() - started
+        # Calm and flooded runs interleaved, so a change in the machine's load weighs on
+        # both alike; the sums compare.
+        for run in range(2):
+            calm.append(await _delivery_rate(settings, db, f"calm{run}", 120))
+            started = time.monotonic()
+            async with _flood(app) as statuses:
+                flooded.append(await _delivery_rate(settings, db, f"flood{run}", 120))
+            lasted = time.monotonic() - started
         answered = {s for s in statuses if s}
         assert {200, 404, 429} <= answered, sorted(set(statuses))
         # The flooder's one address is paced to half the listener's rate: it got that
@@ -452,4 +462,6 @@ async def test_a_flood_of_the_listener_leaves_the_pipeline_its_rate(
         paced = settings.internal_http_request_rate / 2
         assert 0.5 * paced * lasted <= len(statuses), "the flood did not run"
         assert len(statuses) <= paced * lasted + settings.internal_http_request_burst
-    assert flooded >= 0.8 * baseline, f"{flooded:.0f}/s under the flood, {baseline:.0f}/s calm"
+    rates = f"{[round(r) for r in flooded]}/s under the flood, {[round(r) for r in calm]}/s calm"
+    print(f"\n{rates}")
+    assert sum(flooded) >= 0.8 * sum(calm), rates
