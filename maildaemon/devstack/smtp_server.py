@@ -14,7 +14,7 @@ import contextlib
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
@@ -160,8 +160,8 @@ class Connection(SMTP):
             await self._flush()
             if action == ENDLESS:
                 await self._endless()
-            if action != SILENCE and isinstance(self.transport, asyncio.Transport):
-                self.transport.abort()
+            if action != SILENCE and self.transport is not None:
+                cast(asyncio.Transport, self.transport).abort()  # uvloop: no subclass
             await _hang()
         line = action if isinstance(action, bytes) else action.encode("utf-8", "surrogateescape")
         closing = line.endswith(CLOSE.encode())

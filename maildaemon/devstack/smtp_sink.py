@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import cast
 
 import trustme
 
@@ -173,8 +174,8 @@ class SmtpSink:
         connections, self._connections = list(self._connections), set()
         handlers = []
         for conn in connections:
-            if isinstance(conn.transport, asyncio.Transport):
-                conn.transport.abort()
+            if conn.transport is not None:
+                cast(asyncio.Transport, conn.transport).abort()  # uvloop: no subclass
             if conn._handler_coroutine is not None:
                 # What connection_lost() does, done here too: a link cut during the TLS
                 # handshake never reaches connection_lost() of the SMTP protocol.
@@ -214,8 +215,8 @@ class SmtpSink:
         """Close every open connection now (an idle timeout), with ``reply`` first if given."""
         for conn in list(self._connections):
             if conn.transport is not None and not conn.transport.is_closing():
-                if reply is not None and isinstance(conn.transport, asyncio.Transport):
-                    conn.transport.write(reply.encode() + b"\r\n")
+                if reply is not None:
+                    cast(asyncio.Transport, conn.transport).write(reply.encode() + b"\r\n")
                 conn.transport.close()
 
     def _connection(self) -> Connection:

@@ -25,13 +25,17 @@ log = logging.getLogger("maildaemon.http")
 
 
 def host_check(allowed: frozenset[str], log_interval: float) -> Middleware:
-    """Answer only requests whose Host (any port) is in ``allowed`` ("*": any)."""
+    """Answer only requests whose Host (any port) is in ``allowed`` ("*": any); an
+    HTTP/1.0 request without Host (a plain probe, never a browser) is answered too."""
     misdirected = ThrottledEvent(log, "internal http host refused", log_interval)
     anything = "*" in allowed
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         given = request.headers.getall("Host", [])
+        if not given and request.version < (1, 1):
+            # HTTP/1.0 may omit Host (RFC 1945), and a browser never does: no rebinding.
+            return await handler(request)
         if len(given) != 1:
             return _refuse(request, 400, "bad_host", "exactly one Host header is required")
         try:

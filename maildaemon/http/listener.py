@@ -21,7 +21,7 @@ import errno
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -138,9 +138,10 @@ class _Refused(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._guard.refused(transport.get_extra_info("peername"))
-        assert isinstance(transport, asyncio.Transport)
-        transport.write(_REFUSED)
-        transport.close()
+        # Not isinstance: uvloop's transports are not asyncio.Transport subclasses.
+        stream = cast(asyncio.Transport, transport)
+        stream.write(_REFUSED)
+        stream.close()
 
     def data_received(self, data: bytes) -> None:
         return None
@@ -157,8 +158,7 @@ class _Watched(asyncio.Protocol):
         self._tail = b""  # the last bytes seen, to find a blank line split across reads
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's: no subclass
         self._guard.opened()
         loop = asyncio.get_running_loop()
         self._deadline = loop.call_later(self._guard.header_timeout, self._expire)

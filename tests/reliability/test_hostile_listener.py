@@ -160,6 +160,11 @@ async def test_a_foreign_host_is_refused_before_any_route(make_settings: MakeSet
             assert json.loads(body)["error"]["code"] == "misdirected_request"
         answer = await _raw(app, b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")
         assert answer.split(b"\r\n")[0].endswith(b" 400 Bad Request"), answer[:60]
+        # HTTP/1.0 may omit Host (a plain probe; a browser never does) but not lie in it.
+        answer = await _raw(app, b"GET /healthz HTTP/1.0\r\n\r\n")
+        assert answer.split(b"\r\n")[0].endswith(b" 200 OK"), answer[:60]
+        answer = await _raw(app, b"GET /healthz HTTP/1.0\r\nHost: attacker.example\r\n\r\n")
+        assert b" 421 " in answer.split(b"\r\n")[0], answer[:60]
         answer = await _raw(app, b"GET /healthz HTTP/1.1\r\nHost: a b\r\nConnection: close\r\n\r\n")
         assert answer.split(b"\r\n")[0].endswith(b" 400 Bad Request"), answer[:60]
         answer = await _raw(
