@@ -58,6 +58,16 @@ def unavailable(
     )
 
 
+async def first_of(*events: asyncio.Event) -> None:
+    """Wait until any of ``events`` is set."""
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
 class Lifecycle:
     """A stop event and a wake-up, and sleeps that either cuts short."""
 

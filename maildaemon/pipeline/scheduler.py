@@ -32,7 +32,7 @@ from maildaemon.errors import RenderError, StoreUnavailable
 from maildaemon.logs import event
 from maildaemon.message.compose import Composer
 from maildaemon.pipeline.jobs import Job, JobQueue
-from maildaemon.pipeline.lifecycle import Lifecycle, unavailable
+from maildaemon.pipeline.lifecycle import Lifecycle, first_of, unavailable
 from maildaemon.pipeline.results import ResultWriter, Trail
 from maildaemon.pipeline.spans import describe_result
 from maildaemon.retry import Backoff
@@ -116,7 +116,7 @@ class Scheduler(Lifecycle):
                         event(log, "listen connection restored", component="scheduler")
                         self.wake()  # catch up on what was announced meanwhile
                     backoff.reset()
-                    await _first(lost, self._stopping)
+                    await first_of(lost, self._stopping)
             except StoreUnavailable as exc:
                 error = str(exc)
             if self.stopping:
@@ -386,13 +386,3 @@ class Scheduler(Lifecycle):
             else:
                 jobs.append(Job(claim, message, remaining, suppressed))
         return jobs
-
-
-async def _first(*events: asyncio.Event) -> None:
-    """Wait until any of ``events`` is set."""
-    waiters = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()

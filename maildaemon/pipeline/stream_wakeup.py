@@ -26,7 +26,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from maildaemon.config import Settings
 from maildaemon.logs import event
-from maildaemon.pipeline.lifecycle import Lifecycle, unavailable
+from maildaemon.pipeline.lifecycle import Lifecycle, first_of, unavailable
 from maildaemon.retry import Backoff
 from maildaemon.telemetry import Instruments
 
@@ -135,19 +135,10 @@ class StreamWakeup(Lifecycle):
                         self._on_added()
                 else:
                     self._changed.clear()
-                    await _first(self._changed, self._stopping)
+                    await first_of(self._changed, self._stopping)
         finally:
             self.active = False
             await pubsub.aclose()  # type: ignore[no-untyped-call]
-
-
-async def _first(*events: asyncio.Event) -> None:
-    waiters = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
 
 
 def _text(value: object) -> str:
