@@ -118,7 +118,9 @@ class Periodic(Lifecycle):
         self.interval = interval
 
     async def tick(self) -> float:
-        raise NotImplementedError
+        """One round of the component's work; returns the seconds to sleep before the next.
+        Every subclass defines it (the supervisor runs only subclasses)."""
+        raise NotImplementedError(f"{type(self).__name__} defines no tick()")
 
     def started(self) -> None:
         """Write the start line (what the component runs with)."""

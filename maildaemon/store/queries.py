@@ -143,9 +143,20 @@ SELECT c.delivery_id, c.source, c.claim_token, c.attempt_count, c.priority, c.to
 FROM claimed c
 """
 
+# The end of both releases: the attempt each claim opened is withdrawn (nothing was sent).
+_WITHDRAW_OPENED = """
+), withdrawn AS (
+    DELETE FROM mail.attempts a USING upd
+    WHERE a.delivery_id = upd.delivery_id AND a.attempt_no = upd.attempt_no
+      AND a.status = 'started'
+)
+SELECT count(*) FROM upd
+"""
+
 # Give unstarted claims back (shutdown, destination down): due again at once, fenced by
 # the claim token; the attempt opened by the claim is withdrawn (nothing was sent).
-RELEASE_CLAIMS = """
+RELEASE_CLAIMS = (
+    """
 WITH r AS (
     SELECT * FROM unnest($1::text[], $2::bigint[]) AS r(delivery_id, claim_token)
 ), upd AS (
@@ -156,33 +167,24 @@ WITH r AS (
     FROM r
     WHERE d.delivery_id = r.delivery_id AND d.claim_token = r.claim_token
       AND d.status = 'sending'
-    RETURNING d.delivery_id, d.attempt_count + 1 AS attempt_no
-), withdrawn AS (
-    DELETE FROM mail.attempts a USING upd
-    WHERE a.delivery_id = upd.delivery_id AND a.attempt_no = upd.attempt_no
-      AND a.status = 'started'
+    RETURNING d.delivery_id, d.attempt_count + 1 AS attempt_no"""
+    + _WITHDRAW_OPENED
 )
-SELECT count(*) FROM upd
-"""
 
 # Give back the deliveries one claim statement leased when the daemon never learnt that it
 # committed (its reply was lost with the connection): found by the statement's claim_ref,
 # still 'sending' under it (so nobody took them over since), and never handed to a worker.
-RELEASE_LOST_CLAIMS = """
+RELEASE_LOST_CLAIMS = (
+    """
 WITH upd AS (
     UPDATE mail.deliveries d
     SET status = 'queued',
         next_attempt_at = now(), claimed_by = NULL, claim_ref = NULL,
         attempt_count = d.attempt_count - 1, updated_at = now()
     WHERE d.status = 'sending' AND d.claim_ref = ANY ($1::text[])
-    RETURNING d.delivery_id, d.attempt_count + 1 AS attempt_no
-), withdrawn AS (
-    DELETE FROM mail.attempts a USING upd
-    WHERE a.delivery_id = upd.delivery_id AND a.attempt_no = upd.attempt_no
-      AND a.status = 'started'
+    RETURNING d.delivery_id, d.attempt_count + 1 AS attempt_no"""
+    + _WITHDRAW_OPENED
 )
-SELECT count(*) FROM upd
-"""
 
 # Pin the rendered message before the first send (fenced).
 PIN_RENDERED = """
