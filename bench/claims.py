@@ -14,8 +14,8 @@ from typing import Any
 
 import asyncpg
 
-from maildaemon.store import queries as q
 from maildaemon.store.migrate import apply_migrations
+from maildaemon.store.pipeline import statements as q
 
 _FILL = """
 INSERT INTO mail.deliveries (delivery_id, source, idempotency_key, command_hash, priority,

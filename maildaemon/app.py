@@ -53,8 +53,8 @@ from maildaemon.sending.destination import Destination
 from maildaemon.sending.ratelimit import RateLimiter
 from maildaemon.sending.smtp import tls_context
 from maildaemon.store import replicas
-from maildaemon.store.db import Store
 from maildaemon.store.migrate import migrate_or_check
+from maildaemon.store.pipeline.db import Store
 from maildaemon.telemetry import Telemetry
 from maildaemon.tracing import server_spans
 

@@ -20,7 +20,7 @@ from maildaemon.config_values import split_host_port
 from maildaemon.contract.command import DeliveryCommand
 from maildaemon.contract.parsing import parse_command
 from maildaemon.delivery import IntakeEntry
-from maildaemon.store.db import Store
+from maildaemon.store.pipeline.db import Store
 
 
 @contextlib.asynccontextmanager

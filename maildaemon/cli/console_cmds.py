@@ -12,9 +12,9 @@ from maildaemon import errors
 from maildaemon.config import Settings, load_settings
 from maildaemon.logs import add_secrets, scrub_standard_streams
 from maildaemon.operator import inputs, mailview
-from maildaemon.store.console_reads import ConsoleReads
-from maildaemon.store.db import Store
-from maildaemon.store.records import MalformedCommand, MalformedPage
+from maildaemon.store.console.reads import ConsoleReads
+from maildaemon.store.operator.records import MalformedCommand, MalformedPage
+from maildaemon.store.pipeline.db import Store
 
 # Commands that only write to Redis or render templates need no PostgreSQL and no SMTP
 # server: these stand in for the settings they do not use.

@@ -28,9 +28,9 @@ from maildaemon.operator import inputs
 from maildaemon.operator import model as m
 from maildaemon.operator import views as v
 from maildaemon.retry import RetryPolicy
-from maildaemon.store import filters
-from maildaemon.store.operator import OperatorStore
-from maildaemon.store.records import Actor
+from maildaemon.store.operator import filters
+from maildaemon.store.operator.actions import OperatorStore
+from maildaemon.store.operator.records import Actor
 
 T = TypeVar("T")
 EXIT_REFUSED = 1  # not found, conflict

@@ -11,7 +11,7 @@ from functools import singledispatch
 from typing import Any
 
 from maildaemon.operator import views as v
-from maildaemon.store import records
+from maildaemon.store.operator import records
 
 
 def when(value: datetime | None) -> str:

@@ -17,8 +17,8 @@ from maildaemon.http.keys import CATALOG_HASH_KEY, POLICY_KEY, SETTINGS_KEY
 from maildaemon.http.respond import identity, operator_store, reply
 from maildaemon.operator import bodies, inputs, replay
 from maildaemon.store import replicas
-from maildaemon.store.filters import GLOBAL_SCOPE
-from maildaemon.store.records import Actor
+from maildaemon.store.operator.filters import GLOBAL_SCOPE
+from maildaemon.store.operator.records import Actor
 
 
 async def _body(request: web.Request, model: type[bodies.M]) -> bodies.M:

@@ -38,9 +38,9 @@ from maildaemon.http.respond import guarded, json_errors, read_guarded
 from maildaemon.http.routes import OPERATIONS
 from maildaemon.message.render import TemplateCatalog
 from maildaemon.retry import RetryPolicy
-from maildaemon.store.console_reads import ConsoleReads
-from maildaemon.store.db import Store
-from maildaemon.store.operator import OperatorStore
+from maildaemon.store.console.reads import ConsoleReads
+from maildaemon.store.operator.actions import OperatorStore
+from maildaemon.store.pipeline.db import Store
 
 
 def _ignore(_: str) -> None:

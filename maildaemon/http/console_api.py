@@ -32,7 +32,7 @@ from maildaemon.http.respond import error_response, operator_store, query_pairs,
 from maildaemon.message.compose import Composer
 from maildaemon.message.preview import DEFAULT_SENDER, render_preview
 from maildaemon.operator import inbox, inputs, mailview
-from maildaemon.store.records import MalformedPage
+from maildaemon.store.operator.records import MalformedPage
 
 STATS_PARAMS = (
     inputs.Param(

@@ -13,9 +13,9 @@ from maildaemon.contract.command import CommandPolicy
 from maildaemon.http.preview_gate import PreviewGate
 from maildaemon.message.render import TemplateCatalog
 from maildaemon.retry import RetryPolicy
-from maildaemon.store.console_reads import ConsoleReads
-from maildaemon.store.db import Store
-from maildaemon.store.operator import OperatorStore
+from maildaemon.store.console.reads import ConsoleReads
+from maildaemon.store.operator.actions import OperatorStore
+from maildaemon.store.pipeline.db import Store
 
 PREFIX = "/api/v1/internal"
 

@@ -23,7 +23,7 @@ from maildaemon.errors import OperatorError, QueryTimeout, StoreUnavailable
 from maildaemon.http.keys import OPERATOR_KEY, REFUSAL_KEY, SETTINGS_KEY
 from maildaemon.logs import event
 from maildaemon.operator.views import dump
-from maildaemon.store.operator import OperatorStore
+from maildaemon.store.operator.actions import OperatorStore
 
 log = logging.getLogger("maildaemon.api")
 

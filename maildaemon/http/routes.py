@@ -15,7 +15,7 @@ from maildaemon.http.keys import PREFIX
 from maildaemon.http.respond import Handler
 from maildaemon.operator import bodies, inbox, inputs, mailview
 from maildaemon.operator import views as v
-from maildaemon.store import records
+from maildaemon.store.operator import records
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any
 from maildaemon.addresses import domain_key, lookup_key
 from maildaemon.contract.command import FAILURE_CODES
 from maildaemon.errors import InvalidInput
-from maildaemon.store.filters import (
+from maildaemon.store.operator.filters import (
     DELIVERY_STATUSES,
     ActionFilter,
     DeadLetterFilter,

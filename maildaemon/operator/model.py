@@ -1,6 +1,6 @@
 """The operator surface's rules: refusals, filters, cursors and the retry plan.
 
-Pure logic shared by the HTTP API, the CLI and ``store/operator.py``; what they show is in
+Pure logic shared by the HTTP API, the CLI and ``store/operator/actions.py``; what they show is in
 ``operator_views``.
 """
 
@@ -11,8 +11,8 @@ from datetime import UTC, datetime
 from maildaemon.delivery import TERMINAL_STATUSES
 from maildaemon.operator.views import DeliveryDetail, LastError, RetryPlan
 from maildaemon.retry import RetryPolicy
-from maildaemon.store.filters import priority_name
-from maildaemon.store.records import DeliveryRecord
+from maildaemon.store.operator.filters import priority_name
+from maildaemon.store.operator.records import DeliveryRecord
 
 # --- refusals ----------------------------------------------------------------------------
 

@@ -15,8 +15,8 @@ from maildaemon.contract.parsing import parse_command, parse_entry
 from maildaemon.delivery import IntakeEntry
 from maildaemon.errors import Conflict, NotFound
 from maildaemon.operator.views import Replay, ReplayItem
-from maildaemon.store.operator import OperatorStore
-from maildaemon.store.records import Actor, MalformedCommand
+from maildaemon.store.operator.actions import OperatorStore
+from maildaemon.store.operator.records import Actor, MalformedCommand
 from maildaemon.store.replicas import Replica
 
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import TypeAdapter
 
-from maildaemon.store.records import Attempt, DeadLetter, Recipients
+from maildaemon.store.operator.records import Attempt, DeadLetter, Recipients
 
 # --- views -------------------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ from maildaemon.pipeline.spans import command_spans
 from maildaemon.pipeline.stream_reader import BoundedBatch, BoundedReader, EntryCounter
 from maildaemon.pipeline.stream_wakeup import StreamWakeup
 from maildaemon.retry import Backoff
-from maildaemon.store.db import RETRYABLE, Store
+from maildaemon.store.pipeline.db import RETRYABLE, Store
 from maildaemon.telemetry import Instruments
 
 log = logging.getLogger("maildaemon.consumer")

@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from maildaemon.config import Settings
 from maildaemon.logs import event
 from maildaemon.pipeline.lifecycle import DEPENDENCY_DOWN, Periodic, unavailable
-from maildaemon.store.db import Store
+from maildaemon.store.pipeline.db import Store
 from maildaemon.telemetry import Instruments
 
 log = logging.getLogger("maildaemon.events")

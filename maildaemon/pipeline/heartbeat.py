@@ -11,7 +11,7 @@ from maildaemon.errors import StoreUnavailable
 from maildaemon.logs import event
 from maildaemon.pipeline.lifecycle import Periodic
 from maildaemon.store import replicas
-from maildaemon.store.db import Store
+from maildaemon.store.pipeline.db import Store
 from maildaemon.telemetry import Instruments
 
 log = logging.getLogger("maildaemon.heartbeat")

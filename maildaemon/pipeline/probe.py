@@ -22,7 +22,7 @@ from maildaemon.pipeline.lifecycle import Lifecycle, unavailable
 from maildaemon.retry import Backoff
 from maildaemon.sending.destination import Destination, is_unreachable
 from maildaemon.sending.smtp import SmtpConnection
-from maildaemon.store.db import Store
+from maildaemon.store.pipeline.db import Store
 from maildaemon.telemetry import Instruments
 
 log = logging.getLogger("maildaemon.probe")

@@ -23,7 +23,7 @@ from maildaemon.errors import StoreRejected, StoreUnavailable
 from maildaemon.logs import event, recipients_field
 from maildaemon.pipeline.lifecycle import unavailable
 from maildaemon.retry import Backoff
-from maildaemon.store.db import Store
+from maildaemon.store.pipeline.db import Store
 from maildaemon.telemetry import Instruments
 
 log = logging.getLogger("maildaemon.results")

@@ -13,7 +13,7 @@ import logging
 from maildaemon.config import Settings
 from maildaemon.logs import event
 from maildaemon.pipeline.lifecycle import Periodic
-from maildaemon.store.db import Store
+from maildaemon.store.pipeline.db import Store
 from maildaemon.telemetry import Instruments
 
 log = logging.getLogger("maildaemon.retention")

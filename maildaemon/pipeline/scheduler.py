@@ -38,7 +38,7 @@ from maildaemon.pipeline.spans import describe_result
 from maildaemon.retry import Backoff
 from maildaemon.sending.destination import Destination
 from maildaemon.sending.outcomes import without_attempt
-from maildaemon.store.db import Store
+from maildaemon.store.pipeline.db import Store
 from maildaemon.telemetry import Instruments
 from maildaemon.tracing import log_ids, parent_context
 

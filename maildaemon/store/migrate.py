@@ -10,7 +10,7 @@ import psycopg
 from yoyo import get_backend, read_migrations
 
 from maildaemon.errors import StartupError
-from maildaemon.store.db import Store
+from maildaemon.store.pipeline.db import Store
 
 log = logging.getLogger("maildaemon.migrate")
 

@@ -9,7 +9,7 @@ from datetime import datetime
 
 import asyncpg
 
-from maildaemon.store.db import translate_errors
+from maildaemon.store.pipeline.db import translate_errors
 
 # A replica whose heartbeat is older than this many heartbeat intervals counts as gone.
 HEARTBEAT_INTERVAL = 10.0

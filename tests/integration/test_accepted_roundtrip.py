@@ -21,8 +21,8 @@ from maildaemon.delivery import IntakeEntry
 from maildaemon.operator.model import delivery_detail
 from maildaemon.operator.views import dump
 from maildaemon.retry import RetryPolicy
-from maildaemon.store.db import Store
-from maildaemon.store.operator_reads import OperatorReads
+from maildaemon.store.operator.reads import OperatorReads
+from maildaemon.store.pipeline.db import Store
 from tests import strategies
 
 EDGES = [

@@ -17,7 +17,7 @@ import pytest
 
 from maildaemon.config import Settings
 from maildaemon.devstack.smtp_sink import SmtpSink
-from maildaemon.store.filters import encode_cursor
+from maildaemon.store.operator.filters import encode_cursor
 from tests.support import Db, command, running_app, wait_for, xadd
 
 MakeSettings = Callable[..., Settings]

@@ -13,10 +13,10 @@ import asyncpg
 
 from maildaemon.config import Settings
 from maildaemon.devstack.smtp_sink import SmtpSink
-from maildaemon.store import operator_queries as q
-from maildaemon.store.db import Store
-from maildaemon.store.filters import DeadLetterFilter, DeliveryFilter, PageRequest
-from maildaemon.store.operator_reads import OperatorReads, dl_args
+from maildaemon.store.operator import statements as q
+from maildaemon.store.operator.filters import DeadLetterFilter, DeliveryFilter, PageRequest
+from maildaemon.store.operator.reads import OperatorReads, dl_args
+from maildaemon.store.pipeline.db import Store
 from tests.support import Db, command, running_app, wait_for, xadd
 
 MakeSettings = Callable[..., Settings]

@@ -17,7 +17,7 @@ from maildaemon.cli import main as cli
 from maildaemon.config_values import split_host_port
 from maildaemon.contract.parsing import parse_command
 from maildaemon.delivery import AttemptResult, IntakeEntry
-from maildaemon.store.db import Store
+from maildaemon.store.pipeline.db import Store
 from tests.integration.test_cli_ops import _seed, env, run, run_json
 from tests.support import command
 

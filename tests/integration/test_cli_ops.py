@@ -16,7 +16,7 @@ from maildaemon.cli import main as cli
 from maildaemon.contract.command import Rejection
 from maildaemon.contract.parsing import parse_command
 from maildaemon.delivery import AttemptResult, IntakeEntry
-from maildaemon.store.db import Store
+from maildaemon.store.pipeline.db import Store
 from tests.support import command
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 
 from maildaemon.devstack.smtp_sink import SmtpSink
-from maildaemon.store.db import Store
+from maildaemon.store.pipeline.db import Store
 from tests.integration.test_api import TOKEN, MakeSettings, settings_for
 from tests.support import Db, command, ingest_one, running_app, wait_for, xadd
 

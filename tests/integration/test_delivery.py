@@ -152,7 +152,7 @@ async def test_permanent_rejection_suppresses_without_retry_and_next_time_skips_
 
 async def _ingest_unchecked(settings: Settings, doc: dict[str, Any]) -> None:
     """Take a command in without the catalog check, as an older daemon did."""
-    from maildaemon.store.db import Store
+    from maildaemon.store.pipeline.db import Store
 
     store = await Store.open(settings.dsn, min_size=1, max_size=1)
     try:
@@ -370,7 +370,7 @@ async def test_a_worker_past_its_lease_cannot_overwrite_the_newer_attempt(
     make_settings: MakeSettings,
 ) -> None:
     from maildaemon.sending.outcomes import without_attempt
-    from maildaemon.store.db import Store
+    from maildaemon.store.pipeline.db import Store
 
     settings = make_settings(smtp_mode="stub")
     db = Db(settings.dsn)

@@ -11,9 +11,9 @@ from typing import Any
 
 from maildaemon.config import Settings
 from maildaemon.devstack.smtp_sink import SmtpSink
-from maildaemon.store.db import Store
-from maildaemon.store.operator import OperatorStore
-from maildaemon.store.records import Actor
+from maildaemon.store.operator.actions import OperatorStore
+from maildaemon.store.operator.records import Actor
+from maildaemon.store.pipeline.db import Store
 from tests.support import Db, TcpProxy, command, ingest_one, redis_client, running_app, wait_for
 
 MakeSettings = Callable[..., Settings]

@@ -17,7 +17,7 @@ from maildaemon.config_values import split_host_port
 from maildaemon.message.policy import command_policy
 from maildaemon.message.render import TemplateCatalog
 from maildaemon.pipeline.consumer import StreamConsumer, entry_id_text, to_intake
-from maildaemon.store.db import Store
+from maildaemon.store.pipeline.db import Store
 from maildaemon.telemetry import Telemetry
 from tests.support import Db, TcpProxy, command, redis_client, running_app, wait_for, xadd
 

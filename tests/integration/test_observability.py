@@ -305,9 +305,9 @@ async def test_lag_count_before_redis_7_stops_at_its_caps(make_settings: MakeSet
 
 
 async def test_operator_cancel_writes_the_cancelled_line(make_settings: MakeSettings) -> None:
-    from maildaemon.store.db import Store
-    from maildaemon.store.operator import OperatorStore
-    from maildaemon.store.records import Actor
+    from maildaemon.store.operator.actions import OperatorStore
+    from maildaemon.store.operator.records import Actor
+    from maildaemon.store.pipeline.db import Store
     from tests.support import ingest_one
 
     settings = make_settings()

@@ -28,10 +28,10 @@ import pytest
 from maildaemon.config import Settings
 from maildaemon.devstack.smtp_sink import SmtpSink
 from maildaemon.message.render import TemplateCatalog
-from maildaemon.store.db import Store
-from maildaemon.store.filters import DeadLetterFilter
-from maildaemon.store.operator import OperatorStore
-from maildaemon.store.records import Actor
+from maildaemon.store.operator.actions import OperatorStore
+from maildaemon.store.operator.filters import DeadLetterFilter
+from maildaemon.store.operator.records import Actor
+from maildaemon.store.pipeline.db import Store
 from tests.support import Db, command, redis_client, running_app, wait_for, xadd
 
 MakeSettings = Callable[..., Settings]

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from maildaemon.config import Settings
 from maildaemon.pipeline.retention import RetentionWorker
-from maildaemon.store.db import Store
+from maildaemon.store.pipeline.db import Store
 from maildaemon.telemetry import Telemetry
 from tests.support import Db, command, ingest_one
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import asyncpg
 
-from maildaemon.store import console_queries as q
-from maildaemon.store.console_records import WINDOWS
+from maildaemon.store.console import statements as q
+from maildaemon.store.console.records import WINDOWS
 
 DELIVERIES = 300_000  # three days of ~1 delivery/s, plus what retention keeps
 

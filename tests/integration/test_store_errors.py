@@ -12,7 +12,7 @@ import pytest
 from maildaemon.cli import main as cli
 from maildaemon.devstack.postgres import database_dsn
 from maildaemon.errors import StoreFailed
-from maildaemon.store.db import RETRYABLE, Store, translate_errors
+from maildaemon.store.pipeline.db import RETRYABLE, Store, translate_errors
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 
 from maildaemon.config import Settings
-from maildaemon.store.db import Store
+from maildaemon.store.pipeline.db import Store
 from tests.support import Db, command, ingest_one, running_app, wait_for
 
 MakeSettings = Callable[..., Settings]

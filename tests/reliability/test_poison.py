@@ -24,7 +24,7 @@ from maildaemon.delivery import AttemptResult, RecipientOutcome
 from maildaemon.devstack.smtp_sink import SmtpSink
 from maildaemon.errors import StoreRejected
 from maildaemon.sending.pipelined import PipeliningConnection
-from maildaemon.store.db import Store
+from maildaemon.store.pipeline.db import Store
 from tests.support import Db, command, ingest_one, redis_client, running_app, wait_for, xadd
 
 MakeSettings = Callable[..., Settings]

@@ -243,12 +243,12 @@ def test_only_the_store_sees_the_database_driver() -> None:
 
 def test_lazy_imports_are_seen(tmp_path: Path) -> None:
     """The static reader sees a lazy import inside a function (what hid the old cycle)."""
-    fake = PACKAGE / "store" / "db.py"
+    fake = PACKAGE / "store" / "pipeline" / "db.py"
     source = fake.read_text(encoding="utf-8") + "\n\ndef _x() -> None:\n"
     source += "    from maildaemon.http import app  # noqa\n"
     copy = tmp_path / "db.py"
     copy.write_text(source, encoding="utf-8")
-    assert "maildaemon.http.app" in _imports(copy, "maildaemon.store.db")
+    assert "maildaemon.http.app" in _imports(copy, "maildaemon.store.pipeline.db")
 
 
 def test_the_code_map_in_the_docs_names_every_unit() -> None:
@@ -263,8 +263,7 @@ def test_modules_stay_small(limit: int) -> None:
     big = [
         f"{p.relative_to(REPO)} ({n} lines)"
         for p in PACKAGE.rglob("*.py")
-        if "devstack" not in p.parts
-        and (n := len(p.read_text(encoding="utf-8").splitlines())) > limit
+        if (n := len(p.read_text(encoding="utf-8").splitlines())) > limit
     ]
     assert not big, f"modules over {limit} lines: {big}"
 
@@ -272,8 +271,6 @@ def test_modules_stay_small(limit: int) -> None:
 def _long_functions(limit: int) -> list[str]:
     out: list[str] = []
     for path in PACKAGE.rglob("*.py"):
-        if "devstack" in path.parts:
-            continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 length = (node.end_lineno or node.lineno) - node.lineno + 1
@@ -287,10 +284,8 @@ LONG_FUNCTIONS: dict[str, str] = {
     "telemetry.py _instruments": "one declaration per instrument, nothing else",
     "cli/ops.py register": "the argparse table of every operator command",
     "cli/tables.py _": "one table layout per view (a dispatch table)",
-    "store/db.py _insert_fresh": "one multi-row INSERT: a column list and its arguments",
-    "sending/outcomes.py from_report": "the per-recipient classification, read top to bottom",
+    "store/pipeline/db.py _insert_fresh": "one multi-row INSERT: a column list and its arguments",
     "sending/smtp.py _send_once": "one SMTP transaction with its error mapping",
-    "sending/smtp.py _connect": "connect, STARTTLS, AUTH with their error mapping",
 }
 
 
@@ -302,6 +297,16 @@ def test_functions_stay_short() -> None:
         if key not in LONG_FUNCTIONS:
             long.append(entry)
     assert not long, f"functions over 60 lines (split them, or say why in LONG_FUNCTIONS): {long}"
+
+
+def test_no_stale_long_function_entries() -> None:
+    """An allowance outlives its function only by mistake: every entry names a long one."""
+    present = set()
+    for entry in _long_functions(60):
+        where, _, rest = entry.partition(":")
+        present.add(f"{where.removeprefix('maildaemon/')} {rest.split()[1]}")
+    stale = sorted(set(LONG_FUNCTIONS) - present)
+    assert not stale, f"LONG_FUNCTIONS entries for functions no longer long (drop them): {stale}"
 
 
 def test_one_loop_shape_and_one_unavailable_line() -> None:

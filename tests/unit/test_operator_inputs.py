@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from maildaemon.errors import InvalidInput
 from maildaemon.operator import bodies, inputs
-from maildaemon.store.filters import decode_cursor, encode_cursor
+from maildaemon.store.operator.filters import decode_cursor, encode_cursor
 
 
 @pytest.mark.parametrize(

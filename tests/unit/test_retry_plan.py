@@ -9,7 +9,7 @@ import pytest
 
 from maildaemon.operator.model import delivery_detail, retry_plan
 from maildaemon.retry import RetryPolicy
-from maildaemon.store.records import DeliveryRecord, Recipients
+from maildaemon.store.operator.records import DeliveryRecord, Recipients
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 POLICY = RetryPolicy((30.0, 120.0, 600.0), 0.1)

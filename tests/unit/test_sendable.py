@@ -16,7 +16,7 @@ from maildaemon.contract.parsing import parse_command
 from maildaemon.message.compose import Composer
 from maildaemon.message.policy import command_policy
 from maildaemon.message.render import TemplateCatalog
-from maildaemon.store.rows import stored_command
+from maildaemon.store.pipeline.rows import stored_command
 from tests import strategies
 from tests.wire import assert_well_formed
 

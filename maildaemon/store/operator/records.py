@@ -1,6 +1,6 @@
 """What the store returns to the operator surface: one frozen dataclass per record shape.
 
-Plain typed data built from rows (``store/operator_rows.py``); the HTTP API and the CLI
+Plain typed data built from rows (``store/operator/rows.py``); the HTTP API and the CLI
 print them with ``operator.views.dump`` and ``http/openapi.py`` derives their schemas.
 """
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from maildaemon.store.console_records import StatsSeries
+from maildaemon.store.console.records import StatsSeries
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,22 +89,13 @@ class DeadLetterCounts:
 
 
 @dataclass(frozen=True, slots=True)
-class DeadLetterItem:
-    delivery_id: str
+class DeadLetterItem(DeadLetter):
+    """A dead letter as a listing shows it: the record and what identifies its delivery."""
+
     source: str
     delivery_status: str
     template_id: str | None
     to: list[str]
-    created_at: datetime
-    attempt_count: int
-    last_status: str
-    last_reply_code: int | None
-    last_reply_text: str | None
-    reviewed_at: datetime | None
-    reviewed_by: str | None
-    review_note: str | None
-    requeued_at: datetime | None
-    requeued_by: str | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,10 +8,9 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from maildaemon.store import operator_queries as q
-from maildaemon.store import operator_rows as views
-from maildaemon.store.db import translate_errors
-from maildaemon.store.filters import (
+from maildaemon.store.operator import rows as views
+from maildaemon.store.operator import statements as q
+from maildaemon.store.operator.filters import (
     ATTEMPT_STATUSES,
     DELIVERY_STATUSES,
     ActionFilter,
@@ -22,7 +21,7 @@ from maildaemon.store.filters import (
     SuppressionFilter,
     encode_cursor,
 )
-from maildaemon.store.records import (
+from maildaemon.store.operator.records import (
     Backlog,
     CommandTrace,
     DeadLetter,
@@ -39,6 +38,7 @@ from maildaemon.store.records import (
     Suppression,
     SuppressionPage,
 )
+from maildaemon.store.pipeline.db import translate_errors
 
 T = TypeVar("T")
 

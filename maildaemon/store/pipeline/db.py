@@ -24,10 +24,10 @@ from maildaemon.delivery import (
 )
 from maildaemon.errors import StoreReadOnly, StoreRejected
 from maildaemon.store import codecs
-from maildaemon.store import queries as q
-from maildaemon.store import rows as convert
 from maildaemon.store.listen import listen
 from maildaemon.store.pgerrors import RETRYABLE, translate_errors
+from maildaemon.store.pipeline import rows as convert
+from maildaemon.store.pipeline import statements as q
 
 __all__ = ["RETRYABLE", "Connection", "Store", "translate_errors", "write_outcomes"]
 

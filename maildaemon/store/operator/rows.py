@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from maildaemon.store.filters import GLOBAL_SCOPE, priority_name
-from maildaemon.store.records import (
+from maildaemon.store.operator.filters import GLOBAL_SCOPE, priority_name
+from maildaemon.store.operator.records import (
     Attempt,
     DeadLetter,
     DeadLetterItem,

@@ -19,12 +19,16 @@ from maildaemon.contract.command import Rejection
 from maildaemon.delivery import AttemptResult, IntakeEntry
 from maildaemon.errors import Conflict, NotFound
 from maildaemon.logs import event, recipients_field
-from maildaemon.store import operator_queries as q
-from maildaemon.store import operator_rows as views
-from maildaemon.store.db import RETRYABLE, Connection, Store, translate_errors, write_outcomes
-from maildaemon.store.filters import CANCELLABLE, REQUEUEABLE, DeadLetterFilter, spread_due_times
-from maildaemon.store.operator_reads import OperatorReads, dl_args
-from maildaemon.store.records import (
+from maildaemon.store.operator import rows as views
+from maildaemon.store.operator import statements as q
+from maildaemon.store.operator.filters import (
+    CANCELLABLE,
+    REQUEUEABLE,
+    DeadLetterFilter,
+    spread_due_times,
+)
+from maildaemon.store.operator.reads import OperatorReads, dl_args
+from maildaemon.store.operator.records import (
     Actor,
     BulkRequeue,
     DeliveryChange,
@@ -34,6 +38,13 @@ from maildaemon.store.records import (
     Review,
     Suppression,
     SuppressionChange,
+)
+from maildaemon.store.pipeline.db import (
+    RETRYABLE,
+    Connection,
+    Store,
+    translate_errors,
+    write_outcomes,
 )
 
 log = logging.getLogger("maildaemon.operator")

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import asyncpg
 
-from maildaemon.store import console_queries as q
-from maildaemon.store import operator_rows as rows
-from maildaemon.store.console_records import (
+from maildaemon.store.console import statements as q
+from maildaemon.store.console.records import (
     WINDOWS,
     PinnedMessage,
     SeriesPoint,
@@ -15,8 +14,9 @@ from maildaemon.store.console_records import (
     StatsSeries,
     Window,
 )
-from maildaemon.store.db import translate_errors
-from maildaemon.store.records import MalformedCommand
+from maildaemon.store.operator import rows
+from maildaemon.store.operator.records import MalformedCommand
+from maildaemon.store.pipeline.db import translate_errors
 
 
 class ConsoleReads:
