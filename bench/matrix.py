@@ -19,7 +19,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from bench.e2e import (
+from bench.harness import (
     SENDER_DOMAIN,
     SENT,
     Servers,

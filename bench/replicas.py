@@ -14,7 +14,8 @@ from typing import Any
 
 import asyncpg
 
-from bench import e2e
+from bench import harness
+from maildaemon.devstack.postgres import pick_free_port
 
 _WAL = """
 SELECT (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()) AS commits,
@@ -58,32 +59,32 @@ async def _peak_connections(dsn: str, stop: asyncio.Event) -> int:
 
 
 async def phase_replicas(
-    servers: e2e.Servers, n: int, concurrency: int, replicas: int
+    servers: harness.Servers, n: int, concurrency: int, replicas: int
 ) -> dict[str, Any]:
     dsn = await servers.fresh_database()
     per_replica = max(1, concurrency // replicas)
     procs = []
     for index in range(replicas):
-        port = e2e.pick_free_port()
-        env = e2e.daemon_env(dsn, servers, port, per_replica)
+        port = pick_free_port()
+        env = harness.daemon_env(dsn, servers, port, per_replica)
         env["MAIL_CONSUMER_NAME"] = f"bench-replica-{index}"
-        procs.append(await e2e.start_daemon(env, port))
+        procs.append(await harness.start_daemon(env, port))
     cpu0 = [p.cpu_seconds() for p in procs]
     before = await _counters(dsn)
     stop = asyncio.Event()
     watcher = asyncio.ensure_future(_peak_connections(dsn, stop))
-    docs = [e2e.command(i, f"r{replicas}") for i in range(n)]
-    first = await e2e.xadd_all(servers.redis_addr, docs)
-    done = await e2e.wait_count(dsn, e2e.SENT, n, procs[0])
+    docs = [harness.command(i, f"r{replicas}") for i in range(n)]
+    first = await harness.xadd_all(servers.redis_addr, docs)
+    done = await harness.wait_count(dsn, harness.SENT, n, procs[0])
     cpu = sum(p.cpu_seconds() - c for p, c in zip(procs, cpu0, strict=True))
     stop.set()
     peak_connections = await watcher
     after = await _counters(dsn)
     for proc in procs:
-        e2e.stop_daemon(proc)
-    attempts = await e2e.count(dsn, "SELECT count(*) FROM mail.attempts")
-    stored = await e2e.count(dsn, _STORED_BYTES)
-    workers = await e2e.count(dsn, "SELECT count(DISTINCT worker) FROM mail.attempts")
+        harness.stop_daemon(proc)
+    attempts = await harness.count(dsn, "SELECT count(*) FROM mail.attempts")
+    stored = await harness.count(dsn, _STORED_BYTES)
+    workers = await harness.count(dsn, "SELECT count(DISTINCT worker) FROM mail.attempts")
     elapsed = done - first
     delta = {k: after[k] - before[k] for k in after}
     return {
@@ -105,6 +106,6 @@ async def phase_replicas(
 
 
 async def phase_scaling(
-    servers: e2e.Servers, n: int, concurrency: int, counts: list[int]
+    servers: harness.Servers, n: int, concurrency: int, counts: list[int]
 ) -> dict[str, Any]:
     return {f"replicas_{r}": await phase_replicas(servers, n, concurrency, r) for r in counts}
