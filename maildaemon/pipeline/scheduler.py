@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import logging
 import time
 import uuid
@@ -21,23 +20,21 @@ from opentelemetry import trace
 
 from maildaemon.config import Settings
 from maildaemon.delivery import (
-    DAEMON_FAILURE_CODES,
     AttemptResult,
     ClaimedDelivery,
-    DeliveryStatus,
     RecipientOutcome,
     RenderedPin,
 )
 from maildaemon.errors import RenderError, StoreUnavailable
 from maildaemon.logs import event
 from maildaemon.message.compose import Composer
+from maildaemon.pipeline import endings
 from maildaemon.pipeline.jobs import Job, JobQueue
 from maildaemon.pipeline.lifecycle import Lifecycle, first_of, unavailable
 from maildaemon.pipeline.results import ResultWriter, Trail
 from maildaemon.pipeline.spans import describe_result
 from maildaemon.retry import Backoff
 from maildaemon.sending.destination import Destination
-from maildaemon.sending.outcomes import without_attempt
 from maildaemon.store.pipeline.db import Store
 from maildaemon.telemetry import Instruments
 from maildaemon.tracing import log_ids, parent_context
@@ -299,11 +296,7 @@ class Scheduler(Lifecycle):
             error=error[:500],
             exc_info=exc if isinstance(exc, Exception) else None,
         )
-        reason = f"{DAEMON_FAILURE_CODES[code]}: {error}"[:500]
-        ended = without_attempt(
-            claim, "failed", reason, datetime.now(UTC), "failed", record_attempt=True
-        )
-        return dataclasses.replace(ended, failure_code=code)
+        return endings.unprocessable(claim, code, error, datetime.now(UTC))
 
     def _end_early(self, claim: ClaimedDelivery, now: datetime) -> AttemptResult | None:
         """A delivery that ends before rendering: unreadable, expired, or nothing to
@@ -311,11 +304,9 @@ class Scheduler(Lifecycle):
         if claim.unreadable is not None:
             return self._poisoned(claim, "store_unreadable", claim.unreadable)
         if claim.expires_at is not None and claim.expires_at <= now:
-            reason = "expires_at passed before the attempt"
-            return without_attempt(claim, "expired", reason, now, "expired")
+            return endings.expired(claim, now)
         if claim.rendered is None and claim.command is None:  # never retried
-            reason = "the delivery has no stored payload"
-            return without_attempt(claim, "failed", reason, now, "failed", record_attempt=True)
+            return endings.without_payload(claim, now)
         return None
 
     def _render_all(
@@ -331,11 +322,11 @@ class Scheduler(Lifecycle):
                 claim.delivery_id, claim.command, now
             )
         except RenderError as exc:
-            return without_attempt(claim, "failed", str(exc), now, "failed", record_attempt=True)
+            return endings.render_failed(claim, str(exc), now)
         except Exception as exc:  # a fault in one message (DKIM, a builder bug) is its own
             event(log, "render fault", logging.ERROR, delivery_id=claim.delivery_id, exc_info=exc)
-            reason = f"cannot build the message: {type(exc).__name__}: {exc}"[:500]
-            return without_attempt(claim, "failed", reason, now, "failed", record_attempt=True)
+            reason = f"cannot build the message: {type(exc).__name__}: {exc}"
+            return endings.render_failed(claim, reason, now)
         locale = self._composer.locale_of(claim.command)
         return RenderedPin(
             claim.delivery_id, claim.claim_token, message_id, content_hash, message, locale
@@ -375,14 +366,9 @@ class Scheduler(Lifecycle):
             }
             remaining = tuple(a for a in rcpts if a not in suppressed)
             if not remaining:
-                status: DeliveryStatus = "sent" if claim.rcpts_accepted else "suppressed"
-                reason = "every remaining recipient is on the suppression list"
-                finished.append(
-                    without_attempt(claim, status, reason, now, "suppressed", recipients=suppressed)
-                )
+                finished.append(endings.all_suppressed(claim, suppressed, now))
             elif self._s.smtp_mode == "stub":
-                reason = "stub mode (MAIL_SMTP_MODE=stub): rendered, not sent"
-                finished.append(without_attempt(claim, "suppressed", reason, now, "suppressed"))
+                finished.append(endings.stub_mode(claim, now))
             else:
                 jobs.append(Job(claim, message, remaining, suppressed))
         return jobs

@@ -335,27 +335,3 @@ def _too_large(
         status_reason=reason,
     )
     return replace(result, failure_code=MessageTooLarge.failure_code)
-
-
-def without_attempt(
-    claim: ClaimedDelivery,
-    status: DeliveryStatus,
-    reason: str,
-    now: datetime,
-    attempt_status: AttemptStatus,
-    *,
-    record_attempt: bool = False,
-    recipients: dict[str, RecipientOutcome] | None = None,
-) -> AttemptResult:
-    """End a delivery without talking to the server (expired, stub mode, suppressed, failed)."""
-    return _make(
-        claim,
-        now,
-        now,
-        attempt_status,
-        status,
-        reply_text=reason if record_attempt else None,
-        recipients=recipients or {},
-        status_reason=reason,
-        record_attempt=record_attempt,
-    )

@@ -7,7 +7,7 @@ import shutil
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from maildaemon.config import Settings
 from maildaemon.devstack.smtp_script import DROP
@@ -369,8 +369,22 @@ async def test_two_daemons_never_attempt_the_same_delivery_twice(
 async def test_a_worker_past_its_lease_cannot_overwrite_the_newer_attempt(
     make_settings: MakeSettings,
 ) -> None:
-    from maildaemon.sending.outcomes import without_attempt
+    from maildaemon.delivery import AttemptResult, ClaimedDelivery
     from maildaemon.store.pipeline.db import Store
+
+    def result(claim: ClaimedDelivery, status: Literal["sent", "failed"]) -> AttemptResult:
+        now = datetime.now(UTC)
+        return AttemptResult(
+            delivery_id=claim.delivery_id,
+            source=claim.source,
+            claim_token=claim.claim_token,
+            attempt_no=claim.attempt_no,
+            attempt_status=status,
+            delivery_status=status,
+            started_at=now,
+            finished_at=now,
+            reply_text=f"{status} by {claim.claim_token}",
+        )
 
     settings = make_settings(smtp_mode="stub")
     db = Db(settings.dsn)
@@ -381,9 +395,7 @@ async def test_a_worker_past_its_lease_cannot_overwrite_the_newer_attempt(
         await asyncio.sleep(0.5)  # the lease expires
         [new] = await store.claim_due(10, 60, "fast-worker")
         assert new.claim_token == old.claim_token + 1
-        now = datetime.now(UTC)
-        fresh = without_attempt(new, "sent", "delivered", now, "sent", record_attempt=True)
-        stale = without_attempt(old, "failed", "late result", now, "failed", record_attempt=True)
+        fresh, stale = result(new, "sent"), result(old, "failed")
         assert await store.record_results([fresh], "fast-worker", 60) == {"fence"}
         assert await store.record_results([stale], "slow-worker", 60) == set()
     finally:
