@@ -160,11 +160,13 @@ class AttemptWorker:
                 else TransportTimeout(f"MAIL_SMTP_TIMEOUT reached at {stage}", stage=stage)
             )
             transaction_span(self._tracer, started_ns, self._phases, None, exc)
+            self._held_if_known_down(exc)
             return self._failed(job, exc, started)
         except NotBegun:
             raise
         except TransportError as exc:
             transaction_span(self._tracer, started_ns, self._phases, None, exc)
+            self._held_if_known_down(exc)
             return self._failed(job, exc, started)
         except Exception as exc:  # a reply or message that breaks the client: this job's own
             return self._faulted(job, exc, started)
@@ -216,6 +218,16 @@ class AttemptWorker:
         )
         result = self._failed(job, exc, started)
         return dataclasses.replace(result, failure_code="attempt_fault")
+
+    def _held_if_known_down(self, exc: TransportError) -> None:
+        """A session that could not open after another connection already found the
+        destination down says nothing new: the claim goes back without an attempt (as it
+        would had this worker seen the state first). Only the failure that turns the
+        destination down is charged, so an outage costs at most one attempt per connection
+        (the transaction in flight when the link broke) and that one."""
+        if is_unreachable(exc) and not self._dest.up:
+            self._conn.abort()
+            raise NotBegun(f"destination already down: {exc}")
 
     def _failed(self, job: Job, exc: TransportError, started: datetime) -> AttemptResult:
         finished = datetime.now(UTC)

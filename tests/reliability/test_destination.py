@@ -89,7 +89,9 @@ async def test_outage_pauses_claiming_and_resumes_promptly(
         "the server came back"
     )
     assert resumed < 2.5
-    assert charged <= CONCURRENCY  # only the attempts that discovered the outage
+    # Only the attempt that discovered the outage: the other connections, failing to open
+    # after it, give their claims back without an attempt.
+    assert charged == 1
     assert leased <= 2 * CONCURRENCY
     assert "destination down" in events and "destination up" in events
     assert cleared < 10.0

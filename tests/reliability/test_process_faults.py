@@ -220,6 +220,11 @@ async def test_smtp_outage(
     failed = await db.fetchval(
         "SELECT count(*) FROM mail.attempts WHERE status NOT IN ('sent', 'started')"
     )
+    # What they were, for the assertion's message: status, stage of the reply, worker.
+    why = await db.fetch(
+        "SELECT status, left(coalesce(reply_text, ''), 80) AS reply, worker, count(*) "
+        "FROM mail.attempts WHERE status NOT IN ('sent', 'started') GROUP BY 1, 2, 3"
+    )
     before = await sent_count(db)
     await proxy.start()
     back = time.monotonic()
@@ -237,7 +242,9 @@ async def test_smtp_outage(
         f"{failed}; sending resumed {resumed} and the backlog cleared {cleared} after the "
         "server came back"
     )
-    assert failed <= CONCURRENCY
+    # One per connection (the transaction in flight when the link broke) and the one
+    # session failure that found the destination down; every later one is held, not charged.
+    assert failed <= CONCURRENCY + 1, [tuple(r) for r in why]
     figures.assert_sound(max_duplicates=CONCURRENCY)
 
 
