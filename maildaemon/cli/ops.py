@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from maildaemon import errors
 from maildaemon.cli import console_cmds, tables
 from maildaemon.cli.console_cmds import open_store
+from maildaemon.cli.declare import Commands, arg, either, operator_options, page_args
 from maildaemon.config import Settings, load_settings
 from maildaemon.contract.command import FAILURE_CODES
 from maildaemon.operator import inputs
@@ -101,9 +102,53 @@ def _reason(args: argparse.Namespace) -> str | None:
     return reason
 
 
+# --- declarations ------------------------------------------------------------------------
+
+
+def _dl_filters(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", help="only this source")
+    p.add_argument(
+        "--recipient-domain", dest="recipient_domain", help="only with a recipient at this domain"
+    )
+    p.add_argument("--reply-code", dest="reply_code", help="last SMTP reply code, e.g. 421")
+    p.add_argument(
+        "--reply-class",
+        dest="reply_class",
+        choices=["2xx", "3xx", "4xx", "5xx"],
+        help="last SMTP reply class",
+    )
+    p.add_argument("--created-after", dest="created_after", help=_TIME)
+    p.add_argument("--created-before", dest="created_before", help=_TIME)
+
+
+_GROUPS = {
+    "deliveries": "look deliveries up, requeue or cancel one",
+    "dead-letters": "list, review or requeue dead letters",
+    "malformed": "list or replay malformed commands",
+    "commands": "what became of a stream entry",
+    "suppressions": "list, add or remove suppressed addresses",
+}
+command = Commands(_GROUPS, operator_options)
+_ONE_DELIVERY = (
+    arg("delivery_id", help="the delivery's id"),
+    arg("--dry-run", action="store_true", help="check only; change nothing"),
+)
+_SCOPE = (arg("--source", help="only this source (default: all)"),)
+
+
+def register(sub: Any) -> None:
+    """Add the operator commands to the ``maildaemon`` parser's subcommands."""
+    command.install(sub)
+
+
 # --- commands ----------------------------------------------------------------------------
 
 
+@command(
+    "deliveries show",
+    "one delivery with attempts and retry plan",
+    arg("delivery_id", help="the command's delivery_id"),
+)
 @_handler
 def cmd_show(args: argparse.Namespace) -> int:
     delivery_id = inputs.delivery_id(args.delivery_id)
@@ -122,18 +167,35 @@ def cmd_show(args: argparse.Namespace) -> int:
     return _out(args, detail)
 
 
+@command(
+    "deliveries list",
+    "deliveries, newest first",
+    arg("--status", choices=filters.DELIVERY_STATUSES, help="only this status"),
+    arg("--source", help="only this source"),
+    arg("--recipient", help="only deliveries to this address (to, cc or bcc)"),
+    arg("--created-after", dest="created_after", help=_TIME),
+    arg("--created-before", dest="created_before", help=_TIME),
+    page_args,
+)
 @_handler
 def cmd_list(args: argparse.Namespace) -> int:
     flt, page = inputs.delivery_query(_pairs(args, [p.name for p in inputs.DELIVERY_PARAMS]))
     return _out(args, _run(lambda ops, _: ops.deliveries(flt, page)))
 
 
+@command(
+    "deliveries requeue",
+    "a dead-lettered or failed delivery back to queued, due now",
+    *_ONE_DELIVERY,
+    action=True,
+)
 @_handler
 def cmd_requeue(args: argparse.Namespace) -> int:
     delivery_id, actor, reason = inputs.delivery_id(args.delivery_id), _actor(args), _reason(args)
     return _out(args, _run(lambda ops, _: ops.requeue(delivery_id, actor, reason, args.dry_run)))
 
 
+@command("deliveries cancel", "cancel a queued delivery", *_ONE_DELIVERY, action=True)
 @_handler
 def cmd_cancel(args: argparse.Namespace) -> int:
     delivery_id, actor, reason = inputs.delivery_id(args.delivery_id), _actor(args), _reason(args)
@@ -150,6 +212,14 @@ _DL_FILTERS = (
 )
 
 
+@command(
+    "dead-letters list",
+    "unreviewed first, then newest first",
+    _dl_filters,
+    either("reviewed", "reviewed", "unreviewed"),
+    either("requeued", "requeued", "not-requeued"),
+    page_args,
+)
 @_handler
 def cmd_dead_letters(args: argparse.Namespace) -> int:
     names = [*_DL_FILTERS, "reviewed", "requeued", "limit", "cursor"]
@@ -157,6 +227,13 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     return _out(args, _run(lambda ops, _: ops.dead_letters(flt, page)))
 
 
+@command(
+    "dead-letters review",
+    "mark a dead letter reviewed",
+    arg("delivery_id", help="the dead letter's delivery id"),
+    arg("--note", required=True, help="what was found or done (audit trail)"),
+    action=True,
+)
 @_handler
 def cmd_review(args: argparse.Namespace) -> int:
     delivery_id, actor, reason = inputs.delivery_id(args.delivery_id), _actor(args), _reason(args)
@@ -164,6 +241,15 @@ def cmd_review(args: argparse.Namespace) -> int:
     return _out(args, _run(lambda ops, _: ops.review(delivery_id, actor, note, reason)))
 
 
+@command(
+    "dead-letters requeue",
+    "requeue the dead letters matching filters",
+    _dl_filters,
+    arg("--dry-run", action="store_true", help="count them and list the first 100; change nothing"),
+    arg("--rate", type=float, help="release at most this many per second"),
+    arg("--limit", type=int, default=1000, help="at most this many (1-10000)"),
+    action=True,
+)
 @_handler
 def cmd_bulk_requeue(args: argparse.Namespace) -> int:
     flt = inputs.dead_letter_filter(
@@ -182,6 +268,15 @@ def cmd_bulk_requeue(args: argparse.Namespace) -> int:
     )
 
 
+@command(
+    "malformed list",
+    "refused stream entries, newest first",
+    arg("--failure-code", dest="failure_code", choices=FAILURE_CODES, help="only this failure"),
+    arg("--source", help="only entries naming this source"),
+    arg("--delivery-id", help="only entries naming this delivery id (no paging)"),
+    either("replayed", "replayed", "not-replayed"),
+    page_args,
+)
 @_handler
 def cmd_malformed(args: argparse.Namespace) -> int:
     if args.delivery_id is not None:
@@ -191,6 +286,21 @@ def cmd_malformed(args: argparse.Namespace) -> int:
     return _out(args, _run(lambda ops, _: ops.malformed(flt, page)))
 
 
+@command(
+    "malformed replay",
+    "validate again and take in what now passes",
+    arg("id", nargs="?", help="one malformed command id"),
+    arg(
+        "--failure-code",
+        dest="failure_code",
+        choices=FAILURE_CODES,
+        help="all unreplayed ones with this failure code",
+    ),
+    arg("--source", help="only entries naming this source"),
+    arg("--limit", type=int, default=100, help="at most this many (1-1000)"),
+    arg("--dry-run", action="store_true", help="validate only; change nothing"),
+    action=True,
+)
 @_handler
 def cmd_replay(args: argparse.Namespace) -> int:
     from maildaemon.message.policy import command_policy
@@ -233,6 +343,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return _out(args, _run(work))
 
 
+@command(
+    "commands show",
+    "the delivery, duplicate or malformed record",
+    arg("stream_entry_id", help="the entry id XADD returned, e.g. 1700000000000-0"),
+)
 @_handler
 def cmd_command(args: argparse.Namespace) -> int:
     entry_id = inputs.stream_entry_id(args.stream_entry_id)
@@ -242,12 +357,14 @@ def cmd_command(args: argparse.Namespace) -> int:
     return _out(args, trace)
 
 
+@command("pause", "pause sending (intake goes on)", *_SCOPE, action=True)
 @_handler
 def cmd_pause(args: argparse.Namespace) -> int:
     scope, actor, reason = _scope(args), _actor(args), _reason(args)
     return _out(args, _run(lambda ops, _: ops.pause(scope, actor, reason)))
 
 
+@command("resume", "resume sending", *_SCOPE, action=True)
 @_handler
 def cmd_resume(args: argparse.Namespace) -> int:
     scope, actor, reason = _scope(args), _actor(args), _reason(args)
@@ -260,17 +377,32 @@ def _scope(args: argparse.Namespace) -> str:
     return inputs.check(inputs.SOURCE, args.source, "source", "must be a source name")
 
 
+@command("stats", "the figures an operator checks first")
 @_handler
 def cmd_stats(args: argparse.Namespace) -> int:
     return _out(args, _run(lambda ops, _: ops.stats()))
 
 
+@command(
+    "suppressions list",
+    "suppressed addresses",
+    arg("--address", help="only this address"),
+    arg("--domain", help="only addresses at this domain"),
+    page_args,
+)
 @_handler
 def cmd_suppressions(args: argparse.Namespace) -> int:
     flt, page = inputs.suppression_query(_pairs(args, ["address", "domain", "limit", "cursor"]))
     return _out(args, _run(lambda ops, _: ops.suppressions(flt, page)))
 
 
+@command(
+    "suppressions add",
+    "suppress an address",
+    arg("address", help="the address to suppress"),
+    arg("--expires-at", dest="expires_at", help=f"{_TIME} (default: never)"),
+    action=True,
+)
 @_handler
 def cmd_suppress(args: argparse.Namespace) -> int:
     address = inputs.email_address(args.address)
@@ -279,12 +411,26 @@ def cmd_suppress(args: argparse.Namespace) -> int:
     return _out(args, _run(lambda ops, _: ops.suppress(address, reason, expires, actor)))
 
 
+@command(
+    "suppressions remove",
+    "stop suppressing an address",
+    arg("address", help="the address to stop suppressing"),
+    action=True,
+)
 @_handler
 def cmd_unsuppress(args: argparse.Namespace) -> int:
     address, actor, reason = inputs.email_address(args.address), _actor(args), _reason(args)
     return _out(args, _run(lambda ops, _: ops.unsuppress(address, actor, reason)))
 
 
+@command(
+    "audit",
+    "operator actions, newest first",
+    arg("--action", help="only this action, e.g. delivery.requeue"),
+    arg("--actor", help="only actions by this actor"),
+    arg("--target", help="only actions on this target (delivery id, address, …)"),
+    page_args,
+)
 @_handler
 def cmd_audit(args: argparse.Namespace) -> int:
     flt, page = inputs.action_query(_pairs(args, ["action", "actor", "target", "limit", "cursor"]))
@@ -292,159 +438,3 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 # --- the parser --------------------------------------------------------------------------
-
-
-def _common(p: argparse.ArgumentParser, *, action: bool = False) -> argparse.ArgumentParser:
-    p.add_argument("--json", action="store_true", help="print the API's JSON")
-    if action:
-        p.add_argument(
-            "--actor", help="a note on who acts (the audit records $USER@cli as the actor)"
-        )
-        p.add_argument("--reason", help="why (kept in the audit trail)")
-    return p
-
-
-def _page_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--limit",
-        type=int,
-        help=f"page size (1-{inputs.MAX_LIMIT}, default {inputs.DEFAULT_LIMIT})",
-    )
-    p.add_argument("--cursor", help="next page (printed after a full page)")
-
-
-def _bool_arg(p: argparse.ArgumentParser, name: str, yes: str, no: str) -> None:
-    group = p.add_mutually_exclusive_group()
-    group.add_argument(
-        f"--{yes}", dest=name, action="store_const", const=True, help=f"only {yes} ones"
-    )
-    group.add_argument(f"--{no}", dest=name, action="store_const", const=False, help=f"only {no}")
-
-
-def _dl_filters(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source", help="only this source")
-    p.add_argument(
-        "--recipient-domain", dest="recipient_domain", help="only with a recipient at this domain"
-    )
-    p.add_argument("--reply-code", dest="reply_code", help="last SMTP reply code, e.g. 421")
-    p.add_argument(
-        "--reply-class",
-        dest="reply_class",
-        choices=["2xx", "3xx", "4xx", "5xx"],
-        help="last SMTP reply class",
-    )
-    p.add_argument("--created-after", dest="created_after", help=_TIME)
-    p.add_argument("--created-before", dest="created_before", help=_TIME)
-
-
-def register(sub: Any) -> None:
-    """Add the operator commands to the ``maildaemon`` parser's subcommands."""
-    p = sub.add_parser("deliveries", help="look deliveries up, requeue or cancel one")
-    d = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    x = _common(d.add_parser("show", help="one delivery with attempts and retry plan"))
-    x.add_argument("delivery_id", help="the command's delivery_id")
-    x.set_defaults(handler=cmd_show)
-    x = _common(d.add_parser("list", help="deliveries, newest first"))
-    x.add_argument("--status", choices=filters.DELIVERY_STATUSES, help="only this status")
-    x.add_argument("--source", help="only this source")
-    x.add_argument("--recipient", help="only deliveries to this address (to, cc or bcc)")
-    x.add_argument("--created-after", dest="created_after", help=_TIME)
-    x.add_argument("--created-before", dest="created_before", help=_TIME)
-    _page_args(x)
-    x.set_defaults(handler=cmd_list)
-    for name, handler, text in (
-        ("requeue", cmd_requeue, "a dead-lettered or failed delivery back to queued, due now"),
-        ("cancel", cmd_cancel, "cancel a queued delivery"),
-    ):
-        x = _common(d.add_parser(name, help=text), action=True)
-        x.add_argument("delivery_id", help="the delivery's id")
-        x.add_argument("--dry-run", action="store_true", help="check only; change nothing")
-        x.set_defaults(handler=handler)
-
-    p = sub.add_parser("dead-letters", help="list, review or requeue dead letters")
-    d = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    x = _common(d.add_parser("list", help="unreviewed first, then newest first"))
-    _dl_filters(x)
-    _bool_arg(x, "reviewed", "reviewed", "unreviewed")
-    _bool_arg(x, "requeued", "requeued", "not-requeued")
-    _page_args(x)
-    x.set_defaults(handler=cmd_dead_letters)
-    x = _common(d.add_parser("review", help="mark a dead letter reviewed"), action=True)
-    x.add_argument("delivery_id", help="the dead letter's delivery id")
-    x.add_argument("--note", required=True, help="what was found or done (audit trail)")
-    x.set_defaults(handler=cmd_review)
-    x = _common(
-        d.add_parser("requeue", help="requeue the dead letters matching filters"), action=True
-    )
-    _dl_filters(x)
-    x.add_argument(
-        "--dry-run", action="store_true", help="count them and list the first 100; change nothing"
-    )
-    x.add_argument("--rate", type=float, help="release at most this many per second")
-    x.add_argument("--limit", type=int, default=1000, help="at most this many (1-10000)")
-    x.set_defaults(handler=cmd_bulk_requeue)
-
-    p = sub.add_parser("malformed", help="list or replay malformed commands")
-    d = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    x = _common(d.add_parser("list", help="refused stream entries, newest first"))
-    x.add_argument(
-        "--failure-code", dest="failure_code", choices=FAILURE_CODES, help="only this failure"
-    )
-    x.add_argument("--source", help="only entries naming this source")
-    x.add_argument("--delivery-id", help="only entries naming this delivery id (no paging)")
-    _bool_arg(x, "replayed", "replayed", "not-replayed")
-    _page_args(x)
-    x.set_defaults(handler=cmd_malformed)
-    x = _common(
-        d.add_parser("replay", help="validate again and take in what now passes"), action=True
-    )
-    x.add_argument("id", nargs="?", help="one malformed command id")
-    x.add_argument(
-        "--failure-code",
-        dest="failure_code",
-        choices=FAILURE_CODES,
-        help="all unreplayed ones with this failure code",
-    )
-    x.add_argument("--source", help="only entries naming this source")
-    x.add_argument("--limit", type=int, default=100, help="at most this many (1-1000)")
-    x.add_argument("--dry-run", action="store_true", help="validate only; change nothing")
-    x.set_defaults(handler=cmd_replay)
-
-    p = sub.add_parser("commands", help="what became of a stream entry")
-    d = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    x = _common(d.add_parser("show", help="the delivery, duplicate or malformed record"))
-    x.add_argument("stream_entry_id", help="the entry id XADD returned, e.g. 1700000000000-0")
-    x.set_defaults(handler=cmd_command)
-
-    p = sub.add_parser("suppressions", help="list, add or remove suppressed addresses")
-    d = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    x = _common(d.add_parser("list", help="suppressed addresses"))
-    x.add_argument("--address", help="only this address")
-    x.add_argument("--domain", help="only addresses at this domain")
-    _page_args(x)
-    x.set_defaults(handler=cmd_suppressions)
-    x = _common(d.add_parser("add", help="suppress an address"), action=True)
-    x.add_argument("address", help="the address to suppress")
-    x.add_argument("--expires-at", dest="expires_at", help=f"{_TIME} (default: never)")
-    x.set_defaults(handler=cmd_suppress)
-    x = _common(d.add_parser("remove", help="stop suppressing an address"), action=True)
-    x.add_argument("address", help="the address to stop suppressing")
-    x.set_defaults(handler=cmd_unsuppress)
-
-    for name, handler, text in (
-        ("pause", cmd_pause, "pause sending (intake goes on)"),
-        ("resume", cmd_resume, "resume sending"),
-    ):
-        x = _common(sub.add_parser(name, help=text), action=True)
-        x.add_argument("--source", help="only this source (default: all)")
-        x.set_defaults(handler=handler)
-
-    x = _common(sub.add_parser("stats", help="the figures an operator checks first"))
-    x.set_defaults(handler=cmd_stats)
-
-    x = _common(sub.add_parser("audit", help="operator actions, newest first"))
-    x.add_argument("--action", help="only this action, e.g. delivery.requeue")
-    x.add_argument("--actor", help="only actions by this actor")
-    x.add_argument("--target", help="only actions on this target (delivery id, address, …)")
-    _page_args(x)
-    x.set_defaults(handler=cmd_audit)
