@@ -471,9 +471,12 @@ async def test_pause_holds_claiming_per_source_and_survives_a_restart(
         status, state = await api.get(f"{P}/sending")
         assert status == 200 and state["paused_sources"] == ["authsession"]
         assert state["pauses"][0]["reason"] == "provider outage"
-        # "Not sent while paused" has no event to wait on: 0.3 s holds one claim pass at
-        # least (the scheduler polls every 0.2 s here).
-        await asyncio.sleep(0.3)
+        # "Not sent while paused", known rather than waited for: a delivery of another
+        # source, due after d-held, is sent, so a claim pass went over d-held and left it.
+        await xadd(
+            settings, command("d-control", idempotency_key="k-control", source="notification")
+        )
+        await db.wait_status("d-control", "sent")
         assert await db.status("d-held") == "queued"
         status, change = await api.post(f"{P}/sending/resume", {"source": "authsession"})
         assert status == 200 and change["changed"] is True
