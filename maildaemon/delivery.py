@@ -98,6 +98,29 @@ class ClaimedDelivery:
             seen.setdefault(addr, None)
         return tuple(seen)
 
+    def result(
+        self,
+        started: datetime,
+        finished: datetime,
+        attempt_status: AttemptStatus,
+        delivery_status: DeliveryStatus,
+        **fields: Any,
+    ) -> AttemptResult:
+        """The result of this claim's attempt: its identity (delivery, source, fence token,
+        attempt number) and possible-duplicate flag carried over; ``fields`` say the rest."""
+        fields.setdefault("possible_duplicate", self.possible_duplicate)
+        return AttemptResult(
+            delivery_id=self.delivery_id,
+            source=self.source,
+            claim_token=self.claim_token,
+            attempt_no=self.attempt_no,
+            started_at=started,
+            finished_at=finished,
+            attempt_status=attempt_status,
+            delivery_status=delivery_status,
+            **fields,
+        )
+
     def enqueued_ms(self) -> int | None:
         """When the command was XADDed (the entry id's milliseconds), if known."""
         ms, sep, _ = (self.stream_entry_id or "").partition("-")

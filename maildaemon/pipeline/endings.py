@@ -34,19 +34,14 @@ def _ended(
     failure_code: str | None = None,
 ) -> AttemptResult:
     reason = reason[:_REASON_LIMIT]
-    return AttemptResult(
-        delivery_id=claim.delivery_id,
-        source=claim.source,
-        claim_token=claim.claim_token,
-        attempt_no=claim.attempt_no,
-        started_at=now,
-        finished_at=now,
-        attempt_status=attempt_status,
-        delivery_status=status,
+    return claim.result(
+        now,
+        now,
+        attempt_status,
+        status,
         reply_text=reason if tried else None,
         recipients=recipients or {},
         status_reason=reason,
-        possible_duplicate=claim.possible_duplicate,
         record_attempt=tried,
         failure_code=failure_code,
     )

@@ -58,28 +58,6 @@ def is_bad_mailbox(reply: Reply) -> bool:
     return (subject, detail) == (2, 1)
 
 
-def _make(
-    claim: ClaimedDelivery,
-    started: datetime,
-    finished: datetime,
-    attempt_status: AttemptStatus,
-    delivery_status: DeliveryStatus,
-    **fields: Any,
-) -> AttemptResult:
-    fields.setdefault("possible_duplicate", claim.possible_duplicate)
-    return AttemptResult(
-        delivery_id=claim.delivery_id,
-        source=claim.source,
-        claim_token=claim.claim_token,
-        attempt_no=claim.attempt_no,
-        started_at=started,
-        finished_at=finished,
-        attempt_status=attempt_status,
-        delivery_status=delivery_status,
-        **fields,
-    )
-
-
 def _retry_or_give_up(
     claim: ClaimedDelivery,
     policy: RetryPolicy,
@@ -102,8 +80,7 @@ def _retry_or_give_up(
         "possible_duplicate": claim.possible_duplicate or possible_duplicate,
     }
     if nxt is not None and claim.expires_at is not None and nxt >= claim.expires_at:
-        return _make(
-            claim,
+        return claim.result(
             started,
             finished,
             status,
@@ -112,8 +89,7 @@ def _retry_or_give_up(
             status_reason=f"expires before the next attempt; last: {reason}",
         )
     if nxt is None:
-        return _make(
-            claim,
+        return claim.result(
             started,
             finished,
             status,
@@ -122,8 +98,7 @@ def _retry_or_give_up(
             status_reason=f"retry ladder exhausted after {claim.ladder_rung} "
             f"attempts; last: {reason}",
         )
-    return _make(
-        claim,
+    return claim.result(
         started,
         finished,
         status,
@@ -160,8 +135,7 @@ def from_report(
         outcomes[addr] = RecipientOutcome("accepted", data.code, data.text)
     if not report.deferred:
         note = f"{len(report.refused)} recipient(s) refused" if report.refused else None
-        return _make(
-            claim,
+        return claim.result(
             started,
             finished,
             "sent",
@@ -212,8 +186,7 @@ def _nobody_got_it(
         for addr in recipients:
             if addr not in report.refused:
                 outcomes[addr] = RecipientOutcome("refused", whole.code, whole.text)
-        return _make(
-            claim,
+        return claim.result(
             started,
             finished,
             "provider_rejected",
@@ -231,8 +204,7 @@ def _nobody_got_it(
         reason = "every remaining recipient was refused"
         if first is not None:
             reason += f": {first.code} {first.text}"
-        return _make(
-            claim,
+        return claim.result(
             started,
             finished,
             "provider_rejected",
@@ -273,8 +245,7 @@ def from_error(
     pending = tuple(recipients)
     if isinstance(exc, UnknownOutcome):
         if policy.unknown_policy == "hold":
-            return _make(
-                claim,
+            return claim.result(
                 started,
                 finished,
                 "unknown",
@@ -299,8 +270,7 @@ def from_error(
     if isinstance(exc, MessageTooLarge):
         return _too_large(claim, pending, reason, started, finished)
     if exc.permanent:
-        return _make(
-            claim,
+        return claim.result(
             started,
             finished,
             "provider_rejected",
@@ -324,8 +294,7 @@ def _too_large(
     finished: datetime,
 ) -> AttemptResult:
     """Refused here, before MAIL FROM: nobody got it, and no later attempt would differ."""
-    result = _make(
-        claim,
+    result = claim.result(
         started,
         finished,
         "failed",

@@ -374,17 +374,7 @@ async def test_a_worker_past_its_lease_cannot_overwrite_the_newer_attempt(
 
     def result(claim: ClaimedDelivery, status: Literal["sent", "failed"]) -> AttemptResult:
         now = datetime.now(UTC)
-        return AttemptResult(
-            delivery_id=claim.delivery_id,
-            source=claim.source,
-            claim_token=claim.claim_token,
-            attempt_no=claim.attempt_no,
-            attempt_status=status,
-            delivery_status=status,
-            started_at=now,
-            finished_at=now,
-            reply_text=f"{status} by {claim.claim_token}",
-        )
+        return claim.result(now, now, status, status, reply_text=f"{status} by {claim.claim_token}")
 
     settings = make_settings(smtp_mode="stub")
     db = Db(settings.dsn)
