@@ -39,7 +39,7 @@ async def _time_claims(
     got = 0
     for _ in range(samples):
         start = time.perf_counter()
-        rows = await conn.fetch(q.CLAIM_DUE, batch, 60.0, "bench", [], "bench-claim")
+        rows = await conn.fetch(q.CLAIM_DUE, batch, 60.0, "bench", "bench-claim")
         times.append((time.perf_counter() - start) * 1000)
         got = len(rows)
         await conn.execute(_RELEASE, [r["delivery_id"] for r in rows])

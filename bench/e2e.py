@@ -56,6 +56,7 @@ from bench.harness import (
     count,
     daemon_env,
     start_daemon,
+    statement_transactions,
     stop_daemon,
     wait_count,
     write_counters,
@@ -118,6 +119,8 @@ async def phase_latency(
     host, rport = servers.redis_addr.split(":")
     client = aioredis.Redis(host=host, port=int(rport))
     sent_at: dict[str, int] = {}
+    xacts0 = await statement_transactions(dsn)
+    cpu0 = proc.cpu_seconds()
     start = time.monotonic()
     for i in range(n):
         target = start + i / rate
@@ -129,8 +132,10 @@ async def phase_latency(
         await client.xadd("mail:delivery_commands", {"command": command(i, run)})
     await client.aclose()
     await wait_count(dsn, SENT, n, proc)
+    cpu = proc.cpu_seconds() - cpu0
     stop_daemon(proc)
-    await asyncio.sleep(1.0)  # let the sink flush its arrival log
+    await asyncio.sleep(1.0)  # let the sink flush its arrival log (and PostgreSQL its counts)
+    xacts = await statement_transactions(dsn) - xacts0
     arrivals = servers.sink.arrivals()
     lat = sorted((arrivals[m] - t) / 1e6 for m, t in sent_at.items() if m in arrivals)
     if not lat:
@@ -151,6 +156,8 @@ async def phase_latency(
         "p99_ms": pct(0.99),
         "max_ms": round(lat[-1], 2),
         "mean_ms": round(statistics.fmean(lat), 2),
+        "daemon_cpu_ms_per_delivery": round(cpu * 1000 / n, 3),
+        "pg_transactions_per_delivery": round(xacts / n, 2),
     }
 
 

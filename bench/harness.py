@@ -216,5 +216,21 @@ async def write_counters(dsn: str) -> tuple[int, int]:
         await conn.close()
 
 
+async def statement_transactions(dsn: str) -> int:
+    """Transactions the database's backends ended so far, read-only ones included: with
+    the daemon's statements each in its own transaction or in a few explicit ones, their
+    growth over a run follows its round trips to PostgreSQL."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(
+            await conn.fetchval(
+                "SELECT xact_commit + xact_rollback FROM pg_stat_database"
+                " WHERE datname = current_database()"
+            )
+        )
+    finally:
+        await conn.close()
+
+
 SENT = "SELECT count(*) FROM mail.deliveries WHERE status = 'sent'"
 ALL = "SELECT count(*) FROM mail.deliveries"

@@ -15,17 +15,15 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
-import redis.asyncio as aioredis
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from maildaemon.config import Settings
-from maildaemon.errors import MailDaemonError, StartupError
+from maildaemon.errors import MailDaemonError
 from maildaemon.exposure import check_read_exposure
 from maildaemon.http.app import build_app
 from maildaemon.http.keys import Readiness
@@ -39,64 +37,32 @@ from maildaemon.pipeline.consumer import StreamConsumer
 from maildaemon.pipeline.events import EventPublisher
 from maildaemon.pipeline.heartbeat import ReplicaHeartbeat
 from maildaemon.pipeline.jobs import JobQueue
-from maildaemon.pipeline.persistence import check_redis_persistence
+from maildaemon.pipeline.lifecycle import RedisClient
 from maildaemon.pipeline.probe import DestinationProbe
 from maildaemon.pipeline.ready import announce_ready
+from maildaemon.pipeline.report_listener import ReportListener
 from maildaemon.pipeline.results import ResultWriter
 from maildaemon.pipeline.retention import RetentionWorker
 from maildaemon.pipeline.scheduler import Scheduler
+from maildaemon.pipeline.stream_trim import StreamTrimmer
+from maildaemon.pipeline.webhooks import WebhookDispatcher
 from maildaemon.pipeline.worker import AttemptWorker
 from maildaemon.redaction import redact_dsn
-from maildaemon.redisconn import redis_client
 from maildaemon.retry import RetryPolicy
+from maildaemon.returnpath import from_settings as return_path_of
 from maildaemon.sending.destination import Destination
 from maildaemon.sending.ratelimit import RateLimiter
 from maildaemon.sending.smtp import tls_context
+from maildaemon.startup import log_configuration, open_redis, step
 from maildaemon.store import replicas
 from maildaemon.store.migrate import migrate_or_check
 from maildaemon.store.pipeline.db import Store
+from maildaemon.store.webhooks.db import WebhookStore
 from maildaemon.telemetry import Telemetry
 from maildaemon.tracing import server_spans
 
 log = logging.getLogger("maildaemon.app")
 T = TypeVar("T")
-
-
-def _log_configuration(s: Settings) -> None:
-    # secrets and DSN passwords removed; in text format one setting a line
-    event(log, "configuration", _block=True, **s.redacted())
-    if s.smtp_mode == "smtp" and not s.smtp_tls_verify:
-        event(
-            log,
-            "smtp certificate verification is OFF (MAIL_SMTP_TLS_VERIFY=false)",
-            logging.WARNING,
-        )
-    if s.smtp_mode == "stub":
-        event(
-            log,
-            "stub mode: deliveries are rendered and recorded, nothing is sent",
-            logging.WARNING,
-        )
-
-
-async def _step(name: str, action: Callable[[], Awaitable[T]], timeout: float, **fields: Any) -> T:
-    """Run one startup step: logged once, bounded, any failure a StartupError naming it."""
-    started = time.monotonic()
-    try:
-        result = await asyncio.wait_for(action(), timeout)
-    except StartupError as exc:
-        raise StartupError(f"{name}: {exc}") from None
-    except TimeoutError:
-        raise StartupError(f"{name}: no answer within {timeout:.0f}s") from None
-    except (MailDaemonError, RedisError, OSError) as exc:
-        raise StartupError(f"{name}: {exc}") from None
-    except Exception as exc:
-        log.exception("startup step failed", extra={"step": name})
-        raise StartupError(f"{name}: {type(exc).__name__}: {exc}") from None
-    event(
-        log, f"startup: {name}", duration_ms=round((time.monotonic() - started) * 1000, 1), **fields
-    )
-    return result
 
 
 class App:
@@ -108,9 +74,11 @@ class App:
         telemetry: Telemetry | None = None,
         *,
         dev_maildir: Path | None = None,
+        dev_webhook: tuple[str, str] | None = None,
     ) -> None:
         self.settings = settings
         self.dev_maildir = dev_maildir  # `maildaemon dev`: the sink's maildir (dev inbox)
+        self.dev_webhook = dev_webhook  # `maildaemon dev`: its receiver's URL and secret
         add_secrets(settings.secret_values())  # scrubbed from every log line from now on
         self.telemetry = telemetry or Telemetry(prometheus=settings.metrics_prometheus)
         self.readiness = Readiness()
@@ -138,14 +106,11 @@ class App:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self._on_signal, sig)
-        _log_configuration(s)
+        log_configuration(s)
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(self.telemetry.shutdown)
-            redis = redis_client(s)
-            stack.push_async_callback(redis.aclose)
-            await _step("redis ping", redis.ping, 10, addr=s.redis_target, tls=s.redis_tls_enabled)
-            await check_redis_persistence(redis, self.telemetry.instruments)
-            store = await _step(
+            redis = await open_redis(stack, s, self.telemetry.instruments)
+            store = await step(
                 "postgres pool",
                 lambda: Store.open(
                     s.dsn,
@@ -159,12 +124,14 @@ class App:
             )
             stack.push_async_callback(store.close)
             session = not (s.postgres_pgbouncer and s.postgres_listen_dsn is None)
-            applied = await _step(
+            applied = await step(
                 "migrations", lambda: migrate_or_check(store, s.session_dsn, session=session), 120
             )
             event(log, "migrations applied", applied=applied)
+            if self.dev_webhook is not None:
+                await WebhookStore(store.pool).ensure_dev_endpoint(*self.dev_webhook)
             self.readiness.migrations_applied = True
-            catalog = await _step(
+            catalog = await step(
                 "template catalog",
                 lambda: asyncio.to_thread(TemplateCatalog.load, s.template_dir, s.default_locale),
                 60,
@@ -177,7 +144,7 @@ class App:
                 if s.dkim_domain and s.dkim_selector and s.dkim_private_key_file
                 else None
             )
-            runner = await _step(
+            runner = await step(
                 "internal http listener",
                 lambda: self._start_http(stack, catalog),
                 15,
@@ -240,7 +207,7 @@ class App:
     async def _run_components(
         self,
         store: Store,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         catalog: TemplateCatalog,
         signer: DkimSigner | None,
         runner: web.AppRunner,
@@ -273,6 +240,9 @@ class App:
         spawn("command-consumer", c.consumer.run())
         spawn("retention-worker", c.retention.run())
         spawn("replica-heartbeat", c.heartbeat.run())
+        spawn("stream-trimmer", c.trimmer.run())
+        spawn("report-listener", c.reports.run())
+        spawn("webhook-dispatcher", c.webhooks.run())
         event(log, "started", http_port=self.http_port, consumer=s.consumer_name)
         started = (c.consumer.started, c.scheduler.started)
         if await announce_ready(s, self.telemetry, started, self._stop, self.http_port):
@@ -307,7 +277,13 @@ class App:
         c.retention.stop()
         c.heartbeat.stop()
         c.probe.stop()
+        c.trimmer.stop()
+        c.reports.stop()
+        c.webhooks.stop()  # in-flight webhook attempts get one MAIL_WEBHOOK_TIMEOUT
         stopping = (
+            "stream-trimmer",
+            "report-listener",
+            "webhook-dispatcher",
             "command-consumer",
             "scheduler",
             "retention-worker",
@@ -388,13 +364,16 @@ class _Components:
     workers: list[AttemptWorker]
     destination: Destination
     probe: DestinationProbe
+    trimmer: StreamTrimmer
+    reports: ReportListener
+    webhooks: WebhookDispatcher
 
     @classmethod
     def build(
         cls,
         s: Settings,
         store: Store,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         catalog: TemplateCatalog,
         signer: DkimSigner | None,
         telemetry: Telemetry,
@@ -402,7 +381,10 @@ class _Components:
         inst = telemetry.instruments
         name = s.consumer_name
         composer = Composer(
-            catalog, s.smtp_from or "maildaemon <noreply@maildaemon.localhost>", signer
+            catalog,
+            s.smtp_from or "maildaemon <noreply@maildaemon.localhost>",
+            signer,
+            return_path_of(s),
         )
         queue = JobQueue.for_connections(s.attempt_worker_concurrency, s.result_window)
         publisher = EventPublisher(s, store, redis, inst)
@@ -435,4 +417,7 @@ class _Components:
             workers,
             destination,
             probe,
+            StreamTrimmer(s, redis, inst),
+            ReportListener(s, store, inst),
+            WebhookDispatcher(s, WebhookStore(store.pool), inst),
         )

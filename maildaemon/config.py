@@ -17,6 +17,7 @@ from pydantic import (
 )
 from pydantic_settings import SettingsConfigDict
 
+from maildaemon.config_bounces import BounceSettings
 from maildaemon.config_listener import ListenerSettings
 from maildaemon.config_values import (
     CsvList,
@@ -25,6 +26,7 @@ from maildaemon.config_values import (
     split_host_port,
     split_redis_addr,
 )
+from maildaemon.config_webhooks import WebhookSettings
 from maildaemon.errors import ConfigError
 from maildaemon.redaction import dsn_secrets, normalize_dsn, redact_dsn, spellings
 
@@ -45,7 +47,7 @@ def _default_template_dir() -> Path:
     return local if local.is_dir() else packaged_template_dir()
 
 
-class Settings(ListenerSettings):
+class Settings(ListenerSettings, BounceSettings, WebhookSettings):
     """Every setting of the daemon. Built once in the entry point and passed down."""
 
     model_config = SettingsConfigDict(
@@ -69,6 +71,10 @@ class Settings(ListenerSettings):
     redis_sentinels: CsvList = ()
     redis_master_name: str | None = None
     redis_sentinel_password: SecretStr | None = None
+    # Redis Cluster: MAIL_REDIS_MASTER_ADDR (and these further host:port) are seed nodes;
+    # each key's master is learnt from the cluster and followed through failovers.
+    redis_cluster: bool = False
+    redis_cluster_nodes: CsvList = ()
     command_stream: str = Field(default="mail:delivery_commands", min_length=1)
     consumer_group: str = Field(default="maildaemon", min_length=1)
     consumer_name: str = Field(default_factory=_default_consumer_name, min_length=1)
@@ -81,6 +87,9 @@ class Settings(ListenerSettings):
     redis_stream_wakeup: Literal["auto", "existing", "off"] = "auto"
     consumer_reclaim_idle: Duration = 60.0
     consumer_forget_idle: Duration = 86400.0
+    # How often the command stream is trimmed to its oldest entry not yet acknowledged by
+    # every consumer group (entries are acknowledged once durable in PostgreSQL); 0: never.
+    command_stream_trim_interval: Duration = Field(default=60.0, ge=0.0)
     event_stream: str = Field(default="mail:delivery_events", min_length=1)
     event_stream_maxlen: int = Field(default=100_000, ge=0)
     # How often the outbox is checked for events when no result wakes the publisher.
@@ -183,6 +192,13 @@ class Settings(ListenerSettings):
         split_redis_addr(value)
         return value
 
+    @field_validator("redis_cluster_nodes")
+    @classmethod
+    def _cluster_nodes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for addr in value:
+            split_redis_addr(addr)
+        return value
+
     @field_validator("redis_sentinels")
     @classmethod
     def _sentinels(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -281,6 +297,22 @@ class Settings(ListenerSettings):
             raise ValueError("MAIL_REDIS_MASTER_NAME: required with MAIL_REDIS_SENTINELS")
         if self.redis_master_name and not self.redis_sentinels:
             raise ValueError("MAIL_REDIS_SENTINELS: required with MAIL_REDIS_MASTER_NAME")
+        if self.redis_cluster_nodes and not self.redis_cluster:
+            raise ValueError("MAIL_REDIS_CLUSTER_NODES: set, but MAIL_REDIS_CLUSTER is off")
+        if self.redis_cluster and self.redis_sentinels:
+            raise ValueError(
+                "MAIL_REDIS_CLUSTER: a Cluster has no sentinels (unset MAIL_REDIS_SENTINELS)"
+            )
+        if self.redis_cluster and self.redis_db != 0:
+            raise ValueError("MAIL_REDIS_DB: a Redis Cluster has database 0 only")
+        seeds_tls = {
+            split_redis_addr(a)[0] for a in (self.redis_master_addr, *self.redis_cluster_nodes)
+        }
+        if len(seeds_tls) > 1 and not self.redis_tls:
+            raise ValueError(
+                "MAIL_REDIS_CLUSTER_NODES: every seed is rediss:// or none is "
+                "(or set MAIL_REDIS_TLS=true)"
+            )
 
     # Derived views -------------------------------------------------------------
 
@@ -297,6 +329,8 @@ class Settings(ListenerSettings):
         """Where Redis is, as logged: the address, or the master name at its sentinels."""
         if self.redis_sentinels:
             return f"sentinel:{self.redis_master_name}@{','.join(self.redis_sentinels)}"
+        if self.redis_cluster:
+            return f"cluster:{','.join((self.redis_master_addr, *self.redis_cluster_nodes))}"
         return self.redis_master_addr
 
     @property
@@ -364,6 +398,7 @@ class Settings(ListenerSettings):
             self.smtp_password,
             self.operator_token,
             self.operator_read_token,
+            self.bounce_secret,
         )
         for secret in secrets:
             if secret is not None:

@@ -18,6 +18,7 @@ DeliveryStatus = Literal[
     "dead_letter",
     "expired",
     "cancelled",
+    "bounced",  # every recipient bounced after the relay accepted the message (a report)
 ]
 # Why the daemon itself ended or rescheduled a delivery when no SMTP reply says why
 # (``failure_code`` on the delivery row and in its outcome event; RUNBOOK lists each).
@@ -40,7 +41,7 @@ AttemptStatus = Literal[
     "expired",
 ]
 TERMINAL_STATUSES: frozenset[str] = frozenset(
-    {"sent", "suppressed", "failed", "dead_letter", "expired", "cancelled"}
+    {"sent", "suppressed", "failed", "dead_letter", "expired", "cancelled", "bounced"}
 )
 
 
@@ -185,3 +186,22 @@ class AttemptResult:
     @property
     def dead_letter(self) -> bool:
         return self.delivery_status == "dead_letter"
+
+
+LateKind = Literal["bounced", "complained", "delayed"]
+
+
+@dataclass(frozen=True, slots=True)
+class LateOutcome:
+    """What a report says happened to one recipient after the relay accepted the message:
+    written by the one terminal-outcome writer with the report that says it (once per
+    delivery, recipient and outcome, whatever number of reports repeat it)."""
+
+    delivery_id: str
+    source: str
+    address: str  # lower-cased, as mail.delivery_recipients holds it ('' : not known)
+    outcome: LateKind
+    status_code: str | None = None  # RFC 3463, e.g. "5.1.1"
+    diagnostic: str | None = None
+    reply_code: int | None = None  # the remote server's reply code, when the report gives it
+    suppress: bool = False  # put the address on the suppression list

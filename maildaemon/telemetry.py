@@ -16,19 +16,21 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 from maildaemon import __version__
+from maildaemon.telemetry_export import otlp_exports, otlp_metric_reader, otlp_span_exporter
+from maildaemon.webhook_telemetry import WebhookInstruments, webhook_instruments
 
 log = logging.getLogger("maildaemon.telemetry")
 
@@ -66,6 +68,9 @@ class Instruments:
     http_accept_errors: metrics.Counter
     http_timeouts: metrics.Counter
     http_paced: metrics.Counter
+    stream_trimmed: metrics.Counter
+    reports: metrics.Counter
+    report_refusals: metrics.Counter
     # Gauges: values set by one bounded query every few seconds (scheduler, consumer),
     # read by the exporters; a scrape never queries anything.
     schedule_depth: int = 0
@@ -76,54 +81,13 @@ class Instruments:
     destination_up: int = 1  # 1 while the SMTP destination can be reached, else 0
     redis_persistence: int = -1  # 1 AOF on, 0 off, -1 not known (CONFIG refused)
     http_connections_open: int = 0  # connections the internal listener holds open
+    command_stream_length: int = 0  # entries in the command stream (XLEN), set by the trimmer
+    command_stream_memory: int = -1  # its bytes (MEMORY USAGE); -1 not known (refused)
+    webhooks: WebhookInstruments = field(init=False)
 
     def count_paced(self, outcome: str, limit: str) -> None:
         """A request over the listener's rate: ``delayed`` or ``refused``, by which bucket."""
         self.http_paced.add(1, {"outcome": outcome, "limit": limit})
-
-
-def _env(*names: str) -> str:
-    for name in names:
-        value = os.environ.get(name, "").strip()
-        if value:
-            return value
-    return ""
-
-
-def _protocol(signal: str) -> str:
-    return _env(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
-
-
-def _exports(signal: str, exporter_var: str) -> bool:
-    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
-        return False
-    if os.environ.get(exporter_var, "otlp").strip().lower() == "none":
-        return False
-    return bool(_env("OTEL_EXPORTER_OTLP_ENDPOINT", f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT"))
-
-
-def _otlp_span_exporter() -> SpanExporter:
-    if _protocol("TRACES") == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-        return OTLPSpanExporter()
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-        OTLPSpanExporter as GrpcSpanExporter,
-    )
-
-    return GrpcSpanExporter()
-
-
-def _otlp_metric_reader() -> MetricReader:
-    if _protocol("METRICS") == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-
-        return PeriodicExportingMetricReader(OTLPMetricExporter())
-    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
-        OTLPMetricExporter as GrpcMetricExporter,
-    )
-
-    return PeriodicExportingMetricReader(GrpcMetricExporter())
 
 
 class Telemetry:
@@ -143,9 +107,9 @@ class Telemetry:
             }
         )
         readers = list(readers)
-        self.exporting = _exports("METRICS", "OTEL_METRICS_EXPORTER")
+        self.exporting = otlp_exports("METRICS", "OTEL_METRICS_EXPORTER")
         if self.exporting:
-            readers.append(_otlp_metric_reader())
+            readers.append(otlp_metric_reader())
         # Renders the metrics in Prometheus text format; None unless asked for.
         self.prometheus: Callable[[], bytes] | None = None
         if prometheus:
@@ -158,9 +122,9 @@ class Telemetry:
         ]
         self.meter_provider = MeterProvider(resource=resource, metric_readers=readers, views=views)
         processors = list(span_processors)
-        self.exporting_traces = _exports("TRACES", "OTEL_TRACES_EXPORTER")
+        self.exporting_traces = otlp_exports("TRACES", "OTEL_TRACES_EXPORTER")
         if self.exporting_traces:
-            processors.append(BatchSpanProcessor(_otlp_span_exporter()))
+            processors.append(BatchSpanProcessor(otlp_span_exporter()))
         # Spans are recorded only when something takes them: with no exporter, every span
         # is a non-recording one (it still has ids, so log lines still correlate) and a
         # delivery costs little more than without tracing. Otherwise OTEL_TRACES_SAMPLER
@@ -255,6 +219,16 @@ def _instruments(meter: metrics.Meter) -> Instruments:
     refusals, changes, unpersisted, redis_down = _service_counters(meter)
     http_refused, http_accept_errors, http_timeouts, http_paced = _listener_counters(meter)
     inst = Instruments(
+        reports=counter(
+            "mail.reports.recorded",
+            description="Bounce, delay, complaint and other reports recorded, by kind and "
+            "match_status",
+        ),
+        report_refusals=counter(
+            "mail.reports.refused",
+            description="Report listener refusals, by reason (relay, connections, "
+            "store_unavailable, unusable)",
+        ),
         stream_commands=counter(
             "mail.stream_commands", description="Stream entries taken in, by result"
         ),
@@ -318,9 +292,14 @@ def _instruments(meter: metrics.Meter) -> Instruments:
         http_accept_errors=http_accept_errors,
         http_timeouts=http_timeouts,
         http_paced=http_paced,
+        stream_trimmed=counter(
+            "mail.stream.trimmed",
+            description="Command stream entries trimmed (all durable in PostgreSQL)",
+        ),
     )
     _start_at_zero(inst)
     _observe(meter, inst)
+    inst.webhooks = webhook_instruments(meter)
     return inst
 
 
@@ -361,7 +340,12 @@ def _start_at_zero(inst: Instruments) -> None:
     for state in ("down", "up"):
         inst.destination_changes.add(0, {"state": state})
     inst.redis_unpersisted.add(0)
+    inst.stream_trimmed.add(0)
     inst.redis_unavailable.add(0, {"component": "consumer"})
+    for kind in ("bounce", "complaint"):  # the bounce- and complaint-rate alerts read them
+        inst.reports.add(0, {"kind": kind, "match_status": "matched"})
+    for reason in ("relay", "connections", "store_unavailable"):
+        inst.report_refusals.add(0, {"reason": reason})
     for component, code in (
         ("scheduler", "store_unreadable"),
         ("scheduler", "unprocessable"),
@@ -398,6 +382,17 @@ def _observe(meter: metrics.Meter, inst: Instruments) -> None:
         "mail.stream.consumer_pending",
         callbacks=[_gauge(lambda: inst.consumer_pending)],
         description="Command stream entries read by the group and not yet acknowledged",
+    )
+    meter.create_observable_gauge(
+        "mail.stream.length",
+        callbacks=[_gauge(lambda: inst.command_stream_length)],
+        description="Entries in the command stream (XLEN), after the last trim",
+    )
+    meter.create_observable_gauge(
+        "mail.stream.memory_bytes",
+        unit="By",
+        callbacks=[_gauge(lambda: inst.command_stream_memory)],
+        description="Memory of the command stream (MEMORY USAGE); -1 when Redis refuses it",
     )
 
     meter.create_observable_gauge(

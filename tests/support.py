@@ -164,6 +164,7 @@ class TcpProxy:
         self._marker: bytes | None = None
         self.replies_lost = 0
         self.port = 0
+        self._cuts = 0  # a connection being set up when a cut came must not survive it
 
     async def start(self, port: int = 0) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", port or self.port)
@@ -178,14 +179,23 @@ class TcpProxy:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+        self._cuts += 1
         for writer in list(self._writers):
             writer.close()
         self._writers.clear()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        cuts = self._cuts
+        if self._server is None:  # accepted just before a cut, handled just after it
+            writer.close()
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self._target)
         except OSError:
+            writer.close()
+            return
+        if cuts != self._cuts:  # cut while this connection was being set up
+            up_writer.close()
             writer.close()
             return
         self._writers.update({writer, up_writer})

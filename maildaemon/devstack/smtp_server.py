@@ -3,8 +3,9 @@
 while the client has more commands waiting, so a pipelined flight is answered in one
 write ("flight", counted over TLS), as a pipelining server does.
 
-The only module that imports aiosmtpd, and the only SMTP server of the project
-(tests/unit/test_architecture.py holds that); ``smtp_sink.SmtpSink`` serves it.
+The only test and dev SMTP server of the project (tests/unit/test_architecture.py holds
+that; the daemon's own report listener is the one other module that imports aiosmtpd);
+``smtp_sink.SmtpSink`` serves it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,17 @@ from maildaemon.devstack.smtp_script import (
 DEFAULT_DATA_REPLY = "250 2.0.0 OK queued"
 ENDLESS_CAP = 64 * 2**20  # an endless reply line stops here if the client never gives up
 SPLIT_PAUSE_S = 0.0005  # between the pieces of a split write: each its own segment
+# RFC 3461 parameters, taken (and dropped before aiosmtpd sees them) when DSN is offered.
+_DSN_MAIL = ("RET=", "ENVID=")
+_DSN_RCPT = ("NOTIFY=", "ORCPT=")
+
+
+def _without(arg: str | None, keys: tuple[str, ...]) -> str | None:
+    if arg is None:
+        return None
+    return " ".join(w for w in arg.split(" ") if not w.upper().startswith(keys))
+
+
 _STAGE_OF = {"HELO": "ehlo", "EHLO": "ehlo"}  # else the verb in lower case
 _URGENT = ("starttls", "quit")  # answered at once: the link changes or ends right after
 
@@ -224,7 +236,11 @@ class Connection(SMTP):
         if self.require_tls and not self.tls:
             await self.push("530 5.7.0 Must issue a STARTTLS command first")
             return
-        await super().smtp_MAIL(arg)
+        await super().smtp_MAIL(_without(arg, _DSN_MAIL) if self.sink.behaviour.dsn else arg)
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        await super().smtp_RCPT(_without(arg, _DSN_RCPT) if self.sink.behaviour.dsn else arg)
 
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
@@ -316,6 +332,7 @@ class Handler:
         session.host_name = hostname
         behaviour = self.sink.behaviour
         offers = ["PIPELINING"] * behaviour.pipelining + ["CHUNKING"] * behaviour.chunking
+        offers += ["DSN"] * behaviour.dsn
         responses[-1:-1] = [f"250-{name}" for name in offers]
         return ["\r\n".join(responses)]  # one reply, so one scripted action replaces it
 

@@ -27,6 +27,7 @@ from typing import cast
 
 import trustme
 
+from maildaemon.devstack.late_reports import LateReporter
 from maildaemon.devstack.smtp_script import Command, ReceivedMessage, SinkBehaviour
 from maildaemon.devstack.smtp_server import Connection
 
@@ -76,8 +77,11 @@ class SmtpSink:
         cert_dir: Path | None = None,
         hostname: str = "localhost",
         implicit_tls: bool = False,
+        on_accept: Callable[[ReceivedMessage], None] | None = None,
     ) -> None:
         self.behaviour = behaviour or SinkBehaviour()
+        # Told of every accepted message (the dev stack's late reports: late_reports).
+        self.on_accept = on_accept
         self.messages: list[ReceivedMessage] = []
         self.dropped: list[ReceivedMessage] = []
         self.rejected: list[ReceivedMessage] = []
@@ -247,6 +251,8 @@ class SmtpSink:
     async def accept(self, message: ReceivedMessage) -> None:
         number = next(self._counter)
         self.messages.append(message)
+        if self.on_accept is not None:
+            self.on_accept(message)
         if self._maildir is not None:
             stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(message.received_at))
             micros = int(message.received_at % 1 * 1_000_000)
@@ -297,6 +303,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=2525, help="0 picks a free port")
     parser.add_argument("--auth", metavar="USER:PASSWORD", help="require AUTH after STARTTLS")
     parser.add_argument("--no-require-starttls", action="store_true")
+    parser.add_argument(
+        "--report-to",
+        metavar="HOST:PORT",
+        help="act as a relay that reports later: mail to bounce@, delay@ and complaint@ "
+        "addresses is answered with a DSN or ARF report sent to this report listener",
+    )
     return parser.parse_args(argv)
 
 
@@ -305,6 +317,10 @@ async def _serve(args: argparse.Namespace) -> None:
     if args.auth:
         user, _, password = str(args.auth).partition(":")
         behaviour.auth = (user, password)
+    reporter = None
+    if args.report_to:
+        host, _, port = str(args.report_to).rpartition(":")
+        reporter = LateReporter(host, int(port))
     sink = SmtpSink(
         args.dir,
         host=args.host,
@@ -312,6 +328,7 @@ async def _serve(args: argparse.Namespace) -> None:
         behaviour=behaviour,
         ca=load_or_create_ca(args.cert_dir),
         cert_dir=args.cert_dir,
+        on_accept=reporter,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -327,6 +344,8 @@ async def _serve(args: argparse.Namespace) -> None:
         await stop.wait()
     finally:
         await sink.stop()
+        if reporter is not None:
+            await reporter.close()
 
 
 def main(argv: list[str] | None = None) -> int:

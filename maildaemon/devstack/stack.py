@@ -40,6 +40,7 @@ SMTP_PORT = 2525
 HTTP_PORT = 8080
 DATABASE = "maildaemon"
 SMTP_FROM = "maildaemon dev <noreply@maildaemon.localhost>"
+BOUNCE_DOMAIN = "bounces.maildaemon.localhost"
 _SINK_MODULE = "maildaemon.devstack.smtp_sink"
 _SINK_READY_TIMEOUT = 20.0
 _STOP_TIMEOUT = 10.0
@@ -111,7 +112,8 @@ class DevStack:
         self._take_lock()
         atexit.register(self.stop)
         try:
-            sink_port = self._spawn_sink()  # boots while Redis and PostgreSQL start
+            report_port = pick_free_port()  # the daemon's report listener (bounces)
+            sink_port = self._spawn_sink(report_port)  # boots while Redis, PostgreSQL start
             self.redis = EmbeddedRedis(
                 self.state_dir / "redis",
                 self._ports["redis"],
@@ -145,12 +147,21 @@ class DevStack:
             # Actions in the API and console answer 403 without a token: the dev stack has
             # its own, generated once and kept in the state directory.
             "MAIL_OPERATOR_TOKEN": self.operator_token(),
+            # The bounce loop: signed envelope senders, the report listener the sink's
+            # bounce@, delay@ and complaint@ addresses report to a moment later.
+            "MAIL_BOUNCE_DOMAIN": BOUNCE_DOMAIN,
+            "MAIL_BOUNCE_SECRET": self.secret("bounce-secret"),
+            "MAIL_BOUNCE_LISTEN_ADDR": f"127.0.0.1:{report_port}",
         }
         return dict(self.env)
 
     def operator_token(self) -> str:
         """The dev stack's operator token (generated on first use, kept mode 0600)."""
-        path = self.state_dir / "operator-token"
+        return self.secret("operator-token")
+
+    def secret(self, name: str) -> str:
+        """A secret of the dev stack, generated on first use and kept (mode 0600)."""
+        path = self.state_dir / name
         try:
             token = path.read_text().strip()
         except FileNotFoundError:
@@ -200,7 +211,7 @@ class DevStack:
         if postgres is not None:
             postgres.stop()
 
-    def _spawn_sink(self) -> int:
+    def _spawn_sink(self, report_port: int) -> int:
         self.maildir.mkdir(parents=True, exist_ok=True)
         self.cert_dir.mkdir(parents=True, exist_ok=True)
         self._stop_stale_sink()
@@ -211,6 +222,7 @@ class DevStack:
             "--cert-dir", str(self.cert_dir),
             "--host", "127.0.0.1",
             "--port", str(port),
+            "--report-to", f"127.0.0.1:{report_port}",
         ]  # fmt: skip
         with (self.state_dir / "smtp" / "sink.log").open("ab") as log_fh:
             self._sink = subprocess.Popen(

@@ -28,7 +28,9 @@ _PATH_PARAMS: dict[str, dict[str, Any]] = {
     "delivery_id": {"type": "string", "pattern": inputs.DELIVERY_ID, "maxLength": 128},
     "stream_entry_id": {"type": "string", "pattern": inputs.STREAM_ENTRY_ID},
     "id": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1},
+    "endpoint_id": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1},
     "name": {"type": "string", "pattern": inbox.NAME},
+    "report_id": {"type": "integer", "minimum": 1, "maximum": 2**62},
     "template_id": {"type": "string", "pattern": r"^[a-z0-9][a-z0-9_.-]{0,63}$"},
 }
 

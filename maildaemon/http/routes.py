@@ -10,12 +10,16 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from maildaemon.http import actions, console_api, probes, reads
+from maildaemon.http import actions, console_api, probes, reads, reports_api
+from maildaemon.http import webhook_actions as wh
 from maildaemon.http.keys import PREFIX
 from maildaemon.http.respond import Handler
 from maildaemon.operator import bodies, inbox, inputs, mailview
 from maildaemon.operator import views as v
+from maildaemon.operator import webhook_bodies as whb
 from maildaemon.store.operator import records
+from maildaemon.store.reports.records import Rates, ReportPage
+from maildaemon.store.webhooks import records as whr
 
 
 @dataclass(frozen=True)
@@ -312,5 +316,135 @@ OPERATIONS = (
         errors=(400, 404),
         tags=("dev inbox",),
         media_type="message/rfc822",
+    ),
+    # Reports after the relay's 250 (issue 19).
+    Op(
+        reports_api.list_reports,
+        "get",
+        f"{_P}/reports",
+        "Bounce, delay, complaint and other reports, newest first, with what each was "
+        "matched to (or why not) and what it did.",
+        ReportPage,
+        reports_api.REPORT_PARAMS,
+        errors=(400,),
+        tags=("reports",),
+    ),
+    Op(
+        reports_api.get_rates,
+        "get",
+        f"{_P}/reports/rates",
+        "Bounce and complaint rates per source and per recipient domain over a window.",
+        Rates,
+        reports_api.RATE_PARAMS,
+        errors=(400,),
+        tags=("reports",),
+    ),
+    Op(
+        reports_api.get_report_raw,
+        "get",
+        f"{_P}/reports/{{report_id}}/raw",
+        "One report as received (message/rfc822; cut at MAIL_BOUNCE_MAX_BYTES).",
+        bytes,
+        path_params=("report_id",),
+        errors=(400, 404),
+        tags=("reports",),
+        media_type="message/rfc822",
+    ),
+    # Added for webhooks (issue 20).
+    Op(
+        wh.list_endpoints,
+        "get",
+        f"{_P}/webhooks",
+        "Webhook endpoints with their backlog (never their secrets).",
+        whr.EndpointList,
+        tags=("webhooks",),
+    ),
+    Op(
+        wh.add,
+        "post",
+        f"{_P}/webhooks",
+        "Add a webhook endpoint; the answer shows its signing secret (whsec_…), only here.",
+        whr.EndpointSecret,
+        body=whb.WebhookAddBody,
+        errors=(400, 409),
+        tags=("webhooks",),
+    ),
+    Op(
+        wh.list_attempts,
+        "get",
+        f"{_P}/webhooks/{{endpoint_id}}/attempts",
+        "An endpoint's attempts, newest first: status, duration, error, the answer's start.",
+        whr.AttemptList,
+        (inputs.P_LIMIT,),
+        path_params=("endpoint_id",),
+        errors=(400,),
+        tags=("webhooks",),
+    ),
+    Op(
+        wh.disable,
+        "post",
+        f"{_P}/webhooks/{{endpoint_id}}/disable",
+        "Disable an endpoint: nothing is sent, its events wait (queued).",
+        whr.EndpointChange,
+        path_params=("endpoint_id",),
+        body=whb.WebhookActionBody,
+        errors=(400, 404),
+        tags=("webhooks",),
+    ),
+    Op(
+        wh.enable,
+        "post",
+        f"{_P}/webhooks/{{endpoint_id}}/enable",
+        "Enable an endpoint: its waiting events are due now, schedules start over.",
+        whr.EndpointChange,
+        path_params=("endpoint_id",),
+        body=whb.WebhookActionBody,
+        errors=(400, 404),
+        tags=("webhooks",),
+    ),
+    Op(
+        wh.remove,
+        "post",
+        f"{_P}/webhooks/{{endpoint_id}}/remove",
+        "Remove an endpoint and what waits for it.",
+        whr.EndpointChange,
+        path_params=("endpoint_id",),
+        body=whb.WebhookActionBody,
+        errors=(400, 404),
+        tags=("webhooks",),
+    ),
+    Op(
+        wh.rotate_secret,
+        "post",
+        f"{_P}/webhooks/{{endpoint_id}}/rotate-secret",
+        "A new signing secret (shown only here); the old one signs too for "
+        "MAIL_WEBHOOK_SECRET_GRACE.",
+        whr.EndpointSecret,
+        path_params=("endpoint_id",),
+        body=whb.WebhookActionBody,
+        errors=(400, 404),
+        tags=("webhooks",),
+    ),
+    Op(
+        wh.test,
+        "post",
+        f"{_P}/webhooks/{{endpoint_id}}/test",
+        "Queue a signed ping (type `ping`) for the endpoint.",
+        whr.EndpointChange,
+        path_params=("endpoint_id",),
+        body=whb.WebhookActionBody,
+        errors=(400, 404),
+        tags=("webhooks",),
+    ),
+    Op(
+        wh.replay,
+        "post",
+        f"{_P}/webhooks/{{endpoint_id}}/replay",
+        "Queue one event or a time range again for the endpoint (dry run: the count).",
+        whr.Replay,
+        path_params=("endpoint_id",),
+        body=whb.WebhookReplayBody,
+        errors=(400, 404),
+        tags=("webhooks",),
     ),
 )

@@ -13,6 +13,8 @@ from maildaemon.errors import RenderError
 from maildaemon.message.dkim import DkimSigner
 from maildaemon.message.mime import AttachmentPart, Mailbox, build_message, make_message_id
 from maildaemon.message.render import TemplateCatalog
+from maildaemon.returnpath import HEADER as REF_HEADER
+from maildaemon.returnpath import ReturnPath
 
 _OCTETS = "application/octet-stream"
 
@@ -21,9 +23,16 @@ class Composer:
     """Renders templates and builds MIME messages for one sender identity."""
 
     def __init__(
-        self, catalog: TemplateCatalog, sender: str, signer: DkimSigner | None = None
+        self,
+        catalog: TemplateCatalog,
+        sender: str,
+        signer: DkimSigner | None = None,
+        return_path: ReturnPath | None = None,
     ) -> None:
         self._catalog = catalog
+        # Adds the signed X-Maildaemon-Ref to every message (before DKIM signs it and the
+        # bytes are pinned), so a complaint that lost the envelope still finds its delivery.
+        self._return_path = return_path
         self._sender = sender
         self._signer = signer
         address = parseaddr(sender)[1]
@@ -77,7 +86,7 @@ class Composer:
                 subject=subject,
                 text=text,
                 html=html,
-                headers=_headers(cmd.get("headers")),
+                headers=self._headers(delivery_id, cmd.get("headers")),
                 attachments=[
                     AttachmentPart(
                         a["filename"],
@@ -94,6 +103,14 @@ class Composer:
         if self._signer is not None:
             message = self._signer.sign(message)
         return message_id, content_hash, message
+
+    def _headers(self, delivery_id: str, stored: Any) -> list[tuple[str, str]]:
+        headers = _headers(stored)
+        if self._return_path is None:
+            return headers
+        # The daemon's own tracking header: a producer's header of that name is dropped.
+        kept = [(n, v) for n, v in headers if n.lower() != REF_HEADER.lower()]
+        return [*kept, (REF_HEADER, self._return_path.token(delivery_id))]
 
 
 def _headers(stored: Any) -> list[tuple[str, str]]:

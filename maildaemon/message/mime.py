@@ -91,8 +91,9 @@ _BASE64_LINE = re.compile(rb".{1,76}", re.DOTALL)
 _ATTR_SAFE = "!#$&+^`|"
 _SIMPLE_FILENAME = re.compile(r"[ !#-\[\]-~]{1,60}")  # printable ASCII but '"' and '\'
 
-# Headers the builder writes itself; a custom header may not set them (the contract's list).
-RESERVED_HEADERS = limits.RESERVED_HEADERS
+# Headers the builder writes itself; a custom header may not set them (the contract's list,
+# but the tracking header, which the composer passes in as a custom header of its own).
+RESERVED_HEADERS = limits.RESERVED_HEADERS - {"x-maildaemon-ref"}
 
 
 @dataclass(frozen=True, slots=True)

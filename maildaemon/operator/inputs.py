@@ -181,6 +181,9 @@ def _int(low: int, high: int) -> Callable[[str, str], Any]:
     return convert
 
 
+enum_of, int_between = _enum, _int  # for query parameters declared beside their handler
+
+
 def _bool(value: str, name: str) -> bool:
     if value not in ("true", "false"):
         raise InvalidInput(f"{name}: must be true or false", field=name)

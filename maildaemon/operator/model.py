@@ -80,4 +80,6 @@ def delivery_detail(
         attempts=record.attempts,
         dead_letter=record.dead_letter,
         retry_plan=retry_plan(record, policy, now),
+        reports=record.reports,
+        late_outcomes=record.late_outcomes,
     )

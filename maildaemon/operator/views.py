@@ -7,13 +7,19 @@ the document cannot drift from the responses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import TypeAdapter
 
-from maildaemon.store.operator.records import Attempt, DeadLetter, Recipients
+from maildaemon.store.operator.records import (
+    Attempt,
+    DeadLetter,
+    LateOutcome,
+    Recipients,
+    ReportEntry,
+)
 
 # --- views -------------------------------------------------------------------------------
 
@@ -65,6 +71,9 @@ class DeliveryDetail:
     attempts: list[Attempt]
     dead_letter: DeadLetter | None
     retry_plan: RetryPlan
+    # Reports after the relay's 250 (bounces, delays, complaints) and what they did.
+    reports: list[ReportEntry] = field(default_factory=list)
+    late_outcomes: list[LateOutcome] = field(default_factory=list)
 
 
 # --- action results ----------------------------------------------------------------------

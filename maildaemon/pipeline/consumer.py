@@ -16,10 +16,9 @@ import logging
 import time
 from collections.abc import Callable
 
-import redis.asyncio as aioredis
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
-from redis.exceptions import ReadOnlyError, RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from maildaemon.config import Settings
 from maildaemon.contract.command import CommandPolicy, DeliveryCommand, Rejection
@@ -27,7 +26,13 @@ from maildaemon.contract.parsing import parse_entry, raw_entry_text
 from maildaemon.delivery import IntakeEntry, IntakeResult
 from maildaemon.errors import StoreRejected, StoreUnavailable
 from maildaemon.logs import event
-from maildaemon.pipeline.lifecycle import Lifecycle, unavailable
+from maildaemon.pipeline.lifecycle import (
+    REDIS_DOWN,
+    Lifecycle,
+    RedisClient,
+    redis_moving,
+    unavailable,
+)
 from maildaemon.pipeline.spans import command_spans
 from maildaemon.pipeline.stream_reader import BoundedBatch, BoundedReader, EntryCounter
 from maildaemon.pipeline.stream_wakeup import StreamWakeup
@@ -95,7 +100,7 @@ class StreamConsumer(Lifecycle):
     def __init__(
         self,
         settings: Settings,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         store: Store,
         policy: CommandPolicy,
         instruments: Instruments,
@@ -185,8 +190,9 @@ class StreamConsumer(Lifecycle):
                     idle = min(max(idle * 2, 0.002), s.consumer_block, IDLE_POLL_MAX)
                     await self.sleep(idle, wakeable=True)
             except ResponseError as exc:
-                if isinstance(exc, ReadOnlyError) or str(exc).startswith("UNBLOCKED"):
-                    # A demoted master (failover behind a fixed address): wait for the new.
+                if redis_moving(exc):
+                    # A failover (a demoted master behind a fixed address, a Cluster slot
+                    # between masters): wait for the new master.
                     await self._redis_unavailable(exc, backoff)
                     continue
                 if "NOGROUP" not in str(exc):
@@ -200,10 +206,10 @@ class StreamConsumer(Lifecycle):
                     group=s.consumer_group,
                 )
                 await self.ensure_group()
-            except RedisError as exc:
+            except REDIS_DOWN as exc:
                 await self._redis_unavailable(exc, backoff)
 
-    async def _redis_unavailable(self, exc: RedisError, backoff: Backoff) -> None:
+    async def _redis_unavailable(self, exc: Exception, backoff: Backoff) -> None:
         wait = backoff.next()
         unavailable(log, self._inst, "consumer", exc, wait)
         await self.sleep(wait)
@@ -252,7 +258,7 @@ class StreamConsumer(Lifecycle):
         self._observed_at = now
         try:
             observed = await self._read_lag()
-        except RedisError:  # a gauge is never worth stopping intake (e.g. stream deleted)
+        except REDIS_DOWN:  # a gauge is never worth stopping intake (e.g. stream deleted)
             return
         if observed is not None:
             self._inst.consumer_lag, self._inst.consumer_pending = observed
@@ -289,6 +295,8 @@ class StreamConsumer(Lifecycle):
             result = await self._commit(entries) if entries else IntakeResult()
             if result is None:  # stopping while PostgreSQL is down: leave them pending
                 return
+            if result.created:  # durable now: the scheduler may claim them during the XACK
+                self._on_committed()
             # Only now, with the batch committed, may the entries leave the pending list.
             # (Gone entries were trimmed from the stream before anyone took them in.)
             ids = [eid for eid, _ in batch.entries] + [eid for eid, _ in batch.oversize]
@@ -299,8 +307,6 @@ class StreamConsumer(Lifecycle):
             if span.get_span_context().is_valid:  # a tracer, not the no-op one
                 command_spans(self._tracer, result, span, started_ns)
         self._inst.intake_batch_duration_ms.record((time.perf_counter() - started) * 1000)
-        if result.created:
-            self._on_committed()
 
     def _oversize(self, entry_id: bytes, size: int) -> IntakeEntry:
         """The record of an entry too large to read: its text never left Redis."""

@@ -16,11 +16,9 @@ import logging
 import time
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from maildaemon.config import Settings
 from maildaemon.logs import event
-from maildaemon.pipeline.lifecycle import DEPENDENCY_DOWN, Periodic, unavailable
+from maildaemon.pipeline.lifecycle import DEPENDENCY_DOWN, Periodic, RedisClient, unavailable
 from maildaemon.store.pipeline.db import Store
 from maildaemon.telemetry import Instruments
 
@@ -34,7 +32,7 @@ class EventPublisher(Periodic):
     wakeable = True
 
     def __init__(
-        self, settings: Settings, store: Store, redis: aioredis.Redis, instruments: Instruments
+        self, settings: Settings, store: Store, redis: RedisClient, instruments: Instruments
     ) -> None:
         super().__init__(log, instruments, settings.event_publish_interval)
         self._s = settings

@@ -17,15 +17,41 @@ import contextlib
 import logging
 from typing import Any
 
-from redis.exceptions import RedisError
+import redis.asyncio as aioredis
+from redis.exceptions import (
+    AskError,
+    ClusterError,
+    ReadOnlyError,
+    RedisClusterException,
+    RedisError,
+    TryAgainError,
+)
 
 from maildaemon.errors import StoreUnavailable
 from maildaemon.logs import event
 from maildaemon.retry import Backoff
 from maildaemon.telemetry import Instruments
 
+# The client every component takes: one Redis (direct or through Sentinel) or a Cluster.
+RedisClient = aioredis.Redis | aioredis.RedisCluster
+# What a Redis call may raise when Redis is down or moving (a Cluster's slots uncovered
+# during a failover raise RedisClusterException, which is not a RedisError).
+REDIS_DOWN: tuple[type[Exception], ...] = (RedisError, RedisClusterException)
+_MOVING_REPLIES = ("UNBLOCKED", "CLUSTERDOWN", "TRYAGAIN", "MOVED", "ASK", "LOADING", "MASTERDOWN")
+
+
+def redis_moving(exc: Exception) -> bool:
+    """Whether an error reply means "Redis is changing, ask again soon" rather than a
+    fault of the request: a demoted master (READONLY), a blocked call cut by a failover
+    (UNBLOCKED), a Cluster slot without a master (CLUSTERDOWN) or migrating (TRYAGAIN, a
+    MOVED/ASK redis-py did not follow), a server still loading its data."""
+    if isinstance(exc, (ReadOnlyError, ClusterError, AskError, TryAgainError)):
+        return True
+    return isinstance(exc, RedisError) and str(exc).startswith(_MOVING_REPLIES)
+
+
 # What a tick may raise that means "a dependency is down, try again later".
-DEPENDENCY_DOWN: tuple[type[Exception], ...] = (StoreUnavailable, RedisError)
+DEPENDENCY_DOWN: tuple[type[Exception], ...] = (StoreUnavailable, *REDIS_DOWN)
 _EVENT_NAMES = {"postgres": "postgres unavailable", "redis": "redis unavailable"}
 
 
@@ -41,7 +67,7 @@ def unavailable(
 ) -> None:
     """Count and log that ``component`` found PostgreSQL (a ``StoreUnavailable``) or Redis
     (a ``RedisError``) down and will try again in ``retry_in_s`` seconds."""
-    if isinstance(exc, RedisError):
+    if isinstance(exc, REDIS_DOWN):
         inst.redis_unavailable.add(1, {"component": component})
         name, error = _EVENT_NAMES["redis"], repr(exc)
     else:

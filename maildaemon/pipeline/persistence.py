@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from maildaemon.logs import event
+from maildaemon.pipeline.lifecycle import REDIS_DOWN, RedisClient
 from maildaemon.telemetry import Instruments
 
 log = logging.getLogger("maildaemon.redis")
@@ -24,12 +25,15 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-async def redis_persistence(redis: aioredis.Redis) -> tuple[bool | None, str | None]:
-    """(AOF on?, appendfsync) — (None, None) when Redis will not say."""
+async def redis_persistence(redis: RedisClient) -> tuple[bool | None, str | None]:
+    """(AOF on?, appendfsync) — (None, None) when Redis will not say. In a Cluster every
+    master is asked: AOF counts as on only when it is on for all of them."""
     try:
+        if isinstance(redis, aioredis.RedisCluster):
+            return await _cluster_persistence(redis)
         conf = {_text(k): _text(v) for k, v in (await redis.config_get("append*")).items()}
         return conf.get("appendonly") == "yes", conf.get("appendfsync")
-    except RedisError:
+    except REDIS_DOWN:
         pass
     try:
         info = await redis.info("persistence")
@@ -40,7 +44,18 @@ async def redis_persistence(redis: aioredis.Redis) -> tuple[bool | None, str | N
     return bool(int(info["aof_enabled"])), None
 
 
-async def check_redis_persistence(redis: aioredis.Redis, instruments: Instruments) -> None:
+async def _cluster_persistence(redis: aioredis.RedisCluster) -> tuple[bool, str | None]:
+    answers: dict[Any, Any] = await redis.config_get(
+        "append*", target_nodes=aioredis.RedisCluster.PRIMARIES
+    )
+    # {node name: its answer} from each master (one master: its answer alone).
+    per_node = [v for v in answers.values() if isinstance(v, dict)] or [answers]
+    confs = [{_text(k): _text(v) for k, v in conf.items()} for conf in per_node]
+    fsyncs = sorted({c.get("appendfsync", "") for c in confs} - {""})
+    return all(c.get("appendonly") == "yes" for c in confs), ",".join(fsyncs) or None
+
+
+async def check_redis_persistence(redis: RedisClient, instruments: Instruments) -> None:
     """Log (and count) a Redis that would lose the command stream on a restart."""
     aof, fsync = await redis_persistence(redis)
     if aof is None:

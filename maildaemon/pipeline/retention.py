@@ -50,6 +50,7 @@ class RetentionWorker(Periodic):
                 self._s.retention_batch_size,
                 self._s.delivery_retention,
                 self._s.malformed_retention,
+                self._s.bounce_report_retention,
             )
             for kind, count in deleted.items():
                 total[kind] = total.get(kind, 0) + count

@@ -151,7 +151,7 @@ class Scheduler(Lifecycle):
                 await self.sleep(wait)
                 continue
             await self._observe_backlog()
-            if claimed < min(free, self._s.scheduler_batch_size):
+            if claimed < min(free, self._s.scheduler_batch_size) and not self._wake.is_set():
                 await self.sleep(await self._idle_for(), wakeable=True)
 
     async def _observe_backlog(self) -> None:
@@ -244,7 +244,11 @@ class Scheduler(Lifecycle):
         # notification body of short paragraphs takes seconds): in a thread, the loop keeps
         # serving SMTP sessions, intake and HTTP meanwhile.
         fresh = [c for c in live if c.rendered is None]
-        renders = await asyncio.to_thread(self._render_all, fresh, now) if fresh else {}
+        # The suppression lookup runs while the thread renders.
+        renders, suppressions = await asyncio.gather(
+            asyncio.to_thread(self._render_all, fresh, now) if fresh else _nothing(),
+            self._store.active_suppressions(a for c in live for a in c.envelope_recipients()),
+        )
         for claim in live:
             message = claim.rendered
             if message is None:
@@ -258,7 +262,7 @@ class Scheduler(Lifecycle):
         if pins:
             lost = await self._pin(pins)
             ready = [(c, m) for c, m in ready if c.delivery_id not in lost]
-        jobs = await self._jobs(ready, finished, now)
+        jobs = self._jobs(ready, suppressions, finished, now)
         return jobs, finished
 
     async def _prepare_apart(
@@ -346,16 +350,14 @@ class Scheduler(Lifecycle):
             )
         return lost
 
-    async def _jobs(
+    def _jobs(
         self,
         ready: list[tuple[ClaimedDelivery, bytes]],
+        suppressions: dict[str, str],
         finished: list[AttemptResult],
         now: datetime,
     ) -> list[Job]:
         """Jobs for the workers; deliveries with nobody left to send to end here."""
-        suppressions = await self._store.active_suppressions(
-            a for c, _ in ready for a in c.envelope_recipients()
-        )
         jobs: list[Job] = []
         for claim, message in ready:
             rcpts = claim.envelope_recipients()
@@ -372,3 +374,7 @@ class Scheduler(Lifecycle):
             else:
                 jobs.append(Job(claim, message, remaining, suppressed))
         return jobs
+
+
+async def _nothing() -> dict[str, RenderedPin | AttemptResult]:
+    return {}

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-import redis.asyncio as aioredis
+from maildaemon.pipeline.lifecycle import RedisClient
 
 # KEYS[1] stream; ARGV: group, consumer, max_count, budget, max_entry, reclaim_idle_ms (-1:
 # no reclaim), then ids already pending for this consumer (deferred earlier).
@@ -114,7 +114,7 @@ class BoundedReader:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         stream: str,
         group: str,
         consumer: str,
@@ -183,7 +183,7 @@ class EntryCounter:
     The count is exact below both caps and a lower bound at either (enough for a lag
     gauge whose alert threshold lies well below the cap)."""
 
-    def __init__(self, redis: aioredis.Redis, stream: str, *, cap: int, byte_cap: int) -> None:
+    def __init__(self, redis: RedisClient, stream: str, *, cap: int, byte_cap: int) -> None:
         self._stream = stream
         self._cap = cap
         self._byte_cap = byte_cap

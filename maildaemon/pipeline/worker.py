@@ -35,9 +35,10 @@ from maildaemon.pipeline.jobs import Job, JobQueue
 from maildaemon.pipeline.results import ResultWriter, Trail
 from maildaemon.pipeline.spans import SmtpPhases, attempt_span, describe_result, transaction_span
 from maildaemon.retry import RetryPolicy
+from maildaemon.returnpath import from_settings as return_path_of
 from maildaemon.sending.destination import Destination, is_unreachable
 from maildaemon.sending.outcomes import from_error, from_report
-from maildaemon.sending.pipelined import PipeliningConnection
+from maildaemon.sending.pipelined import Envelope, PipeliningConnection
 from maildaemon.sending.ratelimit import RateLimiter
 from maildaemon.sending.reply import SendReport
 from maildaemon.telemetry import Instruments
@@ -68,6 +69,7 @@ class AttemptWorker:
         self._conn = PipeliningConnection(settings, context, lambda: queue.accepting)
         self._conn.phase = self._phases
         self._sender = sender
+        self._return_path = return_path_of(settings)
         self._queue = queue
         self._results = results
         self._policy = policy
@@ -115,7 +117,16 @@ class AttemptWorker:
         finally:
             await asyncio.shield(self._conn.close())
 
-    def _take_next(self) -> tuple[str, tuple[str, ...], bytes] | None:
+    def _envelope(self, job: Job) -> Envelope:
+        """The job's envelope: with MAIL_BOUNCE_DOMAIN, its own signed sender, and its
+        token as the DSN envelope id; else the one configured sender, no DSN asked for."""
+        if self._return_path is None:
+            return self._sender, job.recipients, job.message, None
+        delivery_id = job.claim.delivery_id
+        sender = self._return_path.sender(delivery_id)
+        return sender, job.recipients, job.message, self._return_path.token(delivery_id)
+
+    def _take_next(self) -> Envelope | None:
         """Take the next job now, for its envelope to go behind this message's data."""
         if self._ahead is not None or not self._dest.up:
             return None
@@ -123,7 +134,7 @@ class AttemptWorker:
         if job is None:
             return None
         self._ahead = job
-        return self._sender, job.recipients, job.message
+        return self._envelope(job)
 
     async def _within_window(self, recorded: asyncio.Future[bool]) -> None:
         """Keep ``recorded`` among this worker's uncommitted results; wait (shielded: the
@@ -147,7 +158,7 @@ class AttemptWorker:
         started_ns = self._phases.begin()
         try:
             async with asyncio.timeout(self._s.smtp_timeout):
-                report = await self._conn.send(self._sender, job.recipients, job.message)
+                report = await self._conn.send(*self._envelope(job))
         except TimeoutError:
             in_data = self._conn.in_data
             self._conn.abort()

@@ -50,15 +50,21 @@ from maildaemon.errors import (
 from maildaemon.sending.reply import Reply, SendReport
 from maildaemon.sending.session import LinkLost, OutOfStep, ReplyReader, Session
 from maildaemon.sending.size import mail_parameter
-from maildaemon.sending.smtp import SmtpConnection, _StaleConnection, envelope
+from maildaemon.sending.smtp import (
+    SmtpConnection,
+    _StaleConnection,
+    dsn_mail,
+    dsn_rcpt,
+    envelope,
+)
 
 # A kept-open connection idle longer than this is probed with NOOP before a BDAT flight,
 # so that a server that has just timed it out does not turn the message into "unknown".
 IDLE_PROBE_S = 5.0
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 
-# What the worker may send next on this connection: (sender, recipients, message).
-Envelope = tuple[str, Sequence[str], bytes]
+# What the worker may send next on this connection: (sender, recipients, message, envid).
+Envelope = tuple[str, Sequence[str], bytes, str | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +81,17 @@ def _address(prefix: bytes, address: str, parameters: bytes = b"") -> bytes:
     if _CONTROL.search(encoded):
         raise PermanentTransportError(f"address cannot be sent over SMTP: {address!r}")
     return prefix + encoded + b">" + parameters + b"\r\n"
+
+
+def _envelope_commands(session: Session, sending: Envelope, size: bytes) -> list[bytes]:
+    """MAIL FROM and one RCPT TO per recipient, with DSN parameters when the server offers
+    DSN and the envelope has an id."""
+    sender, recipients, _, envid = sending
+    commands = [_address(b"MAIL FROM:<", sender, size + dsn_mail(envid, session.dsn))]
+    commands.extend(
+        _address(b"RCPT TO:<", rcpt, dsn_rcpt(rcpt, envid, session.dsn)) for rcpt in recipients
+    )
+    return commands
 
 
 class PipeliningConnection(SmtpConnection):
@@ -115,7 +132,7 @@ class PipeliningConnection(SmtpConnection):
         super().abort()
 
     async def _send_once(
-        self, sender: str, recipients: Sequence[str], message: bytes
+        self, sender: str, recipients: Sequence[str], message: bytes, envid: str | None = None
     ) -> SendReport:
         fresh = False
         unopened = self._client is None or not self._client.is_connected
@@ -128,11 +145,12 @@ class PipeliningConnection(SmtpConnection):
             else:
                 self._client = client
         if self._session is None:
-            return await super()._send_once(sender, recipients, message)
+            return await super()._send_once(sender, recipients, message, envid)
         report = SendReport()
         started = time.perf_counter()
         # in_data stays as it is when this raises: the worker's timeout reads it.
-        await self._transaction(self._session, fresh, sender, recipients, message, report)
+        sending = (sender, recipients, message, envid)
+        await self._transaction(self._session, fresh, sending, report)
         self.in_data = False
         report.duration_ms = (time.perf_counter() - started) * 1000
         return report
@@ -141,12 +159,11 @@ class PipeliningConnection(SmtpConnection):
         self,
         session: Session,
         fresh: bool,
-        sender: str,
-        recipients: Sequence[str],
-        message: bytes,
+        sending: Envelope,
         report: SendReport,
     ) -> None:
         self.in_data = False
+        _, recipients, message, _ = sending
         reader = session.reader
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
@@ -161,8 +178,7 @@ class PipeliningConnection(SmtpConnection):
         size = mail_parameter(message, session.size_limit)
         self.stage = "mail"  # the whole flight: MAIL, RCPT, DATA or BDAT
         commands = [b"RSET\r\n"] if session.dirty else []
-        commands.append(_address(b"MAIL FROM:<", sender, size))
-        commands.extend(_address(b"RCPT TO:<", rcpt) for rcpt in recipients)
+        commands.extend(_envelope_commands(session, sending, size))
         flight = _Flight(len(commands) - len(recipients) - 1, recipients)
         session.dirty = True
         if session.chunking:
@@ -206,11 +222,10 @@ class PipeliningConnection(SmtpConnection):
         taken = self.lookahead()
         if taken is None:
             return None
-        sender, recipients, message = taken
+        _, recipients, message, _ = taken
         try:
             size = mail_parameter(message, session.size_limit)
-            commands = [_address(b"MAIL FROM:<", sender, size)]
-            commands.extend(_address(b"RCPT TO:<", rcpt) for rcpt in recipients)
+            commands = _envelope_commands(session, taken, size)
         except TransportError:  # it fails on its own when it is sent (too large, bad address)
             return None
         commands.append(b"DATA\r\n")

@@ -126,9 +126,12 @@ class ReplyReader(asyncio.Protocol):
 class Session:
     """A connection after STARTTLS, EHLO and AUTH, whose replies ``ReplyReader`` reads."""
 
-    def __init__(self, reader: ReplyReader, chunking: bool, size_limit: int | None) -> None:
+    def __init__(
+        self, reader: ReplyReader, chunking: bool, size_limit: int | None, dsn: bool = False
+    ) -> None:
         self.reader = reader
         self.chunking = chunking
+        self.dsn = dsn  # the server offers DSN (RFC 3461): RET/ENVID, NOTIFY/ORCPT may go
         self.size_limit = size_limit  # the server's SIZE (RFC 1870), when it offers it
         self.dirty = False  # a transaction was left half-way: RSET leads the next flight
 
@@ -138,12 +141,13 @@ class Session:
         transport = cast(asyncio.Transport, client.transport)
         chunking = client.supports_extension("chunking")
         size_limit = advertised_limit(client.esmtp_extensions)
+        dsn = client.supports_extension("dsn")
         reader = ReplyReader(transport)
         transport.set_protocol(reader)
         client.protocol = None
         client.transport = None
         client.close()  # resets aiosmtplib's state; the transport is ours now
-        return cls(reader, chunking, size_limit)
+        return cls(reader, chunking, size_limit, dsn)
 
     async def quit(self) -> None:
         try:

@@ -29,6 +29,7 @@ from maildaemon.errors import (
     UnknownOutcome,
 )
 from maildaemon.logs import event
+from maildaemon.returnpath import xtext
 from maildaemon.sending.reply import Reply, SendReport, storable_text
 from maildaemon.sending.size import advertised_limit, mail_parameter
 
@@ -65,6 +66,23 @@ def envelope(address: str) -> bytes:
         return canonical_address(address).encode("ascii")
     except (AddressError, UnicodeError) as exc:
         raise PermanentTransportError(f"address cannot be sent over SMTP: {address!r}") from exc
+
+
+def dsn_mail(envid: str | None, offered: bool) -> bytes:
+    """MAIL FROM's RFC 3461 parameters: headers only in a report, the envelope id; nothing
+    when the server does not offer DSN or no envelope id is given."""
+    if envid is None or not offered:
+        return b""
+    return b" RET=HDRS ENVID=" + xtext(envid).encode("ascii")
+
+
+def dsn_rcpt(rcpt: str, envid: str | None, offered: bool) -> bytes:
+    """RCPT TO's RFC 3461 parameters: report failures and delays, with the address as given."""
+    if envid is None or not offered:
+        return b""
+    return b" NOTIFY=FAILURE,DELAY ORCPT=rfc822;" + xtext(envelope(rcpt).decode("ascii")).encode(
+        "ascii"
+    )
 
 
 class SmtpConnection:
@@ -200,20 +218,25 @@ class SmtpConnection:
         if self._client is None or not self._client.is_connected:
             self._client = await self._connect()
 
-    async def send(self, sender: str, recipients: Sequence[str], message: bytes) -> SendReport:
-        """Send one message; reconnects once if the kept-open link turned out to be dead."""
+    async def send(
+        self, sender: str, recipients: Sequence[str], message: bytes, envid: str | None = None
+    ) -> SendReport:
+        """Send one message; reconnects once if the kept-open link turned out to be dead.
+
+        ``envid``: ask for delivery status notifications (RFC 3461) with this envelope id,
+        when the server offers DSN."""
         try:
-            return await self._send_once(sender, recipients, message)
+            return await self._send_once(sender, recipients, message, envid)
         except _StaleConnection:
             self.abort()
             try:
-                return await self._send_once(sender, recipients, message)
+                return await self._send_once(sender, recipients, message, envid)
             except _StaleConnection as exc:
                 self.abort()
                 raise TransientTransportError(f"connection lost before DATA: {exc}") from exc
 
     async def _send_once(
-        self, sender: str, recipients: Sequence[str], message: bytes
+        self, sender: str, recipients: Sequence[str], message: bytes, envid: str | None = None
     ) -> SendReport:
         self.in_data = False
         fresh = self._client is None or not self._client.is_connected
@@ -224,6 +247,7 @@ class SmtpConnection:
         if self._may_begin is not None and not self._may_begin():
             raise NotBegun("stopping: no new SMTP transaction begins")
         size = mail_parameter(message, advertised_limit(client.esmtp_extensions))
+        dsn = client.supports_extension("dsn")
         report = SendReport()
         started = time.perf_counter()
         try:
@@ -234,14 +258,18 @@ class SmtpConnection:
             self.stage = "mail"
             # MAIL and RCPT through execute_command with pre-encoded addresses: the
             # client's own mail()/rcpt() re-parse every address with email.utils.
-            resp = await client.execute_command(b"MAIL", b"FROM:<" + envelope(sender) + b">" + size)
+            resp = await client.execute_command(
+                b"MAIL", b"FROM:<" + envelope(sender) + b">" + size + dsn_mail(envid, dsn)
+            )
             if resp.code != 250:
                 await self._reset(client)
                 report.data_refused = Reply(resp.code, resp.message)
                 return report
             self.stage = "rcpt"
             for rcpt in recipients:
-                resp = await client.execute_command(b"RCPT", b"TO:<" + envelope(rcpt) + b">")
+                resp = await client.execute_command(
+                    b"RCPT", b"TO:<" + envelope(rcpt) + b">" + dsn_rcpt(rcpt, envid, dsn)
+                )
                 if resp.code in (250, 251):
                     report.accepted[rcpt] = Reply(resp.code, resp.message)
                 elif resp.code >= 500:

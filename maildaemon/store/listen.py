@@ -14,14 +14,19 @@ from maildaemon.store.pgerrors import _UNAVAILABLE, translate_errors
 
 @contextlib.asynccontextmanager
 async def listen(
-    pool: asyncpg.Pool, channel: str, callback: Callable[[], None], dsn: str | None = None
+    pool: asyncpg.Pool,
+    channel: str,
+    callback: Callable[[], None],
+    dsn: str | None = None,
+    ignore: str | None = None,
 ) -> AsyncIterator[asyncio.Event]:
     """LISTEN on a dedicated connection for as long as the context is open: one of the
     pool's, or with ``dsn`` a direct session of its own (behind PgBouncer in
     transaction pooling a LISTEN is lost with its server connection).
 
     Yields an event that is set when the connection is lost (the server restarted, the
-    backend was terminated): the caller then leaves the block and listens again."""
+    backend was terminated): the caller then leaves the block and listens again. A
+    notification whose payload is ``ignore`` is not passed on."""
     async with translate_errors("listen"):
         conn: Any = (
             await asyncpg.connect(
@@ -32,8 +37,9 @@ async def listen(
         )
     lost = asyncio.Event()
 
-    def _on_notify(*_: Any) -> None:
-        callback()
+    def _on_notify(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        if ignore is None or payload != ignore:
+            callback()
 
     def _on_lost(*_: Any) -> None:
         lost.set()

@@ -18,6 +18,11 @@ from typing import Any
 import pytest
 
 from maildaemon.devstack.smtp_sink import SmtpSink
+from maildaemon.pipeline.reports import ReportIntake
+from maildaemon.reports.model import Incoming
+from maildaemon.store.pipeline.db import Store
+from maildaemon.store.reports.db import ReportStore
+from tests import reports_corpus
 from tests.integration.test_api import TOKEN, MakeSettings, settings_for
 from tests.support import Db, command, running_app, xadd
 
@@ -217,11 +222,38 @@ def scenario_dev_inbox(p: Page) -> None:
     p.shot("dev-inbox-message")
 
 
+def scenario_reports(p: Page) -> None:
+    p.open("#/reports")
+    p.text_is("table.reports tbody", lambda t: "complaint" in t and "find-me" in t)
+    p.text_is("table.rates tbody", lambda t: "authsession" in t)
+    p.shot("reports")
+    p.find("table.reports tbody a").click()
+    p.text_is("#delivery-status", lambda t: t == "sent")
+    p.text_is("table.reports tbody", lambda t: "complained and suppressed" in t)
+
+
+async def _complaint(settings: Any, original: bytes) -> None:
+    """An ARF complaint about ``find-me``, through the daemon's report path."""
+    store = await Store.open(settings.dsn, min_size=1, max_size=1)
+    try:
+        raw = reports_corpus.arf(original)
+        await ReportIntake(settings, ReportStore(store.pool)).take(
+            Incoming(raw, "ingest", None, (), len(raw))
+        )
+    finally:
+        await store.close()
+
+
 async def test_console_in_a_real_browser(
     browser: Any, make_settings: MakeSettings, smtp_sink: SmtpSink, tmp_path: Path
 ) -> None:
     smtp_sink.behaviour.rcpt_replies["bob@example.com"] = ["452 4.2.2 mailbox full"] * 2
-    settings = settings_for(make_settings, retry_ladder="0.2s")
+    settings = settings_for(
+        make_settings,
+        retry_ladder="0.2s",
+        bounce_domain="bounces.test.example",
+        bounce_secret="s3cret-for-the-bounce-tests",
+    )
     db = Db(settings.dsn)
     shots = tmp_path / "screenshots"
     shots.mkdir()
@@ -258,6 +290,8 @@ async def test_console_in_a_real_browser(
         await db.wait_status("find-me", "sent")
         await db.wait_status("xss-1", "sent")
         await db.wait_status("dl-1", "dead_letter")
+        found = [m.data for m in smtp_sink.messages if b"Hello Carol" in m.data]
+        await _complaint(settings, found[0])
         page = Page(browser, f"http://127.0.0.1:{app.http_port}", shots)
         for scenario in (
             scenario_overview,
@@ -265,6 +299,7 @@ async def test_console_in_a_real_browser(
             scenario_hostile_subject,
             scenario_requeue_dead_letter,
             scenario_dev_inbox,
+            scenario_reports,
         ):
             try:
                 await asyncio.to_thread(scenario, page)
@@ -291,5 +326,6 @@ async def test_console_in_a_real_browser(
             "requeued",
             "dev-inbox",
             "dev-inbox-message",
+            "reports",
         )
     )

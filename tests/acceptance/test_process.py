@@ -15,6 +15,7 @@ import aiohttp
 import aiosmtplib
 import psycopg
 import pytest
+import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
 from maildaemon.devstack.postgres import pick_free_port
@@ -324,6 +325,18 @@ async def test_dev_stack_comes_up_and_its_smtp_server_offers_starttls(tmp_path: 
             text = await response.text()
         names = {f.name for f in text_string_to_metric_families(text)}
         assert {"mail_attempt_schedule_depth", "mail_stream_consumer_lag"} <= names
+        # The bounce loop: mail to bounce@ is taken by the sink, which reports it back a
+        # moment later to the report listener: the delivery ends bounced.
+        assert values["MAIL_BOUNCE_DOMAIN"] and values["MAIL_BOUNCE_LISTEN_ADDR"]
+        redis_host, redis_port = values["MAIL_REDIS_MASTER_ADDR"].rsplit(":", 1)
+        r = aioredis.Redis(host=redis_host, port=int(redis_port))
+        try:
+            doc = command("dev-bounce", to=[{"address": "bounce@example.com"}])
+            await r.xadd("mail:delivery_commands", {"command": json.dumps(doc)})
+        finally:
+            await r.aclose()
+        db = Db(values["MAIL_POSTGRES_PRIMARY_DSN"])
+        await db.wait_status("dev-bounce", "bounced", timeout=30)
     finally:
         proc.send_signal(signal.SIGINT)
         code = await asyncio.wait_for(proc.wait(), 30)

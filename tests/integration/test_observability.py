@@ -24,10 +24,15 @@ from maildaemon.app import App
 from maildaemon.config import Settings
 from maildaemon.devstack.smtp_sink import SmtpSink
 from maildaemon.logs import JsonFormatter
+from maildaemon.operator import webhooks as webhook_ops
+from maildaemon.store.operator.records import Actor
+from maildaemon.store.pipeline.db import Store
+from maildaemon.store.webhooks.admin import WebhookAdmin
 from maildaemon.telemetry import Telemetry
 from tests.conftest import REPO
 from tests.support import Db, command, wait_for, xadd
 from tests.unit.test_runbook import RUNBOOK_METRICS, prometheus_name
+from tests.webhook_receiver import Receiver
 
 MakeSettings = Callable[..., Settings]
 
@@ -207,14 +212,36 @@ async def test_metrics_endpoint_serves_prometheus_text(
     metric the Grafana dashboard and the alert rules in deploy/ query."""
     smtp_sink.behaviour.rcpt_replies["gone@example.com"] = ["550 5.1.1 unknown user"]
     smtp_sink.behaviour.rcpt_replies["busy@example.com"] = ["450 4.2.1 busy"] * 2
-    settings = make_settings(metrics_prometheus=True, retry_ladder="0.1s", retry_jitter=0)
+    settings = make_settings(
+        metrics_prometheus=True,
+        retry_ladder="0.1s",
+        retry_jitter=0,
+        webhook_allow_http=True,
+        webhook_allowed_networks="127.0.0.0/8",
+        webhook_retry_ladder="0.1s,0.1s,0.1s",
+        webhook_poll_interval="0.1s",
+    )
     db = Db(settings.dsn)
+    receiver = Receiver(plan=[500])  # one failed webhook attempt, then accepted
+    await receiver.start()
     async with daemon(settings, Telemetry(prometheus=True)) as app:
+        store = await Store.open(settings.dsn, min_size=1, max_size=2)
+        try:
+            await webhook_ops.add(
+                WebhookAdmin(store.pool),
+                webhook_ops.TargetRules(True, ("127.0.0.0/8",), 60.0),
+                receiver.url, None, None, Actor("t"), None,
+            )  # fmt: skip
+        finally:
+            await store.close()
         docs = [command("m-ok"), command("m-gone", to=["gone@example.com"])]
         await xadd(settings, *docs, command("m-busy", to=["busy@example.com"]), "{")
         await db.wait_status("m-ok", "sent")
         await db.wait_status("m-gone", "suppressed")
         await db.wait_status("m-busy", "dead_letter")
+        await wait_for(lambda: asyncio.sleep(0, len(receiver.accepted()) >= 3))
+        await wait_for(lambda: asyncio.sleep(0, app.telemetry.instruments.webhooks.backlog != {}))
+        await receiver.stop()
         url = f"http://127.0.0.1:{app.http_port}/metrics"
         async with aiohttp.ClientSession() as http, http.get(url) as response:
             assert response.status == 200

@@ -33,7 +33,7 @@ def message(i: int) -> bytes:
 
 
 def envelopes(n: int) -> list[Envelope]:
-    return [(SENDER, (f"r{i}@example.com",), message(i)) for i in range(n)]
+    return [(SENDER, (f"r{i}@example.com",), message(i), None) for i in range(n)]
 
 
 class Worker:

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import redis
 import trustme
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from maildaemon.config import Settings
 from maildaemon.errors import StartupError
@@ -80,6 +82,9 @@ async def test_redis_tls_refuses_an_unknown_ca_and_a_missing_client_certificate(
                 pass
         no_cert = make_settings(redis_master_addr=addr, redis_tls_ca_file=client.ca)
         conn = redis_client(no_cert)
+        # The refusal is immediate; without this the client's own retries with backoff
+        # take about 50 s to give up on it.
+        conn.set_retry(Retry(NoBackoff(), 0))
         with pytest.raises(redis.RedisError):
             await conn.ping()
         await conn.aclose()

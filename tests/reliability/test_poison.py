@@ -247,10 +247,16 @@ async def test_a_fault_inside_one_send_retries_that_delivery_and_spares_the_work
     retried on the ladder to its end; every other delivery goes out on the same workers."""
     original = PipeliningConnection.send
 
-    async def send(self: PipeliningConnection, sender: str, rcpts: Any, message: bytes) -> Any:
+    async def send(
+        self: PipeliningConnection,
+        sender: str,
+        rcpts: Any,
+        message: bytes,
+        envid: str | None = None,
+    ) -> Any:
         if "boom@example.com" in rcpts:
             raise ValueError("reply line the client cannot parse")
-        return await original(self, sender, rcpts, message)
+        return await original(self, sender, rcpts, message, envid)
 
     monkeypatch.setattr(PipeliningConnection, "send", send)
     settings = make_settings(attempt_worker_concurrency=1)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from typing import Any
-from unittest import mock
 from urllib.parse import quote, unquote
 
 import pytest
@@ -14,26 +12,12 @@ from maildaemon.config import load_settings
 from maildaemon.config_values import parse_duration, split_host_port
 from maildaemon.errors import ConfigError
 from maildaemon.redaction import normalize_dsn, redact_dsn
-
-DSN = "postgresql://mail:s3cret@db.example:5432/mail"
-
-
-@pytest.fixture(autouse=True)
-def clean_env() -> Iterator[None]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAIL_")}
-    with mock.patch.dict(os.environ, env, clear=True):
-        yield
-
-
-def settings(**env: str) -> object:
-    os.environ.update({"MAIL_POSTGRES_PRIMARY_DSN": DSN, "MAIL_SMTP_MODE": "stub", **env})
-    return load_settings(_env_file=None)
-
-
-def problem(**env: str) -> str:
-    with pytest.raises(ConfigError) as info:
-        settings(**env)
-    return str(info.value)
+from tests.unit.settings_env import (
+    DSN,
+    clean_env,  # noqa: F401  (autouse fixture)
+    problem,
+    settings,
+)
 
 
 def test_defaults() -> None:

@@ -40,7 +40,7 @@ def prometheus_name(metric: str) -> str:
 
 def code_metrics() -> set[str]:
     """Every instrument the daemon creates (their names are string literals in telemetry)."""
-    source = (PACKAGE / "telemetry.py").read_text()
+    source = (PACKAGE / "telemetry.py").read_text() + (PACKAGE / "webhook_telemetry.py").read_text()
     pattern = r'(?:counter|histogram|observable_gauge)\(\s*"(mail\.[^"]+)"'
     return set(re.findall(pattern, source))
 

@@ -288,6 +288,7 @@ async function delivery(id) {
       ["gives up at", when(plan.gives_up_at)], ["ladder step", String(plan.ladder_step)],
       ["paused", plan.paused ? "yes: sending is paused for its source" : "no"]]),
     h("h3", {}, "Attempts"), attempts,
+    (d.reports || []).length ? [h("h3", {}, "Reports after delivery"), reportsTable(d.reports)] : null,
     dl ? [h("h3", {}, "Dead letter"), fields([["since", when(dl.created_at)], ["last status", dl.last_status],
       ["last reply", dl.last_reply_code ? dl.last_reply_code + " " + (dl.last_reply_text || "") : null],
       ["reviewed", dl.reviewed_at ? `${when(dl.reviewed_at)} by ${dl.reviewed_by}: ${dl.review_note}` : "no"],
@@ -476,6 +477,43 @@ async function traceLookup(id, box) {
   } catch (e) { box.replaceChildren(failed(e)); }
 }
 
+// --- reports (bounces, delays, complaints) --------------------------------------------------
+
+function rawLink(r) {
+  return h("button", { type: "button", onclick: () => download("/reports/" + r.report_id + "/raw", "report-" + r.report_id + ".eml") }, "raw");
+}
+
+function reportsTable(reports) {
+  return table(["report", "received", "kind", "match", "recipient", "status", "diagnostic", "effect", ""],
+    reports.flatMap((r) => (r.recipients.length ? r.recipients : [{}]).map((x) => [String(r.report_id), when(r.received_at), r.kind,
+      r.match_status, x.address, x.status, x.diagnostic, x.effect || r.detail, rawLink(r)])), "reports");
+}
+
+async function reports() {
+  const p = params();
+  const form = h("form", { class: "filters", role: "search" },
+    select("r-match", "Match status", ["", "matched", "unmatched", "bad_token", "unparseable"], p.match_status || ""),
+    select("r-kind", "Kind", ["", "bounce", "delay", "complaint", "auto_reply", "unknown"], p.kind || ""),
+    h("button", { type: "submit", class: "primary" }, "Filter"));
+  form.addEventListener("submit", (ev) => { ev.preventDefault(); const v = (id) => document.getElementById(id).value; go("#/reports", { match_status: v("r-match"), kind: v("r-kind") }); });
+  const results = h("div", { id: "results" }, h("p", {}, "Loading…"));
+  const rates = h("div", { id: "rates" });
+  show(h("h2", {}, "Reports (bounces, delays, complaints)"), form, results, h("h3", {}, "Rates, last 24 hours"), rates);
+  api("GET", "/reports/rates" + qs({ hours: 24 })).then((r) => {
+    const pct = (x) => (x === null ? "–" : (100 * x).toFixed(2) + " %");
+    const rows = (list) => list.map((x) => [x.key, String(x.sent), String(x.bounced), pct(x.bounce_rate), String(x.complained), pct(x.complaint_rate)]);
+    const head = (k) => [k, "sent", "bounced", "bounce rate", "complained", "complaint rate"];
+    rates.replaceChildren(table(head("source"), rows(r.by_source), "rates"), table(head("recipient domain"), rows(r.by_recipient_domain), "rates"));
+  }).catch((e) => rates.replaceChildren(failed(e)));
+  try {
+    const page = await api("GET", "/reports" + qs({ match_status: p.match_status, kind: p.kind, before: p.before }));
+    results.replaceChildren(table(["report", "received", "via", "kind", "match", "delivery", "detail", ""],
+      page.items.map((r) => [String(r.report_id), when(r.received_at), r.via, r.kind, r.match_status,
+        r.delivery_id ? deliveryLink(r.delivery_id) : "–", r.detail, rawLink(r)]), "reports"),
+    page.next_before ? h("p", {}, h("a", { href: "#/reports" + qs({ match_status: p.match_status, kind: p.kind, before: page.next_before }) }, "Older →")) : null);
+  } catch (e) { results.replaceChildren(failed(e)); }
+}
+
 // --- suppressions, audit --------------------------------------------------------------------
 
 async function suppressions() {
@@ -568,6 +606,44 @@ async function preview() {
   } catch (e) { out.replaceChildren(failed(e)); }
 }
 
+// --- webhooks -------------------------------------------------------------------------------
+
+async function webhooks() {
+  const results = h("div", { id: "results" }, h("p", {}, "Loading…"));
+  show(h("h2", {}, "Webhooks"), h("p", { class: "muted" }, "Endpoints that receive the outcome events, signed (Standard Webhooks). Add one with maildaemon webhooks add; its secret is shown only then."), results);
+  try {
+    const page = await api("GET", "/webhooks");
+    const sw = (e) => h("button", { type: "button", onclick: () => act("POST", `/webhooks/${e.id}/${e.enabled ? "disable" : "enable"}`, {}, () => { flash(`endpoint ${e.id} ${e.enabled ? "disabled" : "enabled"}`); route(); }) }, e.enabled ? "Disable" : "Enable");
+    const ping = (e) => h("button", { type: "button", onclick: () => act("POST", `/webhooks/${e.id}/test`, {}, (r) => flash(`ping msg_${r.event_id} queued`)) }, "Send test");
+    results.replaceChildren(table(["id", "url", "events", "source", "enabled", "backlog", "why disabled", ""],
+      page.items.map((e) => [h("a", { href: "#/webhooks/" + e.id }, String(e.id)), e.url, (e.events || ["all"]).join(", "), e.source || "all",
+        e.enabled ? "yes" : "no", String(e.backlog), e.disabled_reason, h("span", {}, sw(e), " ", ping(e))])));
+  } catch (e) { results.replaceChildren(failed(e)); }
+}
+
+async function webhook(id) {
+  const out = h("div", { id: "results" }, h("p", {}, "Loading…"));
+  const form = h("form", { class: "actions", id: "replay-form" },
+    input("r-event", "Event (msg_…)", { placeholder: "msg_123" }), input("r-after", "After", { type: "datetime-local" }),
+    input("r-before", "Before", { type: "datetime-local" }), h("button", { type: "submit" }, "Replay…"));
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const v = (f) => document.getElementById(f).value.trim();
+    const ev_ = v("r-event").replace(/^msg_/, "");
+    const body = { event_id: ev_ ? Number(ev_) : null, after: toIso(v("r-after")) || null, before: toIso(v("r-before")) || null };
+    act("POST", `/webhooks/${id}/replay`, Object.assign({ dry_run: true }, body), (dry) =>
+      confirmThen(form, `Replay ${dry.matched} event(s) to endpoint ${id}?`, () =>
+        act("POST", `/webhooks/${id}/replay`, body, (r) => { flash(`${r.queued} event(s) queued again`); route(); })));
+  });
+  show(h("h2", {}, `Webhook endpoint ${id}`), h("p", {}, h("a", { href: "#/webhooks" }, "← Webhooks")), form, out);
+  try {
+    const page = await api("GET", `/webhooks/${encodeURIComponent(id)}/attempts`);
+    out.replaceChildren(h("h3", {}, "Recent attempts"), table(["at", "event", "type", "delivery", "try", "ok", "status", "ms", "error", "answer"],
+      page.items.map((a) => [when(a.at), "msg_" + a.event_id, a.event_type, deliveryLink(a.delivery_id), String(a.attempt_no), a.ok ? "yes" : "no",
+        a.http_status == null ? "–" : String(a.http_status), String(a.duration_ms), a.error, a.response])));
+  } catch (e) { out.replaceChildren(failed(e)); }
+}
+
 // --- routing --------------------------------------------------------------------------------
 
 function route() {
@@ -582,8 +658,9 @@ function route() {
   let view;
   if (path.startsWith("#/delivery/")) view = delivery(arg("#/delivery/"));
   else if (path.startsWith("#/inbox/")) view = caught(arg("#/inbox/"));
+  else if (path.startsWith("#/webhooks/")) view = webhook(arg("#/webhooks/"));
   else view = ({ "#/deliveries": deliveries, "#/dead-letters": deadLetters, "#/malformed": malformed, "#/suppressions": suppressions,
-    "#/audit": audit, "#/inbox": inbox, "#/preview": preview }[path] || overview)();
+    "#/reports": reports, "#/webhooks": webhooks, "#/audit": audit, "#/inbox": inbox, "#/preview": preview }[path] || overview)();
   view.catch((e) => show(failed(e)));
 }
 

@@ -60,10 +60,14 @@ class OperatorReads:
                 return None
             attempts = await conn.fetch(q.ATTEMPTS, delivery_id)
             dead = await conn.fetchrow(q.DEAD_LETTER, delivery_id)
+            reports = await conn.fetch(q.DELIVERY_REPORTS, delivery_id)
+            late = await conn.fetch(q.DELIVERY_LATE_OUTCOMES, delivery_id)
         return views.delivery_record(
             row,
             [views.attempt(a) for a in attempts],
             DeadLetter(**dict(dead)) if dead is not None else None,
+            reports,
+            late,
         )
 
     async def deliveries(self, flt: DeliveryFilter, page: PageRequest) -> DeliveryPage:

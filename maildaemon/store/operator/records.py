@@ -6,7 +6,7 @@ print them with ``operator.views.dump`` and ``http/openapi.py`` derives their sc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
@@ -123,6 +123,32 @@ class DeliveryPage:
 
 
 @dataclass(frozen=True, slots=True)
+class ReportEntry:
+    """A report (bounce, delay, complaint, ...) matched to the delivery: when it came, what
+    it said per recipient and what it did (``maildaemon bounces show ID --raw``: its bytes)."""
+
+    report_id: int
+    received_at: datetime
+    via: str
+    kind: str
+    match_status: str
+    detail: str | None
+    recipients: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class LateOutcome:
+    """What reports did to one recipient after the relay's 250 (once per outcome)."""
+
+    address: str
+    outcome: str  # bounced, complained, delayed
+    status_code: str | None
+    diagnostic: str | None
+    report_id: int
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class DeliveryRecord:
     """One delivery row as the store reads it (input to the detail view)."""
 
@@ -154,6 +180,8 @@ class DeliveryRecord:
     paused: bool
     attempts: list[Attempt]
     dead_letter: DeadLetter | None
+    reports: list[ReportEntry] = field(default_factory=list)
+    late_outcomes: list[LateOutcome] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,16 +14,39 @@ from maildaemon.store.operator.records import (
     DeadLetterItem,
     DeliveryRecord,
     DeliverySummary,
+    LateOutcome,
     MalformedCommand,
     Pause,
     RecipientResult,
     Recipients,
+    ReportEntry,
     SendingState,
 )
 
 
+def report_entry(r: asyncpg.Record) -> ReportEntry:
+    lines = json.loads(r["recipients"]) if r["recipients"] else []
+    return ReportEntry(
+        report_id=r["report_id"],
+        received_at=r["received_at"],
+        via=r["via"],
+        kind=r["kind"],
+        match_status=r["match_status"],
+        detail=r["detail"],
+        recipients=[x for x in lines if isinstance(x, dict)],
+    )
+
+
+def late_outcome(r: asyncpg.Record) -> LateOutcome:
+    return LateOutcome(**dict(r))
+
+
 def delivery_record(
-    r: asyncpg.Record, attempts: list[Attempt], dead: DeadLetter | None
+    r: asyncpg.Record,
+    attempts: list[Attempt],
+    dead: DeadLetter | None,
+    reports: Sequence[asyncpg.Record] = (),
+    late: Sequence[asyncpg.Record] = (),
 ) -> DeliveryRecord:
     pending = r["pending_rcpts"]
     return DeliveryRecord(
@@ -62,6 +85,8 @@ def delivery_record(
         paused=r["paused"],
         attempts=attempts,
         dead_letter=dead,
+        reports=[report_entry(x) for x in reports],
+        late_outcomes=[late_outcome(x) for x in late],
     )
 
 

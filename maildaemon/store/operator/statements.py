@@ -39,6 +39,18 @@ FROM mail.dead_letters
 WHERE delivery_id = $1
 """
 
+# The reports matched to a delivery and what they did (bounded: a flood of reports for one
+# delivery shows its first 50).
+DELIVERY_REPORTS = """
+SELECT report_id, received_at, via, kind, match_status, detail, recipients::text AS recipients
+FROM mail.reports WHERE delivery_id = $1 ORDER BY report_id LIMIT 50
+"""
+
+DELIVERY_LATE_OUTCOMES = """
+SELECT address, outcome, status_code, diagnostic, report_id, at
+FROM mail.late_outcomes WHERE delivery_id = $1 ORDER BY at, address, outcome
+"""
+
 _SUMMARY = """d.delivery_id, d.status, d.status_reason, d.source, d.priority, d.template_id,
     d.to_addrs, d.attempt_count, d.last_reply_code, d.last_reply_text, d.next_attempt_at,
     d.created_at, d.updated_at, d.finished_at"""

@@ -20,6 +20,7 @@ from maildaemon.delivery import (
     ClaimedDelivery,
     IntakeEntry,
     IntakeResult,
+    LateOutcome,
     RenderedPin,
 )
 from maildaemon.errors import StoreReadOnly, StoreRejected
@@ -28,6 +29,9 @@ from maildaemon.store.listen import listen
 from maildaemon.store.pgerrors import RETRYABLE, translate_errors
 from maildaemon.store.pipeline import rows as convert
 from maildaemon.store.pipeline import statements as q
+from maildaemon.store.pipeline.late import write_late
+from maildaemon.store.webhooks import db as webhooks
+from maildaemon.store.webhooks import statements as webhook_sql
 
 __all__ = ["RETRYABLE", "Connection", "Store", "translate_errors", "write_outcomes"]
 
@@ -36,11 +40,21 @@ Connection = asyncpg.Connection | PoolConnectionProxy
 _Fresh = tuple[IntakeEntry, bytes, str]
 
 
+async def _keep_session(_: asyncpg.Connection) -> None:
+    """Release a connection without asyncpg's reset statement (advisory unlock, CLOSE ALL,
+    UNLISTEN, RESET ALL): one more round trip on every release, for session state this
+    store never creates. Its advisory locks are transaction-scoped, it LISTENs only on its
+    own connection (``listen``), sets no session settings beyond the startup ones and holds
+    no cursor past a transaction. An open transaction is still rolled back by the pool."""
+
+
 class Store:
     """The daemon's PostgreSQL state behind typed methods."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
+        # Names this process in its due notifications (it wakes its own scheduler directly).
+        self.origin = uuid.uuid4().hex
 
     @classmethod
     async def open(
@@ -79,6 +93,7 @@ class Store:
                 server_settings=settings,
                 statement_cache_size=0 if pgbouncer else 100,
                 init=codecs.install,
+                reset=_keep_session,
             )
         return cls(pool)
 
@@ -164,7 +179,7 @@ class Store:
                     [e.raw_truncated for e, _ in malformed],
                 )
             if result.created:
-                await conn.execute(q.NOTIFY_DUE)
+                await conn.execute(q.NOTIFY_DUE, self.origin)
         result.rejected.extend(malformed)
         return result
 
@@ -260,14 +275,11 @@ class Store:
     async def claim_due(
         self, limit: int, lease_seconds: float, worker: str, ref: str | None = None
     ) -> list[ClaimedDelivery]:
-        """Lease up to ``limit`` due deliveries, skipping paused scopes; ``ref`` names this
-        claim statement (see :meth:`release_lost`)."""
+        """Lease up to ``limit`` due deliveries, skipping paused scopes (read by the same
+        statement); ``ref`` names this claim statement (see :meth:`release_lost`)."""
         async with translate_errors("claim", self.pool):
-            paused = [r["scope"] for r in await self.pool.fetch(q.PAUSED_SCOPES)]
-            if "*" in paused:
-                return []
             ref = ref or uuid.uuid4().hex
-            rows = await self.pool.fetch(q.CLAIM_DUE, limit, lease_seconds, worker, paused, ref)
+            rows = await self.pool.fetch(q.CLAIM_DUE, limit, lease_seconds, worker, ref)
         return [convert.claimed_or_unreadable(r) for r in rows]
 
     async def release_lost(self, refs: Iterable[str]) -> int:
@@ -316,9 +328,15 @@ class Store:
     async def record_results(
         self, results: Sequence[AttemptResult], worker: str, suppression_ttl: float
     ) -> set[str]:
-        """Write a batch of results in one transaction; returns the ids the fence let in."""
+        """Write a batch of results in one transaction; returns the ids the fence let in.
+
+        Without an address to suppress that is one statement, sent on its own (atomic
+        as it is): no BEGIN and COMMIT round trips around it."""
         if not results:
             return set()
+        if not any(r.suppress for r in results):
+            async with translate_errors("record results", self.pool), self.pool.acquire() as conn:
+                return await write_outcomes(conn, results, worker, suppression_ttl)
         async with (
             translate_errors("record results", self.pool),
             self.pool.acquire() as conn,
@@ -331,20 +349,18 @@ class Store:
         """The oldest unpublished outcome events, deleted when the block exits normally.
 
         Only one replica holds a batch at a time; the others get an empty list. An error
-        inside the block keeps the events for the next try (at least once).
+        inside the block keeps the events for the next try (at least once). The batch is
+        fanned out to the webhook queues in the same transaction.
         """
         async with (
             translate_errors("outbox", self.pool),
             self.pool.acquire() as conn,
             conn.transaction(),
         ):
-            if not await conn.fetchval(q.OUTBOX_LOCK):
-                yield []
-                return
-            rows = await conn.fetch(q.OUTBOX_BATCH, limit)
+            rows = await conn.fetch(q.OUTBOX_BATCH, limit)  # none without the lock
             yield [convert.stream_fields(r["fields"]) for r in rows]
-            if rows:
-                await conn.execute(q.OUTBOX_DELETE, [r["id"] for r in rows])
+            # Redis took them: the same events into the webhook queues, and the rows deleted.
+            await webhooks.fan_out(conn, [r["id"] for r in rows])
 
     async def outbox_depth(self) -> int:
         async with translate_errors("outbox depth", self.pool):
@@ -362,14 +378,18 @@ class Store:
         assert row is not None
         return int(row["depth"]), int(row["oldest_age_ms"]), int(row["dead_letters_unreviewed"])
 
-    async def purge(self, batch: int, delivery_age: float, malformed_age: float) -> dict[str, int]:
+    async def purge(
+        self, batch: int, delivery_age: float, malformed_age: float, report_age: float = 2592000
+    ) -> dict[str, int]:
         """One bounded retention pass; returns rows deleted per kind."""
         steps = {
+            "reports": (q.PURGE_REPORTS, (report_age,)),
             "idempotency_reservations": (q.PURGE_RESERVATIONS, ()),
             "deliveries": (q.PURGE_DELIVERIES, (delivery_age,)),
             "malformed_commands": (q.PURGE_MALFORMED, (malformed_age,)),
             "command_replays": (q.PURGE_REPLAYS, (delivery_age,)),
             "suppressions": (q.PURGE_SUPPRESSIONS, ()),
+            "webhook_events": (webhook_sql.PURGE_EVENTS, (delivery_age,)),
         }
         deleted: dict[str, int] = {}
         async with translate_errors("retention", self.pool):
@@ -381,18 +401,28 @@ class Store:
     def listen(
         self, channel: str, callback: Callable[[], None], dsn: str | None = None
     ) -> contextlib.AbstractAsyncContextManager[asyncio.Event]:
-        """LISTEN on ``channel`` while the context is open (``store.listen``)."""
-        return listen(self.pool, channel, callback, dsn)
+        """LISTEN on ``channel`` while the context is open (``store.listen``); a
+        notification this store sent itself (its ``origin`` as payload) is not passed on."""
+        return listen(self.pool, channel, callback, dsn, ignore=self.origin)
 
 
 async def write_outcomes(
-    conn: Connection, results: Sequence[AttemptResult], worker: str, suppression_ttl: float
+    conn: Connection,
+    results: Sequence[AttemptResult],
+    worker: str,
+    suppression_ttl: float,
+    late: Sequence[LateOutcome] = (),
+    report_id: int = 0,
 ) -> set[str]:
     """The one terminal-outcome path: every way a delivery ends or is rescheduled (sent,
-    retry, dead letter, suppressed, failed, expired, stub, an operator's cancel) is written
-    here, inside the caller's transaction: the delivery row (fenced by claim token), the
-    attempt row, the dead letter, suppressions and the outcome event (outbox). Returns the
-    delivery ids the fence let in."""
+    retry, dead letter, suppressed, failed, expired, stub, an operator's cancel, and what a
+    report says after the relay's 250: bounced, complained, delayed) is written here,
+    inside the caller's transaction: the delivery row (fenced by claim token), the attempt
+    row, the dead letter, suppressions and the outcome event (outbox). Returns the delivery
+    ids the fence let in (for ``late``: those given a new outcome by report ``report_id``)."""
+    late_ids = await write_late(conn, late, report_id, suppression_ttl) if late else set()
+    if not results:
+        return late_ids
     try:
         rows = [convert.result_row(r, worker) for r in results]
         payload = json.dumps(rows, ensure_ascii=False, allow_nan=False)
@@ -415,4 +445,4 @@ async def write_outcomes(
             [r.delivery_id for _, r in suppress.values()],
             suppression_ttl,
         )
-    return recorded
+    return recorded | late_ids

@@ -9,7 +9,13 @@ from typing import Any
 import asyncpg
 
 from maildaemon.contract.command import DeliveryCommand, Rejection
-from maildaemon.delivery import TERMINAL_STATUSES, AttemptResult, ClaimedDelivery, IntakeEntry
+from maildaemon.delivery import (
+    TERMINAL_STATUSES,
+    AttemptResult,
+    ClaimedDelivery,
+    IntakeEntry,
+    LateOutcome,
+)
 
 
 def clean_text(value: str | None) -> str | None:
@@ -133,6 +139,41 @@ def event_fields(r: AttemptResult) -> dict[str, str | int]:
         "at": r.finished_at.isoformat(),
         "failure_code": r.failure_code or "",
     }
+
+
+def late_row(o: LateOutcome) -> dict[str, Any]:
+    return {
+        "delivery_id": o.delivery_id,
+        "address": o.address,
+        "outcome": o.outcome,
+        "status_code": clean_text(o.status_code),
+        "diagnostic": clean_text(o.diagnostic),
+    }
+
+
+def late_event(o: LateOutcome, report_id: int, at: datetime) -> dict[str, Any]:
+    """The outcome event of a late outcome (``delivery_status`` is added by the statement)."""
+    return {
+        "delivery_id": o.delivery_id,
+        "event": {
+            "delivery_id": o.delivery_id,
+            "source": o.source,
+            "status": o.outcome,
+            "recipient": o.address,
+            "status_code": o.status_code or "",
+            "reply_code": o.reply_code if o.reply_code is not None else "",
+            "reply_text": clean_text((o.diagnostic or "")[:500]) or "",
+            "report_id": report_id,
+            "at": at.isoformat(),
+        },
+    }
+
+
+def late_reason(o: LateOutcome) -> str:
+    if o.outcome == "complained":
+        return "complaint: the recipient reported the message (feedback report)"
+    text = f"bounced after delivery: {o.status_code or ''} {o.diagnostic or ''}".strip()
+    return clean_text(text[:500]) or ""
 
 
 def suppression_reason(address: str, r: AttemptResult) -> str:

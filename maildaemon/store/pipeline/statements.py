@@ -75,7 +75,9 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
 ON CONFLICT (stream_entry_id) DO NOTHING
 """
 
-NOTIFY_DUE = "SELECT pg_notify('mail_due', '')"
+# The payload names the process that took the batch in: it woke its own scheduler already
+# and ignores its own notification (see ``Store.listen``).
+NOTIFY_DUE = "SELECT pg_notify('mail_due', $1)"
 
 # --- scheduler ----------------------------------------------------------------------------
 
@@ -90,15 +92,18 @@ NOTIFY_DUE = "SELECT pg_notify('mail_due', '')"
 # puts the new attempt on record as `started` before any byte goes out (the result writer
 # completes the row), so an attempt is never invisible, at no extra round trip.
 CLAIM_DUE = """
-WITH due AS (
+WITH paused AS MATERIALIZED (
+    SELECT coalesce(array_agg(scope), '{}') AS scopes FROM mail.sending_pauses
+), due AS (
     SELECT c.delivery_id, c.status AS was
-    FROM unnest('{0,1,2,3}'::smallint[]) AS p(prio)
+    FROM paused, unnest('{0,1,2,3}'::smallint[]) AS p(prio)
     CROSS JOIN LATERAL (
         SELECT d.delivery_id, d.status
         FROM mail.deliveries d
         WHERE d.priority = p.prio
           AND d.next_attempt_at <= now()
-          AND d.source <> ALL ($4::text[])
+          AND d.source <> ALL (paused.scopes)
+          AND NOT '*' = ANY (paused.scopes)
         ORDER BY d.next_attempt_at
         LIMIT $1
         FOR UPDATE OF d SKIP LOCKED
@@ -109,7 +114,7 @@ WITH due AS (
     SET status = 'sending',
         claim_token = d.claim_token + 1,
         claimed_by = $3,
-        claim_ref = $5,
+        claim_ref = $4,
         attempt_count = d.attempt_count + 1,
         possible_duplicate = d.possible_duplicate OR d.status = 'sending',
         next_attempt_at = now() + make_interval(secs => $2),
@@ -210,7 +215,6 @@ WITH r AS (
 SELECT delivery_id FROM upd
 """
 
-PAUSED_SCOPES = "SELECT scope FROM mail.sending_pauses"
 
 ACTIVE_SUPPRESSIONS = """
 SELECT address, reason FROM mail.suppressions
@@ -298,20 +302,54 @@ SET reason = excluded.reason, reply_code = excluded.reply_code,
     expires_at = excluded.expires_at
 """
 
+# --- late outcomes (reports after the relay's 250) ----------------------------------------
+
+# A report's effects, once per (delivery, recipient, outcome): only for deliveries that
+# exist and addresses that are their recipients. Returns what is new.
+RECORD_LATE_OUTCOMES = """
+WITH r AS (
+    SELECT * FROM jsonb_to_recordset($1::jsonb) AS r(
+        delivery_id text, address text, outcome text, status_code text, diagnostic text)
+)
+INSERT INTO mail.late_outcomes (delivery_id, address, outcome, status_code, diagnostic,
+                                report_id)
+SELECT r.delivery_id, r.address, r.outcome, r.status_code, r.diagnostic, $2
+FROM r JOIN mail.delivery_recipients dr
+    ON dr.delivery_id = r.delivery_id AND dr.address = r.address
+ON CONFLICT DO NOTHING
+RETURNING delivery_id, address, outcome
+"""
+
+# sent -> bounced once every recipient of the delivery has bounced.
+BOUNCE_DELIVERIES = """
+UPDATE mail.deliveries d
+SET status = 'bounced', status_reason = $2, updated_at = now(), finished_at = now()
+WHERE d.delivery_id = ANY ($1::text[]) AND d.status = 'sent'
+  AND NOT EXISTS (
+    SELECT 1 FROM mail.delivery_recipients dr
+    WHERE dr.delivery_id = d.delivery_id
+      AND NOT EXISTS (SELECT 1 FROM mail.late_outcomes l
+                      WHERE l.delivery_id = dr.delivery_id AND l.address = dr.address
+                        AND l.outcome = 'bounced'))
+RETURNING d.delivery_id
+"""
+
+# One outcome event per new effect, with the delivery's status after it.
+LATE_EVENTS = """
+INSERT INTO mail.outbox (delivery_id, fields)
+SELECT e.delivery_id, e.event || jsonb_build_object('delivery_status', d.status)
+FROM jsonb_to_recordset($1::jsonb) AS e(delivery_id text, event jsonb)
+JOIN mail.deliveries d USING (delivery_id)
+"""
+
 # --- outcome events (outbox) -------------------------------------------------------------
 
 # One replica publishes at a time (a transaction-scoped advisory lock), so events leave in
 # id order and a delivery's events keep their order on the stream.
-OUTBOX_LOCK = """
-SELECT pg_try_advisory_xact_lock(7236276328737255269)
-"""
-
+# The lock and the batch in one statement: no rows unless this transaction got the lock.
 OUTBOX_BATCH = """
-SELECT id, fields FROM mail.outbox ORDER BY id LIMIT $1
-"""
-
-OUTBOX_DELETE = """
-DELETE FROM mail.outbox WHERE id = ANY ($1::bigint[])
+WITH lock AS MATERIALIZED (SELECT pg_try_advisory_xact_lock(7236276328737255269) AS held)
+SELECT o.id, o.fields FROM lock, mail.outbox o WHERE lock.held ORDER BY o.id LIMIT $1
 """
 
 OUTBOX_DEPTH = """
@@ -350,7 +388,8 @@ DELETE FROM mail.deliveries WHERE delivery_id = ANY (ARRAY(
     SELECT delivery_id FROM mail.deliveries
     WHERE finished_at < now() - make_interval(secs => $2)
       AND next_attempt_at IS NULL
-      AND status IN ('sent', 'suppressed', 'failed', 'dead_letter', 'expired', 'cancelled')
+      AND status IN ('sent', 'suppressed', 'failed', 'dead_letter', 'expired', 'cancelled',
+                     'bounced')
     LIMIT $1))
 """
 
@@ -363,6 +402,12 @@ DELETE FROM mail.malformed_commands WHERE id = ANY (ARRAY(
 PURGE_REPLAYS = """
 DELETE FROM mail.command_replays WHERE ctid = ANY (ARRAY(
     SELECT ctid FROM mail.command_replays
+    WHERE received_at < now() - make_interval(secs => $2) LIMIT $1))
+"""
+
+PURGE_REPORTS = """
+DELETE FROM mail.reports WHERE report_id = ANY (ARRAY(
+    SELECT report_id FROM mail.reports
     WHERE received_at < now() - make_interval(secs => $2) LIMIT $1))
 """
 
