@@ -102,6 +102,61 @@ async def test_reused_key_with_different_command_is_an_idempotency_conflict(
     assert await db.status("in-b") is None
 
 
+async def test_taken_delivery_id_under_another_key_is_a_conflict_and_frees_the_key(
+    make_settings: MakeSettings,
+) -> None:
+    """A delivery id already on record, sent again under a new idempotency key: the second
+    command is recorded as a delivery_id_conflict, the first delivery is untouched, and the
+    key it tried to reserve stays free (a later, correct command may use it)."""
+    settings = make_settings(smtp_mode="stub")
+    db = Db(settings.dsn)
+    async with running_app(settings):
+        await xadd(settings, command("in-same", idempotency_key="first"))
+        await wait_for(lambda: db.status("in-same"))
+        await xadd(
+            settings,
+            command("in-same", idempotency_key="second", priority="high"),
+            command("in-other", idempotency_key="third"),
+        )
+        await wait_for(lambda: db.fetchval("SELECT count(*) FROM mail.malformed_commands"))
+        await wait_for(lambda: db.status("in-other"))
+        await xadd(settings, command("in-later", idempotency_key="second"))
+        await wait_for(lambda: db.status("in-later"))
+    [conflict] = await db.fetch("SELECT * FROM mail.malformed_commands")
+    assert (conflict["failure_code"], conflict["delivery_id"]) == (
+        "delivery_id_conflict",
+        "in-same",
+    )
+    row = (await db.fetch("SELECT * FROM mail.deliveries WHERE delivery_id = 'in-same'"))[0]
+    assert row["idempotency_key"] == "first" and row["priority"] != 1
+    keys = await db.fetch(
+        "SELECT idempotency_key, delivery_id FROM mail.idempotency_reservations ORDER BY 1"
+    )
+    assert [(k["idempotency_key"], k["delivery_id"]) for k in keys] == [
+        ("first", "in-same"),
+        ("second", "in-later"),
+        ("third", "in-other"),
+    ]
+
+
+async def test_same_command_after_its_window_is_a_replay_not_a_second_delivery(
+    make_settings: MakeSettings,
+) -> None:
+    """The idempotency reservation expired (retention removed it) but the delivery is on record:
+    the same command again is a replay of it, not a conflict and not a new delivery."""
+    settings = make_settings(smtp_mode="stub")
+    db = Db(settings.dsn)
+    doc = command("in-expired")
+    async with running_app(settings):
+        await xadd(settings, doc)
+        await wait_for(lambda: db.status("in-expired"))
+        await db.fetchval("DELETE FROM mail.idempotency_reservations")  # as retention does
+        await xadd(settings, doc)
+        await wait_for(lambda: db.fetchval("SELECT count(*) FROM mail.command_replays"))
+    assert await db.fetchval("SELECT count(*) FROM mail.deliveries") == 1
+    assert await db.fetchval("SELECT count(*) FROM mail.malformed_commands") == 0
+
+
 async def test_commit_without_ack_is_not_duplicated_after_restart(
     make_settings: MakeSettings,
 ) -> None:

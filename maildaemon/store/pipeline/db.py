@@ -178,8 +178,6 @@ class Store:
                     [convert.clean_text(e.raw) for e, _ in malformed],
                     [e.raw_truncated for e, _ in malformed],
                 )
-            if result.created:
-                await conn.execute(q.NOTIFY_DUE, self.origin)
         result.rejected.extend(malformed)
         return result
 
@@ -192,19 +190,18 @@ class Store:
         malformed: list[tuple[IntakeEntry, Rejection]],
     ) -> None:
         cmds = {did: e.command for did, (e, _, _) in fresh.items() if e.command is not None}
-        reserved_rows = await conn.fetch(
-            q.RESERVE_KEYS,
+        reserved_now = await conn.fetch(
+            q.INGEST_FRESH,
             [c.source for c in cmds.values()],
             [c.idempotency_key for c in cmds.values()],
             list(cmds),
             [fp for _, fp, _ in fresh.values()],
             window,
+            "[" + ",".join(row for _, _, row in fresh.values()) + "]",
+            self.origin,
         )
-        reserved = {(r["source"], r["idempotency_key"]) for r in reserved_rows}
-        to_insert: list[str] = []
-        taken: list[str] = []
-        for did, cmd in cmds.items():
-            (to_insert if (cmd.source, cmd.idempotency_key) in reserved else taken).append(did)
+        reserved = {r["delivery_id"]: bool(r["inserted"]) for r in reserved_now}
+        taken = [did for did in cmds if did not in reserved]
         if taken:
             rows = await conn.fetch(
                 q.EXISTING_RESERVATIONS,
@@ -230,14 +227,8 @@ class Store:
                             ),
                         )
                     )
-        if not to_insert:
-            return
-        payload = "[" + ",".join(fresh[d][2] for d in to_insert) + "]"
-        inserted = {r["delivery_id"] for r in await conn.fetch(q.INSERT_DELIVERIES, payload)}
-        missing = [d for d in to_insert if d not in inserted]
-        for did in to_insert:
-            if did in inserted:
-                result.created.append(fresh[did][0])
+        missing = [did for did in cmds if reserved.get(did) is False]
+        result.created.extend(fresh[did][0] for did in cmds if reserved.get(did))
         if not missing:
             return
         # The delivery id exists already (its reservation had expired, or another key).

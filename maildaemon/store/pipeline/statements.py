@@ -4,40 +4,30 @@ from __future__ import annotations
 
 # --- intake -------------------------------------------------------------------------------
 
-# Reserve (source, idempotency_key) for each new command; returns the ones reserved now.
-RESERVE_KEYS = """
-INSERT INTO mail.idempotency_reservations
-    (source, idempotency_key, delivery_id, command_hash, expires_at)
-SELECT r.source, r.key, r.delivery_id, r.hash, now() + make_interval(secs => $5)
-FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[]) AS r(source, key, delivery_id, hash)
-ORDER BY r.source, r.key
-ON CONFLICT (source, idempotency_key) DO NOTHING
-RETURNING source, idempotency_key
-"""
-
-# Existing reservations for keys that were already taken.
-EXISTING_RESERVATIONS = """
-SELECT r.source, r.idempotency_key, r.delivery_id, r.command_hash
-FROM mail.idempotency_reservations r
-JOIN unnest($1::text[], $2::text[]) AS k(source, key)
-  ON r.source = k.source AND r.idempotency_key = k.key
-"""
-
-DROP_RESERVATIONS = """
-DELETE FROM mail.idempotency_reservations r
-USING unnest($1::text[], $2::text[]) AS k(source, key)
-WHERE r.source = k.source AND r.idempotency_key = k.key
-"""
-
-# Insert the deliveries and their payloads in one statement; returns the ids inserted.
-INSERT_DELIVERIES = """
-WITH rows AS (
-    SELECT * FROM jsonb_to_recordset($1::jsonb) AS r(
+# Take new commands in, in one statement: reserve (source, idempotency_key) for each; insert
+# the delivery and its payload for each key reserved now; wake the schedulers when a
+# delivery was inserted (the payload of the notification names this process: see
+# ``Store.listen``). Returns one row per key reserved now, with whether its delivery was
+# inserted (not: the delivery id exists already). A key taken already returns no row.
+# Reservations and inserts are ordered by key and id, so concurrent batches never deadlock.
+INGEST_FRESH = """
+WITH res AS (
+    INSERT INTO mail.idempotency_reservations
+        (source, idempotency_key, delivery_id, command_hash, expires_at)
+    SELECT r.source, r.key, r.delivery_id, r.hash, now() + make_interval(secs => $5)
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[])
+        AS r(source, key, delivery_id, hash)
+    ORDER BY r.source, r.key
+    ON CONFLICT (source, idempotency_key) DO NOTHING
+    RETURNING delivery_id
+), rows AS (
+    SELECT r.* FROM jsonb_to_recordset($6::jsonb) AS r(
         delivery_id text, source text, idempotency_key text, command_hash text,
         priority smallint, payload_mode text, template_id text, locale text,
         to_addrs text[], cc_addrs text[], bcc_addrs text[], reply_to text,
         send_at timestamptz, expires_at timestamptz, stream_entry_id text,
         traceparent text, command jsonb)
+    JOIN res USING (delivery_id)
 ), ins AS (
     INSERT INTO mail.deliveries (
         delivery_id, source, idempotency_key, command_hash, priority, payload_mode,
@@ -54,7 +44,24 @@ WITH rows AS (
     INSERT INTO mail.delivery_payloads (delivery_id, command)
     SELECT rows.delivery_id, rows.command FROM rows JOIN ins USING (delivery_id)
 )
-SELECT delivery_id FROM ins
+SELECT res.delivery_id, ins.delivery_id IS NOT NULL AS inserted,
+    (SELECT count(pg_notify('mail_due', $7)) FROM (SELECT 1 FROM ins LIMIT 1) AS any_new)
+        AS woken
+FROM res LEFT JOIN ins USING (delivery_id)
+"""
+
+# Existing reservations for keys that were already taken.
+EXISTING_RESERVATIONS = """
+SELECT r.source, r.idempotency_key, r.delivery_id, r.command_hash
+FROM mail.idempotency_reservations r
+JOIN unnest($1::text[], $2::text[]) AS k(source, key)
+  ON r.source = k.source AND r.idempotency_key = k.key
+"""
+
+DROP_RESERVATIONS = """
+DELETE FROM mail.idempotency_reservations r
+USING unnest($1::text[], $2::text[]) AS k(source, key)
+WHERE r.source = k.source AND r.idempotency_key = k.key
 """
 
 EXISTING_DELIVERY_HASHES = """
