@@ -49,6 +49,18 @@ def long_run(request: pytest.FixtureRequest) -> bool:
     return bool(request.config.getoption("--long"))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Servers named by MAIL_TEST_POSTGRES_DSN / MAIL_TEST_REDIS_ADDR are shared: several
+    test processes (pytest-xdist) would recreate the template and flush Redis under each
+    other, so they are refused with a word on what to run instead."""
+    shared = [v for v in ("MAIL_TEST_POSTGRES_DSN", "MAIL_TEST_REDIS_ADDR") if os.environ.get(v)]
+    if shared and (config.getoption("numprocesses", None) or 0) > 0:
+        raise pytest.UsageError(
+            f"{' and '.join(shared)} set: every test process would use the same servers; "
+            "run the tests in one process (MAIL_TEST_WORKERS=0 ./scripts/test, or pytest -n 0)"
+        )
+
+
 def _admin(dsn: str) -> psycopg.Connection[Any]:
     return psycopg.connect(dsn, autocommit=True)
 
