@@ -7,8 +7,10 @@ recipient gets 550. A report is answered 250 only once it is committed (raw, wit
 was matched to and did: ``pipeline.reports``); 451 when PostgreSQL is down, so the sender
 retries. Bounds: ``MAIL_BOUNCE_MAX_BYTES`` (SIZE offered; more is 552),
 ``MAIL_BOUNCE_MAX_CONNECTIONS`` (beyond: 421 and closed), ``MAIL_BOUNCE_SESSION_TIMEOUT``
-(idle per command), and at most ``WRITERS`` reports written at a time on the daemon's pool,
-so a flood cannot take the connections the result writer needs. STARTTLS is offered when
+(idle per command; a session lasts at most ``SESSION_TIMEOUTS`` of them), ``MAX_RCPTS``
+recipients per transaction, ``MAX_REFUSED_RCPTS`` refused ones per session, and at most
+``WRITERS`` reports written at a time on the daemon's pool, so a flood cannot take the
+connections the result writer needs. STARTTLS is offered when
 ``MAIL_BOUNCE_TLS_CERT_FILE`` and ``..._KEY_FILE`` are set. This module and
 ``devstack/smtp_server`` are the project's SMTP servers (tests/unit/test_architecture.py).
 """
@@ -37,6 +39,16 @@ from maildaemon.telemetry import Instruments
 log = logging.getLogger("maildaemon.report_listener")
 WRITERS = 2
 _TOO_MANY = b"421 4.3.2 Too many connections, try again later\r\n"
+# Per transaction: RFC 5321 (4.5.3.1.8) asks a server to take at least 100 recipients; a
+# report has one. More is 452, and the envelope stays bounded.
+MAX_RCPTS = 100
+# Per session: recipients refused (not ours) before the connection is closed (421), so a
+# client probing for a relay cannot make the daemon log one line per address for ever.
+MAX_REFUSED_RCPTS = 10
+# A session lasts at most this many idle timeouts (MAIL_BOUNCE_SESSION_TIMEOUT, 10 minutes
+# by default), however busy: a client that sends a NOOP just before each timeout cannot
+# hold one of the MAIL_BOUNCE_MAX_CONNECTIONS slots for good.
+SESSION_TIMEOUTS = 10
 
 
 class _Refused(asyncio.Protocol):
@@ -59,7 +71,12 @@ class _Handler:
     ) -> str:
         if not self._l.rp.owns(address):
             self._l.refused("relay", peer=str(session.peer), address=address[:200])
+            if isinstance(server, _Session) and server.refused_rcpt():
+                return "421 4.7.0 Too many refused recipients, closing"
             return "550 5.7.1 Relaying denied: this server takes reports for its own domain only"
+        if len(envelope.rcpt_tos) >= MAX_RCPTS:
+            self._l.refused("recipients", peer=str(session.peer))
+            return "452 4.5.3 Too many recipients"
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 
@@ -162,8 +179,41 @@ class _Session(SMTP):
         # from connection_made: a burst of accepts runs the factory for all of them first.
         self._counted = True
         listener.open += 1
+        self._refused_rcpts = 0
+        self._lifetime: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        limit = self._listener._s.bounce_session_timeout * SESSION_TIMEOUTS
+        self._lifetime = asyncio.get_running_loop().call_later(limit, self._too_long)
+
+    def _too_long(self) -> None:
+        self._listener.refused("session_lifetime", peer=self._peer())
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(b"421 4.4.2 Session too long, closing\r\n")
+            transport.close()
+
+    def refused_rcpt(self) -> bool:
+        """Count a refused recipient; True (and the connection closing) past the bound."""
+        self._refused_rcpts += 1
+        if self._refused_rcpts <= MAX_REFUSED_RCPTS:
+            return False
+        self._listener.refused("refused_recipients", peer=self._peer())
+        asyncio.get_running_loop().call_soon(self._close)
+        return True
+
+    def _peer(self) -> str:
+        return str(self.session.peer) if self.session is not None else "-"
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._lifetime is not None:
+            self._lifetime.cancel()
         if self._counted:
             self._counted = False
             self._listener.open -= 1

@@ -151,6 +151,62 @@ async def test_the_listener_is_no_open_relay_and_bounds_size_and_connections(
     assert await db.fetchval("SELECT count(*) FROM mail.reports") == 0
 
 
+async def test_the_listener_bounds_recipients_refusals_and_session_length(
+    make_settings: MakeSettings,
+) -> None:
+    """A hundred recipients per transaction (more: 452); ten refused recipients per session
+    (the eleventh: 421 and closed, so a relay probe cannot flood the log); a session that
+    keeps itself alive with NOOPs is closed after ten idle timeouts (421)."""
+    settings = bounce_settings(make_settings, bounce_session_timeout="0.5s")
+    host, port = split_host_port(settings.bounce_listen_addr or "", 25)
+    async with running_app(settings):
+        client = aiosmtplib.SMTP(hostname=host, port=port, start_tls=False, timeout=10)
+        await client.connect()
+        await client.ehlo()
+        await client.mail("")
+        for n in range(100):
+            await client.rcpt(f"bounces+x{n}@{DOMAIN}")
+        with pytest.raises(aiosmtplib.SMTPRecipientRefused) as many:
+            await client.rcpt(f"bounces+x100@{DOMAIN}")
+        assert many.value.code == 452
+        client.close()
+
+        probe = aiosmtplib.SMTP(hostname=host, port=port, start_tls=False, timeout=10)
+        await probe.connect()
+        await probe.ehlo()
+        await probe.mail("spammer@example.org")
+        codes = []
+        for n in range(11):
+            try:
+                await probe.rcpt(f"victim{n}@example.com")
+            except aiosmtplib.SMTPRecipientRefused as exc:
+                codes.append(exc.code)
+        assert codes == [550] * 10 + [421]
+        with pytest.raises(aiosmtplib.SMTPServerDisconnected):
+            for _ in range(20):
+                await probe.noop()
+                await asyncio.sleep(0.05)
+
+        reader, writer = await asyncio.open_connection(host, port)
+        assert (await reader.readline()).startswith(b"220 ")
+        started = asyncio.get_running_loop().time()
+        last = b""
+        while True:
+            try:
+                writer.write(b"NOOP\r\n")  # always well before the 0.5 s idle timeout
+                line = await asyncio.wait_for(reader.readline(), 10)
+            except ConnectionError:  # closed by the server while a NOOP was on its way
+                break
+            if not line:
+                break
+            last = line
+            await asyncio.sleep(0.1)
+        lasted = asyncio.get_running_loop().time() - started
+        writer.close()
+    assert last.startswith(b"421 4.4.2"), last
+    assert 4.9 <= lasted <= 8.0, lasted
+
+
 async def test_the_listener_answers_451_while_postgres_is_down(
     make_settings: MakeSettings, pg_dsn: str
 ) -> None:
