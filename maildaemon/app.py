@@ -387,7 +387,8 @@ class _Components:
             return_path_of(s),
         )
         queue = JobQueue.for_connections(s.attempt_worker_concurrency, s.result_window)
-        publisher = EventPublisher(s, store, redis, inst)
+        webhooks = WebhookDispatcher(s, WebhookStore(store.pool), inst)
+        publisher = EventPublisher(s, store, redis, inst, webhooks.wake)
         results = ResultWriter(s, store, inst, name, publisher.wake)
         destination = Destination(s.smtp_addr or "stub")
         tracer = telemetry.tracer
@@ -419,5 +420,5 @@ class _Components:
             probe,
             StreamTrimmer(s, redis, inst),
             ReportListener(s, store, inst),
-            WebhookDispatcher(s, WebhookStore(store.pool), inst),
+            webhooks,
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from maildaemon.config import Settings
@@ -32,13 +33,21 @@ class EventPublisher(Periodic):
     wakeable = True
 
     def __init__(
-        self, settings: Settings, store: Store, redis: RedisClient, instruments: Instruments
+        self,
+        settings: Settings,
+        store: Store,
+        redis: RedisClient,
+        instruments: Instruments,
+        webhooks_queued: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(log, instruments, settings.event_publish_interval)
         self._s = settings
         self._store = store
         self._redis = redis
         self._last_pass = -COALESCE
+        # Wakes this process's webhook dispatcher when a batch queued webhooks (other
+        # replicas' dispatchers find them on their next poll).
+        self._webhooks_queued = webhooks_queued
 
     async def tick(self) -> float:
         early = self._last_pass + COALESCE - time.monotonic()
@@ -65,7 +74,7 @@ class EventPublisher(Periodic):
 
     async def publish_once(self) -> int:
         """Move one batch from the outbox to the stream; returns how many went."""
-        async with self._store.outbox_batch(_BATCH) as batch:
+        async with self._store.outbox_batch(_BATCH, self._webhooks_queued) as batch:
             if batch:
                 await self._xadd(batch)
         if batch:

@@ -107,6 +107,29 @@ async def test_events_arrive_signed_and_in_order_per_delivery(
     assert await db.fetchval("SELECT count(*) FROM mail.webhook_attempts WHERE ok") == 4
 
 
+async def test_a_new_event_goes_out_at_once_not_at_the_next_poll(
+    make_settings: MakeSettings, smtp_sink: SmtpSink, receiver: Receiver
+) -> None:
+    """The outbox publisher wakes the dispatcher when it queued webhooks: with a 30 s poll
+    interval the event still arrives within a few seconds of the mail being sent."""
+    settings = _settings(make_settings, webhook_poll_interval="30s")
+    db = Db(settings.dsn)
+    store = await Store.open(settings.dsn)
+    try:
+        async with running_app(settings):
+            await asyncio.sleep(0.5)  # the dispatcher's first pass is over: it sleeps 30 s
+            await _add(store, receiver)
+            await ingest_one(store, command("wh-prompt"))
+            await db.wait_status("wh-prompt", "sent")
+            sent = asyncio.get_running_loop().time()
+            await _until_accepted(receiver, 1, timeout=5)
+            waited = asyncio.get_running_loop().time() - sent
+    finally:
+        await store.close()
+    assert [r.body["type"] for r in receiver.accepted()] == ["sent"]
+    assert waited < 3, waited
+
+
 def _readme_receiver_verifies(got: list[Received], secret: str) -> None:
     """The README's five-line receiver, run as written on what arrived: it takes each
     event once, and refuses a forged body and a foreign secret."""

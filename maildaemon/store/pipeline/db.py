@@ -336,12 +336,15 @@ class Store:
             return await write_outcomes(conn, results, worker, suppression_ttl)
 
     @contextlib.asynccontextmanager
-    async def outbox_batch(self, limit: int) -> AsyncIterator[list[dict[str, str | int | float]]]:
+    async def outbox_batch(
+        self, limit: int, on_queued: Callable[[], None] | None = None
+    ) -> AsyncIterator[list[dict[str, str | int | float]]]:
         """The oldest unpublished outcome events, deleted when the block exits normally.
 
         Only one replica holds a batch at a time; the others get an empty list. An error
         inside the block keeps the events for the next try (at least once). The batch is
-        fanned out to the webhook queues in the same transaction.
+        fanned out to the webhook queues in the same transaction; ``on_queued`` is called
+        once that committed with webhooks queued (their dispatcher can claim them now).
         """
         async with (
             translate_errors("outbox", self.pool),
@@ -351,7 +354,9 @@ class Store:
             rows = await conn.fetch(q.OUTBOX_BATCH, limit)  # none without the lock
             yield [convert.stream_fields(r["fields"]) for r in rows]
             # Redis took them: the same events into the webhook queues, and the rows deleted.
-            await webhooks.fan_out(conn, [r["id"] for r in rows])
+            queued = await webhooks.fan_out(conn, [r["id"] for r in rows])
+        if queued and on_queued is not None:
+            on_queued()
 
     async def outbox_depth(self) -> int:
         async with translate_errors("outbox depth", self.pool):
