@@ -14,11 +14,11 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from types import TracebackType
 
 import redis
 from redis.crc import key_slot
 
+from maildaemon.devstack.managed import Managed
 from maildaemon.devstack.postgres import pick_free_port
 from tests.prod_servers import TlsFiles
 
@@ -33,7 +33,7 @@ def _free_ports(n: int) -> list[int]:
     return sorted(ports)
 
 
-class RedisCluster:
+class RedisCluster(Managed):
     """``masters`` masters, each with ``replicas`` replicas, on 127.0.0.1."""
 
     def __init__(
@@ -52,22 +52,6 @@ class RedisCluster:
     @property
     def addrs(self) -> list[str]:
         return [f"127.0.0.1:{p}" for p in self.ports]
-
-    def __enter__(self) -> RedisCluster:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def start(self) -> None:
         count = self.masters * (1 + self.replicas)

@@ -22,13 +22,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
 
+from maildaemon.devstack.managed import Managed
 from maildaemon.errors import StartupError
 
 log = logging.getLogger("maildaemon.devstack.postgres")
@@ -126,7 +126,7 @@ def _conf_quote(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-class EmbeddedPostgres:
+class EmbeddedPostgres(Managed):
     """A private PostgreSQL server on 127.0.0.1 with trust auth, for development and tests.
 
     ``fast=True`` turns durability off (``fsync``, ``synchronous_commit``,
@@ -185,18 +185,6 @@ class EmbeddedPostgres:
     @property
     def running(self) -> bool:
         return self._running
-
-    def __enter__(self) -> EmbeddedPostgres:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # Lifecycle -------------------------------------------------------------------
 

@@ -12,8 +12,8 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from types import TracebackType
 
+from maildaemon.devstack.managed import Managed
 from maildaemon.devstack.postgres import pick_free_port, port_is_free
 from maildaemon.errors import StartupError
 
@@ -59,7 +59,7 @@ def _tail(path: Path, start: int = 0) -> str:
     return "\n".join(text.splitlines()[-_TAIL_LINES:]) or "(empty log)"
 
 
-class EmbeddedRedis:
+class EmbeddedRedis(Managed):
     """A private redis-server on 127.0.0.1, its state in ``dir``.
 
     RDB snapshots are off. ``persistent=True`` (the dev stack) turns on the append-only
@@ -112,18 +112,6 @@ class EmbeddedRedis:
     @property
     def running(self) -> bool:
         return self._proc is not None
-
-    def __enter__(self) -> EmbeddedRedis:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def start(self) -> str:
         """Start the server and wait until it answers PING; returns ``127.0.0.1:PORT``."""

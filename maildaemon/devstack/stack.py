@@ -18,10 +18,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import IO
 
 from maildaemon.config import packaged_template_dir
+from maildaemon.devstack.managed import Managed
 from maildaemon.devstack.postgres import (
     EmbeddedPostgres,
     ensure_database,
@@ -55,7 +55,7 @@ def templates_dir() -> Path:
     return packaged_template_dir()
 
 
-class DevStack:
+class DevStack(Managed):
     """Redis, PostgreSQL (database ``maildaemon``) and the SMTP sink for ``maildaemon dev``.
 
     State lives in ``state_dir/{redis,postgres,smtp/maildir,smtp/certs}`` and survives
@@ -92,18 +92,6 @@ class DevStack:
     @property
     def sink_pid(self) -> int | None:
         return self._sink.pid if self._sink is not None else None
-
-    def __enter__(self) -> DevStack:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def start(self) -> dict[str, str]:
         """Start everything; returns the ``MAIL_*`` settings for the daemon."""

@@ -1,0 +1,33 @@
+"""``with server:`` for the servers the dev stack and the tests start: started on entry,
+stopped on exit, and stopped as well when the start fails half-way (no process left)."""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Self
+
+
+class Managed:
+    """A server with ``start()`` and an idempotent ``stop()`` as a context manager."""
+
+    def start(self) -> object:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
