@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -75,8 +75,12 @@ class App:
         *,
         dev_maildir: Path | None = None,
         dev_webhook: tuple[str, str] | None = None,
+        before_hard_exit: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
+        # `maildaemon dev`: stops the servers it started when a second signal ends the
+        # process at once (they would otherwise run on until the next `dev` stops them).
+        self._before_hard_exit = before_hard_exit
         self.dev_maildir = dev_maildir  # `maildaemon dev`: the sink's maildir (dev inbox)
         self.dev_webhook = dev_webhook  # `maildaemon dev`: its receiver's URL and secret
         add_secrets(settings.secret_values())  # scrubbed from every log line from now on
@@ -94,6 +98,9 @@ class App:
         self._signals += 1
         if self._signals > 1:
             event(log, "second signal: exiting at once", logging.ERROR, signal=signum)
+            if self._before_hard_exit is not None:
+                with contextlib.suppress(Exception):
+                    self._before_hard_exit()
             os._exit(130)
         event(log, "shutdown requested", signal=signal.Signals(signum).name)
         self._stop.set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -68,13 +69,20 @@ def run_dev(state_dir: Path, http_addr: str | None = None) -> int:
         async def main() -> int:
             await sink.start()
             try:
-                app = App(settings, dev_maildir=stack.maildir, dev_webhook=(sink.url, sink.secret))
+                app = App(
+                    settings,
+                    dev_maildir=stack.maildir,
+                    dev_webhook=(sink.url, sink.secret),
+                    before_hard_exit=stack.stop,
+                )
                 return await app.run()
             finally:
                 await sink.stop()
 
         return asyncio.run(main())
     finally:
+        # A Ctrl-C while the servers stop would leave the rest running: the stop is bounded.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         stack.stop()
 
 

@@ -343,6 +343,45 @@ async def test_dev_stack_comes_up_and_its_smtp_server_offers_starttls(tmp_path: 
     assert code == 0
 
 
+@pytest.mark.parametrize("between", [0.0, 0.3])
+async def test_dev_stopped_by_two_ctrl_c_leaves_no_server_running(
+    tmp_path: Path, between: float
+) -> None:
+    """An impatient second Ctrl-C (while the daemon shuts down, or while the servers stop)
+    ends `maildaemon dev` at once, and its servers with it."""
+    state = tmp_path / "dev"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAIL_")}
+    port = pick_free_port()
+    proc = await spawn(
+        "dev", "--state-dir", str(state), "--http-addr", f"127.0.0.1:{port}", env=env
+    )
+    try:
+        await wait_for(lambda: _ready(port), timeout=90, interval=0.2)
+        values = dict(line.split("=", 1) for line in (state / "dev.env").read_text().splitlines())
+        addresses = [
+            values[k].strip("'").rsplit(":", 1)
+            for k in ("MAIL_REDIS_MASTER_ADDR", "MAIL_SMTP_ADDR", "MAIL_BOUNCE_LISTEN_ADDR")
+        ]
+        pg_port = values["MAIL_POSTGRES_PRIMARY_DSN"].rsplit(":", 1)[1].split("/")[0]
+        addresses.append(["127.0.0.1", pg_port])
+    finally:
+        proc.send_signal(signal.SIGINT)
+        await asyncio.sleep(between)
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(proc.wait(), 30)
+    assert code in (0, 130)
+    still = []
+    for host, p in addresses:
+        try:
+            _, writer = await asyncio.open_connection(host, int(p))
+        except OSError:
+            continue
+        still.append(f"{host}:{p}")
+        writer.close()
+    assert not still, f"still listening after the second Ctrl-C: {still}"
+
+
 async def test_sigterm_under_load_releases_claims_and_loses_nothing(
     pg_dsn: str, redis_addr: str, smtp_sink: SmtpSink
 ) -> None:
