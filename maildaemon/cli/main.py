@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import gc
 import importlib.util
 import json
 import logging
@@ -56,6 +57,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(settings.log_level, settings.log_format)
     if not args.no_uvloop:
         _use_uvloop()
+    # What is loaded by now (modules, classes, compiled patterns, settings) lives as long
+    # as the process: kept out of the cycle collector's full passes, each of which scanned
+    # all of it (one took 67 ms mid-run at 200 deliveries/s, ~110,000 objects).
+    gc.collect()
+    gc.freeze()
     try:
         return asyncio.run(App(settings).run())
     except MailDaemonError:
