@@ -3,18 +3,21 @@ stopped on exit, and stopped as well when the start fails half-way (no process l
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from types import TracebackType
 from typing import Self
 
 
-class Managed:
+class Managed(ABC):
     """A server with ``start()`` and an idempotent ``stop()`` as a context manager."""
 
+    @abstractmethod
     def start(self) -> object:
-        raise NotImplementedError
+        """Start the server (what it returns is the subclass's: its address, its env)."""
 
+    @abstractmethod
     def stop(self) -> None:
-        raise NotImplementedError
+        """Stop whatever runs; safe to call when nothing does, or only part of it."""
 
     def __enter__(self) -> Self:
         try:
