@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from dataclasses import dataclass
 
@@ -43,7 +44,10 @@ class JobQueue:
     def __init__(self, slots: int, low_water: int = 0) -> None:
         self._jobs: deque[Job] = deque()
         self._returned: list[Job] = []  # taken by a worker that did not begin it
-        self._has_jobs = asyncio.Event()
+        # Workers waiting for a job, oldest first: a put wakes one per job, not all of them
+        # (with an Event every waiting worker woke for each job, and all but one waited
+        # again: some 30 wake-ups per message at a low rate with 8 connections).
+        self._waiters: deque[asyncio.Future[None]] = deque()
         self._has_space = asyncio.Event()
         self._has_space.set()
         self._free = slots
@@ -68,17 +72,34 @@ class JobQueue:
         """Jobs claimed (each takes a slot)."""
         self._free -= len(jobs)
         self._jobs.extend(jobs)
-        if self._jobs:
-            self._has_jobs.set()
+        self._wake(len(self._jobs))
 
     async def get(self) -> Job | None:
         """The next job; None once the queue is stopped (the worker then exits)."""
         while self.accepting and not self._jobs:
-            self._has_jobs.clear()
-            await self._has_jobs.wait()
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake(len(self._jobs))  # woken, then cancelled: pass it on
+                else:
+                    with contextlib.suppress(ValueError):
+                        self._waiters.remove(waiter)
+                raise
         if not self.accepting:
             return None
         return self._take()
+
+    def _wake(self, jobs: int) -> None:
+        """Wake up to ``jobs`` waiting workers (each finds its job, or waits again when a
+        busy worker took it first)."""
+        while jobs > 0 and self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                jobs -= 1
 
     def get_nowait(self) -> Job | None:
         """The next job if one is waiting (and the queue is not stopped), else None."""
@@ -108,7 +129,7 @@ class JobQueue:
         """Hand out nothing more: waiting workers get None, a waiting scheduler wakes."""
         self.accepting = False
         self.stopped.set()
-        self._has_jobs.set()
+        self._wake(len(self._waiters))
         self._has_space.set()
 
     def take_unstarted(self) -> list[Job]:
