@@ -295,8 +295,8 @@ async def test_kill_9_mid_stream_loses_nothing(
     assert duplicates <= flagged  # a second copy only where the record says it may happen
 
 
-async def test_dev_stack_comes_up_and_its_smtp_server_offers_starttls(tmp_path: Path) -> None:
-    state = tmp_path / "dev"
+async def _dev(state: Path) -> tuple[asyncio.subprocess.Process, int]:
+    """`maildaemon dev` as a new user starts it (no MAIL_ settings), once it is ready."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAIL_")}
     port = pick_free_port()
     proc = await spawn(
@@ -304,8 +304,23 @@ async def test_dev_stack_comes_up_and_its_smtp_server_offers_starttls(tmp_path: 
     )
     try:
         await wait_for(lambda: _ready(port), timeout=90, interval=0.2)
-        values = dict(line.split("=", 1) for line in (state / "dev.env").read_text().splitlines())
-        values = {k: v.strip("'") for k, v in values.items()}
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+    return proc, port
+
+
+def _dev_env(state: Path) -> dict[str, str]:
+    lines = (state / "dev.env").read_text().splitlines()
+    return {k: v.strip("'") for k, v in (line.split("=", 1) for line in lines)}
+
+
+async def test_dev_stack_comes_up_and_its_smtp_server_offers_starttls(tmp_path: Path) -> None:
+    state = tmp_path / "dev"
+    proc, port = await _dev(state)
+    try:
+        values = _dev_env(state)
         host, smtp_port = values["MAIL_SMTP_ADDR"].rsplit(":", 1)
         context = ssl.create_default_context(cafile=values["MAIL_SMTP_CA_FILE"])
         client = aiosmtplib.SMTP(
@@ -350,16 +365,11 @@ async def test_dev_stopped_by_two_ctrl_c_leaves_no_server_running(
     """An impatient second Ctrl-C (while the daemon shuts down, or while the servers stop)
     ends `maildaemon dev` at once, and its servers with it."""
     state = tmp_path / "dev"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAIL_")}
-    port = pick_free_port()
-    proc = await spawn(
-        "dev", "--state-dir", str(state), "--http-addr", f"127.0.0.1:{port}", env=env
-    )
+    proc, _ = await _dev(state)
     try:
-        await wait_for(lambda: _ready(port), timeout=90, interval=0.2)
-        values = dict(line.split("=", 1) for line in (state / "dev.env").read_text().splitlines())
+        values = _dev_env(state)
         addresses = [
-            values[k].strip("'").rsplit(":", 1)
+            values[k].rsplit(":", 1)
             for k in ("MAIL_REDIS_MASTER_ADDR", "MAIL_SMTP_ADDR", "MAIL_BOUNCE_LISTEN_ADDR")
         ]
         pg_port = values["MAIL_POSTGRES_PRIMARY_DSN"].rsplit(":", 1)[1].split("/")[0]
