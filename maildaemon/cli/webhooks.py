@@ -15,6 +15,7 @@ from maildaemon.config import Settings
 from maildaemon.operator import inputs
 from maildaemon.operator import webhooks as ops
 from maildaemon.store.operator.actions import OperatorStore
+from maildaemon.store.operator.records import Actor
 from maildaemon.store.webhooks import records as r
 from maildaemon.store.webhooks.admin import WebhookAdmin
 
@@ -118,8 +119,13 @@ def cmd_attempts(args: argparse.Namespace) -> int:
     return _out(args, cli._run(lambda store, _: _admin(store).webhook_attempts(endpoint, limit)))
 
 
+def _acting_on(args: argparse.Namespace) -> tuple[int, Actor, str | None]:
+    """The endpoint an action names, who acts, and why (from --actor / --reason)."""
+    return ops.endpoint_id(args.endpoint_id), cli._actor(args), cli._reason(args)
+
+
 def _switch(args: argparse.Namespace, enabled: bool) -> int:
-    endpoint, who, reason = ops.endpoint_id(args.endpoint_id), cli._actor(args), cli._reason(args)
+    endpoint, who, reason = _acting_on(args)
     return _out(
         args, cli._run(lambda store, _: _admin(store).set_enabled(endpoint, enabled, who, reason))
     )
@@ -140,7 +146,7 @@ def cmd_enable(args: argparse.Namespace) -> int:
 @command("webhooks remove", "remove an endpoint and what waits for it", *_ONE, action=True)
 @cli._handler
 def cmd_remove(args: argparse.Namespace) -> int:
-    endpoint, who, reason = ops.endpoint_id(args.endpoint_id), cli._actor(args), cli._reason(args)
+    endpoint, who, reason = _acting_on(args)
     return _out(args, cli._run(lambda store, _: _admin(store).remove(endpoint, who, reason)))
 
 
@@ -152,7 +158,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
 )
 @cli._handler
 def cmd_rotate(args: argparse.Namespace) -> int:
-    endpoint, who, reason = ops.endpoint_id(args.endpoint_id), cli._actor(args), cli._reason(args)
+    endpoint, who, reason = _acting_on(args)
     return _out(
         args, cli._run(lambda store, s: ops.rotate(_admin(store), _rules(s), endpoint, who, reason))
     )
@@ -161,7 +167,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
 @command("webhooks test", "queue a signed ping for an endpoint", *_ONE, action=True)
 @cli._handler
 def cmd_test(args: argparse.Namespace) -> int:
-    endpoint, who, reason = ops.endpoint_id(args.endpoint_id), cli._actor(args), cli._reason(args)
+    endpoint, who, reason = _acting_on(args)
     return _out(args, cli._run(lambda store, _: _admin(store).ping(endpoint, who, reason)))
 
 
