@@ -7,7 +7,6 @@ Reads like those in ``http.reads`` (the same rules apply to them); nothing here 
 from __future__ import annotations
 
 import asyncio
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from maildaemon.http.keys import (
     REFUSAL_KEY,
     SETTINGS_KEY,
 )
-from maildaemon.http.respond import error_response, operator_store, query_pairs, reply
+from maildaemon.http.respond import eml, error_response, operator_store, query_pairs, reply
 from maildaemon.message.compose import Composer
 from maildaemon.message.preview import DEFAULT_SENDER, render_preview
 from maildaemon.operator import inbox, inputs, mailview
@@ -107,22 +106,9 @@ async def _pinned(request: web.Request) -> tuple[str, bytes]:
     return delivery_id, pinned.data
 
 
-def _eml(data: bytes, filename: str) -> web.Response:
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", filename)[:120] or "message"
-    return web.Response(
-        body=data,
-        content_type="message/rfc822",
-        headers={
-            "Content-Disposition": f'attachment; filename="{safe}.eml"',
-            "X-Content-Type-Options": "nosniff",
-            "Cache-Control": "no-store",
-        },
-    )
-
-
 async def get_message(request: web.Request) -> web.Response:
     delivery_id, data = await _pinned(request)
-    return _eml(data, delivery_id)
+    return eml(data, delivery_id)
 
 
 async def get_rendered(request: web.Request) -> web.Response:
@@ -162,7 +148,7 @@ async def get_caught_raw(request: web.Request) -> web.Response:
     maildir, name = _maildir(request), request.match_info["name"]
     inputs.parse_query(query_pairs(request), ())
     data = await asyncio.to_thread(inbox.read_message, maildir, name)
-    return _eml(data, name.removesuffix(".eml"))
+    return eml(data, name.removesuffix(".eml"))
 
 
 def preview_variables(pairs: list[str]) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from aiohttp import web
 
 from maildaemon.errors import NotFound
 from maildaemon.http.keys import STORE_KEY
-from maildaemon.http.respond import query_pairs, reply
+from maildaemon.http.respond import eml, query_pairs, reply
 from maildaemon.operator import inputs
 from maildaemon.reports.model import KINDS, MATCH_STATUSES
 from maildaemon.store.reports.db import ReportStore
@@ -73,12 +73,4 @@ async def get_report_raw(request: web.Request) -> web.Response:
     raw = await _reports(request).raw(report_id)
     if raw is None:
         raise NotFound(f"no report {report_id} (unknown, or removed by retention)")
-    return web.Response(
-        body=raw,
-        content_type="message/rfc822",
-        headers={
-            "Content-Disposition": f'attachment; filename="report-{report_id}.eml"',
-            "X-Content-Type-Options": "nosniff",
-            "Cache-Control": "no-store",
-        },
-    )
+    return eml(raw, f"report-{report_id}")

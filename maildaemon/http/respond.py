@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -202,3 +203,17 @@ def operator_store(request: web.Request) -> OperatorStore:
 
 def query_pairs(request: web.Request) -> list[tuple[str, str]]:
     return list(request.query.items())
+
+
+def eml(data: bytes, filename: str) -> web.Response:
+    """A stored message or report as a download (message/rfc822), never rendered inline."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", filename)[:120] or "message"
+    return web.Response(
+        body=data,
+        content_type="message/rfc822",
+        headers={
+            "Content-Disposition": f'attachment; filename="{safe}.eml"',
+            "X-Content-Type-Options": "nosniff",
+            "Cache-Control": "no-store",
+        },
+    )
