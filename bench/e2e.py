@@ -13,6 +13,10 @@ Phases (each on a fresh database and stream):
              retry backlog that is not yet due (see bench/claims.py); opt-in
   matrix     RTT x connections x MAIL_SMTP_PIPELINING over a delayed link (bench/link.py,
              root only; see bench/matrix.py); opt-in
+  history    the claim, a lookup by id, a recipient search and the console's stats
+             against --history-rows deliveries over --history-days days and against
+             100,000 at the same daily rate; one day's retention (see bench/history.py);
+             opt-in
   replicas   the throughput run through 1, 2 and 3 daemon processes on one consumer
              group and one database, with PostgreSQL's commits, WAL fsyncs and bytes
              per delivery and the connections held (see bench/replicas.py); opt-in
@@ -368,6 +372,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             results["backlog"]["daemon_with_retry_backlog"] = await phase_behind_backlog(
                 servers, claims_dsn, 1000, args.concurrency
             )
+        if "history" in args.phases:
+            from bench.history import history
+
+            results["history"] = await history(
+                admin, args.history_rows, args.history_days, min(100_000, args.history_rows // 10)
+            )
         if "matrix" in args.phases:
             from bench.matrix import phase_matrix
             from bench.matrix import table as matrix_table
@@ -412,11 +422,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sink-procs", type=int, default=2)
     parser.add_argument("--sink-seconds", type=float, default=2.0)
     parser.add_argument("--backlog-rows", type=int, default=1_000_000)
+    parser.add_argument("--history-rows", type=int, default=1_000_000)
+    parser.add_argument("--history-days", type=int, default=30)
     parser.add_argument(
         "--phases",
         default="sink,throughput,latency",
         type=lambda s: set(s.split(",")),
-        help="also: intake (intake only, then send only), backlog, matrix",
+        help="also: intake (intake only, then send only), backlog, history, matrix, replicas",
     )
     parser.add_argument(
         "--modes",

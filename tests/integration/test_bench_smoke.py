@@ -30,12 +30,17 @@ def test_benchmark_runs_end_to_end() -> None:
             "50",
             "--backlog-rows",
             "3000",
+            "--history-rows",
+            "3000",
+            "--history-days",
+            "3",
             "--sink-seconds",
             "0.5",
             "--concurrency",
             "4",
             "--phases",
-            "sink,throughput,latency,intake,backlog,replicas" + (",matrix" if MATRIX else ""),
+            "sink,throughput,latency,intake,backlog,history,replicas"
+            + (",matrix" if MATRIX else ""),
             "--modes",
             "auto,off",
             # matrix: one small cell per mode over the delayed link (root only)
@@ -75,6 +80,10 @@ def test_benchmark_runs_end_to_end() -> None:
     assert results["sink_alone"]["messages_per_s"] > 0
     assert results["backlog"]["due_3000"]["claimed"] == 200
     assert results["backlog"]["daemon_with_retry_backlog"]["new_messages"] == 1000
+    history = results["history"]
+    assert history["large"]["deliveries"] == 3000 + history["due"]
+    assert history["large"]["retention_of_oldest_day"]["deleted"] > 0
+    assert history["large"]["claim_200"]["p50_ms"] > 0
     for replicas in (1, 2):
         run = results["replicas"][f"replicas_{replicas}"]
         assert run["attempts"] == 60
