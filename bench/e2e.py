@@ -66,6 +66,8 @@ from bench.harness import (
     write_counters,
     xadd_all,
 )
+from bench.history import history
+from bench.report import interrupt, table
 from bench.sink import SinkCluster
 from maildaemon.devstack.postgres import EmbeddedPostgres, ensure_database, pick_free_port
 from maildaemon.devstack.redis import EmbeddedRedis
@@ -315,21 +317,6 @@ def machine() -> dict[str, Any]:
     }
 
 
-def table(results: dict[str, Any], indent: str = "") -> str:
-    lines = []
-    for phase, values in results.items():
-        if phase == "matrix_table":
-            lines.append(str(values))
-        if phase == "machine" or not isinstance(values, dict):
-            continue
-        lines.append(f"{indent}{phase}:")
-        nested = {k: v for k, v in values.items() if isinstance(v, dict)}
-        lines.extend(f"{indent}  {k:<32} {v}" for k, v in values.items() if not isinstance(v, dict))
-        if nested:
-            lines.append(table(nested, indent + "  "))
-    return "\n".join(lines)
-
-
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="maildaemon-bench-"))
     pg = EmbeddedPostgres(workdir / "pg", fast=False)  # fsync on: every commit is durable
@@ -373,8 +360,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 servers, claims_dsn, 1000, args.concurrency
             )
         if "history" in args.phases:
-            from bench.history import history
-
             results["history"] = await history(
                 admin, args.history_rows, args.history_days, min(100_000, args.history_rows // 10)
             )
@@ -398,10 +383,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if pg.data_dir != workdir / "pg":
             shutil.rmtree(pg.data_dir, ignore_errors=True)
     return results
-
-
-def _interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")  # unwinds through every finally: cleanup
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -453,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         help="replica counts of the replicas phase",
     )
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         results = asyncio.run(run(args))
     finally:

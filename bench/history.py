@@ -46,6 +46,7 @@ from typing import Any
 
 import asyncpg
 
+from bench.report import interrupt, table
 from maildaemon.devstack.postgres import EmbeddedPostgres, ensure_database
 from maildaemon.store.console import statements as console_q
 from maildaemon.store.console.records import WINDOWS
@@ -326,9 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         "--data-dir", type=Path, help="PostgreSQL data directory (kept; default: a temporary one)"
     )
     args = parser.parse_args(argv)
-    from bench.e2e import _interrupt, table
 
-    signal.signal(signal.SIGTERM, _interrupt)  # a killed run stops its PostgreSQL too
+    signal.signal(signal.SIGTERM, interrupt)  # a killed run stops its PostgreSQL too
     workdir = Path(tempfile.mkdtemp(prefix="maildaemon-history-"))
     pg = EmbeddedPostgres(args.data_dir or workdir / "pg", fast=False)
     try:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import statistics
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -359,8 +360,7 @@ _FLOOD_PATHS = (
 
 
 _FLOODER = """
-import asyncio, contextlib, os, sys, aiohttp
-os.nice(19)  # its own CPU stands for another host's: the pipeline's is what is measured
+import asyncio, contextlib, sys, aiohttp
 port, clients, slow, paths = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
 statuses = []
 async def hammer(session, i):
@@ -419,12 +419,18 @@ async def _flood(app: App, clients: int = 8, slow: int = 40) -> AsyncIterator[li
         statuses.extend(int(s) for s in out.split())
 
 
-async def _delivery_rate(settings: Settings, db: Db, prefix: str, count: int) -> float:
+async def _delivery_rate(
+    settings: Settings, db: Db, prefix: str, count: int
+) -> tuple[float, float]:
+    """Deliveries per second from the XADD to the last one's recorded end (PostgreSQL's
+    clock, the test's host: no polling interval in the figure), and this process's CPU
+    seconds per delivery meanwhile (the daemon runs in it; the flooder does not)."""
     docs = [
         command(f"{prefix}-{n}", idempotency_key=f"{prefix}-key-{n}", locale="en")
         for n in range(count)
     ]
-    started = time.monotonic()
+    cpu = time.process_time()
+    started = time.time()
     await xadd(settings, *docs)
 
     async def all_sent() -> bool:
@@ -435,7 +441,16 @@ async def _delivery_rate(settings: Settings, db: Db, prefix: str, count: int) ->
         return int(sent) == count
 
     await wait_for(all_sent, timeout=60, interval=0.05)
-    return count / (time.monotonic() - started)
+    cpu = time.process_time() - cpu
+    ended = await db.fetchval(
+        "SELECT extract(epoch FROM max(finished_at)) FROM mail.deliveries"
+        " WHERE delivery_id LIKE $1",
+        f"{prefix}-%",
+    )
+    return count / (float(ended) - started), cpu / count
+
+
+ROUNDS = 5
 
 
 async def test_a_flood_of_the_listener_leaves_the_pipeline_its_rate(
@@ -448,25 +463,38 @@ async def test_a_flood_of_the_listener_leaves_the_pipeline_its_rate(
         attempt_worker_concurrency=4,
     )
     db = Db(pg_dsn)
-    calm: list[float] = []
-    flooded: list[float] = []
+    calm: list[tuple[float, float]] = []
+    flooded: list[tuple[float, float]] = []
+    answered: set[int] = set()
     async with running_app(settings) as app:
         await _delivery_rate(settings, db, "warm", 20)  # connections and caches warm
         # Calm and flooded runs interleaved, so a change in the machine's load weighs on
-        # both alike; the sums compare.
-        for run in range(2):
-            calm.append(await _delivery_rate(settings, db, f"calm{run}", 120))
+        # both alike; the medians compare.
+        for run in range(ROUNDS):
+            calm.append(await _delivery_rate(settings, db, f"calm{run}", 200))
             started = time.monotonic()
             async with _flood(app) as statuses:
-                flooded.append(await _delivery_rate(settings, db, f"flood{run}", 120))
+                flooded.append(await _delivery_rate(settings, db, f"flood{run}", 200))
             lasted = time.monotonic() - started
-        answered = {s for s in statuses if s}
-        assert {200, 404, 429} <= answered, sorted(set(statuses))
-        # The flooder's one address is paced to half the listener's rate: it got that
-        # (the flood ran), and not more (the pacing held).
-        paced = settings.internal_http_request_rate / 2
-        assert 0.5 * paced * lasted <= len(statuses), "the flood did not run"
-        assert len(statuses) <= paced * lasted + settings.internal_http_request_burst
-    rates = f"{[round(r) for r in flooded]}/s under the flood, {[round(r) for r in calm]}/s calm"
-    print(f"\n{rates}")
-    assert sum(flooded) >= 0.8 * sum(calm), rates
+            # The pacing held: the flooder's one address got no more than half the
+            # listener's rate and the burst.
+            paced = settings.internal_http_request_rate / 2
+            assert len(statuses) <= paced * lasted + settings.internal_http_request_burst
+            answered |= {s for s in statuses if s}
+        # The flood ran past its pace: it was answered, and refused.
+        assert {200, 404, 429} <= answered, sorted(answered)
+    # What the flood may take from the pipeline is measured as this process's CPU seconds
+    # per delivery (the daemon, its SMTP peer and the test share one core here): a wall rate
+    # on a machine whose other cores run other suites is mostly their noise. The rate is
+    # still checked, loosely, for a stall that CPU time would not show.
+    cpu_calm = statistics.median(c for _, c in calm)
+    cpu_flooded = statistics.median(c for _, c in flooded)
+    rate_calm = statistics.median(r for r, _ in calm)
+    rate_flooded = statistics.median(r for r, _ in flooded)
+    figures = (
+        f"{rate_flooded:.0f}/s and {cpu_flooded * 1e3:.2f} ms CPU per delivery under the flood,"
+        f" {rate_calm:.0f}/s and {cpu_calm * 1e3:.2f} ms calm (medians of {ROUNDS})"
+    )
+    print(f"\n{figures}")
+    assert cpu_flooded <= 1.3 * cpu_calm, figures
+    assert rate_flooded >= 0.5 * rate_calm, figures
