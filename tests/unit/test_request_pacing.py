@@ -29,10 +29,12 @@ async def test_a_client_over_the_rate_waits_and_another_address_does_not() -> No
     flooder_took = time.monotonic() - started
     assert outcomes[:2] == [None, None]
     assert all(p is not None and not p.refused and p.limit == "peer" for p in outcomes[2:])
-    assert flooder_took == pytest.approx(10 / 20, abs=0.15)  # paced to its 20/s
+    # Paced to its 20/s: never faster than 10 waits of 1/20 s; the upper bound is loose
+    # because a loaded machine only delays the event loop further.
+    assert 10 / 20 - 0.05 <= flooder_took < 10 / 20 + 1.0
     started = time.monotonic()
-    assert await pacer.admit("10.0.0.2") is None  # the listener's bucket has room
-    assert time.monotonic() - started < 0.05
+    assert await pacer.admit("10.0.0.2") is None  # the listener's bucket has room: no pacing
+    assert time.monotonic() - started < 0.5
 
 
 async def test_beyond_the_wait_bound_a_request_is_refused_after_waiting() -> None:
